@@ -1,0 +1,166 @@
+"""The `agent-forge` command: run a flow locally, and look inside the artifact store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+FLOWS = {"prepare": "flows.prepare:prepare", "full": "flows.full:full"}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set data.seed=3 --set data.hub_datasets='["gsm8k"]'` -> nested dict."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _parse_value(value)
+    return out
+
+
+def _load_flow(name: str):
+    import importlib
+
+    module, attr = FLOWS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from phases.common.config import PipelineConfig, deep_merge
+
+    raw: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    raw = deep_merge(raw, _overrides(args.set))
+    raw["preset"] = args.preset or raw.get("preset", "tiny")
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        print(f"invalid configuration:\n{e}", file=sys.stderr)
+        return 2
+    home = str(Path(args.home or os.environ.get("AGENT_FORGE_HOME", "./.agent-forge")).resolve())
+    os.environ["AGENT_FORGE_HOME"] = home
+    # Prefect's task results (the small refs) live beside the artifacts unless told otherwise.
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(home) / "prefect-results"))
+    flow = _load_flow(args.flow)
+    start = time.perf_counter()
+    result = flow(config=config, home=home)
+    print(f"\n{args.flow} finished in {time.perf_counter() - start:.1f} s; artifacts under {home}")
+    if hasattr(result, "model_dump_json"):
+        print(result.model_dump_json(indent=2))
+    return 0
+
+
+def _store(args: argparse.Namespace):
+    from storage import ArtifactStore
+
+    return ArtifactStore(args.home)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = _store(args).list(args.kind)
+    if not rows:
+        print("no artifacts")
+        return 0
+    print(f"{'KIND':<16} {'ID':<22} {'CREATED':<20} {'FILES':>5} {'SIZE':>10}  INPUTS")
+    for m in rows:
+        if "error" in m:
+            print(f"{m['kind']:<16} {m['id']:<22} CORRUPT: {m['error']}")
+            continue
+        size = sum(f["size"] for f in m["files"].values())
+        created = m["producer"].get("created_at", "")[:19]
+        print(f"{m['kind']:<16} {m['id']:<22} {created:<20} {len(m['files']):>5} {size / 1024:>8.1f}KB  "
+              f"{','.join(i[:8] for i in m['inputs']) or '-'}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    print(json.dumps(_store(args).manifest(args.id), indent=2))
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    def show(node: dict[str, Any], depth: int) -> None:
+        label = f"{node.get('kind', '?')}/{node['id']}" + (f"  ERROR: {node['error']}" if "error" in node else "")
+        print("  " * depth + ("└─ " if depth else "") + label)
+        for child in node["inputs"]:
+            show(child, depth + 1)
+
+    show(_store(args).lineage(args.id), 0)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from storage import ArtifactError
+
+    st = _store(args)
+    ids = [args.id] if args.id else [m["id"] for m in st.list()]
+    bad = 0
+    for aid in ids:
+        try:
+            m = st.verify(aid)
+            print(f"ok       {m['kind']}/{m['id']} ({len(m['files'])} files)")
+        except ArtifactError as e:
+            bad += 1
+            print(f"CORRUPT  {e}")
+    print(f"{len(ids) - bad} ok, {bad} corrupt")
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agent-forge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a flow locally (no server needed)")
+    run.add_argument("flow", choices=sorted(FLOWS))
+    run.add_argument("--preset", choices=["tiny", "small"], help="default: tiny, or the --config file's")
+    run.add_argument("--config", help="JSON file with PipelineConfig fields")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.seed=3")
+    run.add_argument("--home", help="artifact store root (default: $AGENT_FORGE_HOME or ./.agent-forge)")
+    run.set_defaults(func=cmd_run)
+
+    art = sub.add_parser("artifacts", help="inspect the artifact store")
+    art.add_argument("--home", default=None, help="store root (default: $AGENT_FORGE_HOME or ./.agent-forge)")
+    art_sub = art.add_subparsers(dest="artifacts_command", required=True)
+    p = art_sub.add_parser("list")
+    p.add_argument("--kind")
+    p.set_defaults(func=cmd_list)
+    for name, func, help_ in (("show", cmd_show, "print the manifest"), ("lineage", cmd_lineage, "input tree")):
+        p = art_sub.add_parser(name, help=help_)
+        p.add_argument("id", help="artifact id (a unique prefix is enough)")
+        p.set_defaults(func=func)
+    p = art_sub.add_parser("verify", help="re-hash files; exit 1 on any mismatch")
+    p.add_argument("id", nargs="?")
+    p.set_defaults(func=cmd_verify)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as e:  # an error a user can act on, not a traceback
+        from storage import ArtifactError
+
+        if isinstance(e, ArtifactError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

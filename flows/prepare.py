@@ -1,0 +1,59 @@
+"""prepare: preflight -> data (hub pre-download, built-in curriculum) -> tokenizer -> gates -> W&B."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from phases.common.config import PipelineConfig
+from phases.data.gates import prepare_gates
+from storage import ArtifactRef
+from tasks.data import build_curriculum, download_hub_dataset, train_tokenizer
+from tasks.gates import enforce_gates, publish_gates
+from tasks.preflight import preflight
+from tasks.runtime import resolve_home, store
+from tasks.tracking import log_phase_boundary
+
+
+class Prepared(BaseModel):
+    curriculum: ArtifactRef
+    hub_datasets: list[ArtifactRef]
+    tokenizer: ArtifactRef
+    strategy: dict
+
+
+@flow(name="prepare", persist_result=True)
+def prepare(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None) -> Prepared:
+    logger = get_run_logger()
+    home = resolve_home(home)
+    run_group = run_group or str(flow_run.id)
+    checked = preflight(config, home)
+
+    downloads = {name: download_hub_dataset.submit(name, config.data.hub_max_examples, home)
+                 for name in config.data.hub_datasets}
+    hub_refs: list[ArtifactRef] = []
+    for name, future in downloads.items():
+        try:
+            hub_refs.append(future.result())
+        except Exception as e:
+            if not config.data.offline_fallback:
+                raise
+            logger.warning("continuing on the built-in curriculum without %s: %s", name, e)
+
+    curriculum = build_curriculum(config.data, home)
+    tokenizer = train_tokenizer(config.tokenizer, [curriculum, *hub_refs], home)
+
+    st = store(home)
+    cur_metrics, tok_metrics = st.manifest(curriculum)["metrics"], st.manifest(tokenizer)["metrics"]
+    report = prepare_gates(cur_metrics, tok_metrics, len(config.data.hub_datasets), len(hub_refs),
+                           config.data.offline_fallback, config.gates.mode)
+    publish_gates(report)
+    log_phase_boundary(
+        "prepare", run_group, home, config.tracking.wandb_mode, config.tracking.project,
+        config.model_dump(mode="json"),
+        {"curriculum": cur_metrics, "tokenizer": tok_metrics, "preflight": checked["needs"]},
+        report, [curriculum, *hub_refs, tokenizer],
+    )
+    enforce_gates(report)
+    return Prepared(curriculum=curriculum, hub_datasets=hub_refs, tokenizer=tokenizer, strategy=checked["strategy"])

@@ -1,0 +1,1 @@
+"""The ML of Agent Forge: plain PyTorch + transformers, no Prefect, testable alone."""

@@ -1,0 +1,1 @@
+"""Shared by every phase: configuration and presets, model sizing, resource checks, gates."""

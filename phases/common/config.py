@@ -1,0 +1,132 @@
+"""Pipeline configuration: pydantic models (so the Prefect UI renders a form) and presets.
+
+A config names a preset; every field it leaves out comes from that preset, so ``{"preset": "small",
+"data": {"seed": 7}}`` is the small preset with one change. Unknown fields are errors, not ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PresetName = Literal["tiny", "small"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelShape(_Strict):
+    """The backbone's shape, known before any model exists, for sizing and preflight estimates."""
+
+    n_layers: int = Field(ge=1)
+    d_model: int = Field(ge=8)
+    n_heads: int = Field(ge=1)
+    seq_len: int = Field(ge=8)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelShape:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        return self
+
+
+class DataConfig(_Strict):
+    seed: int = 1234
+    train_per_stage: int = Field(ge=10, description="generated training examples per curriculum stage")
+    eval_per_stage: int = Field(ge=5, description="validation and test examples per stage, each")
+    hub_datasets: list[str] = Field(
+        default_factory=list, description="registry names to pre-download (needs the Hub), e.g. ['gsm8k']"
+    )
+    hub_max_examples: int = Field(default=2000, ge=1, description="rows kept per downloaded dataset")
+    offline_fallback: bool = Field(
+        default=True, description="on a failed download, warn and train on the built-in curriculum"
+    )
+
+
+class TokenizerConfig(_Strict):
+    vocab_size: int = Field(ge=300, description="byte-level BPE: 256 bytes + merges + special tokens")
+    min_frequency: int = Field(default=2, ge=1)
+
+
+class TrackingConfig(_Strict):
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        default="offline", description="WANDB_MODE in the environment overrides this"
+    )
+    project: str = "agent-forge"
+
+
+class PreflightConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    disk_headroom_gb: float = Field(default=0.5, ge=0, description="free disk kept beyond the estimate")
+    memory_headroom: float = Field(default=0.2, ge=0, lt=1, description="fraction of free memory left unused")
+
+
+class GateConfig(_Strict):
+    mode: Literal["strict", "lenient"] = Field(default="strict", description="strict gates fail the flow")
+
+
+class PipelineConfig(_Strict):
+    preset: PresetName = Field(default="tiny", description="sections left empty come from this preset")
+    seed: int = 0
+    # Sections default to None in the schema so the Prefect UI form leaves them empty and the chosen
+    # preset fills them; after validation they are always set.
+    model: ModelShape | None = None
+    data: DataConfig | None = None
+    tokenizer: TokenizerConfig | None = None
+    tracking: TrackingConfig | None = None
+    preflight: PreflightConfig | None = None
+    gates: GateConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, values: Any) -> Any:
+        if isinstance(values, BaseModel):
+            return values
+        values = dict(values or {})
+        name = values.get("preset", "tiny")
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return deep_merge(PRESETS[name], {k: v for k, v in values.items() if v is not None})
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> PipelineConfig:
+        return cls.model_validate({"preset": name, **overrides})
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """The JSON of some sections: what a task's recipe depends on, and nothing more."""
+        return {n: getattr(self, n).model_dump(mode="json") if isinstance(getattr(self, n), BaseModel)
+                else getattr(self, n) for n in names}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, BaseModel):
+            v = v.model_dump()
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# tiny: CPU, CI and the README demo. small: the seeds' shape (8 layers) for one ~6 GB GPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "preset": "tiny",
+        "model": {"n_layers": 2, "d_model": 128, "n_heads": 4, "seq_len": 128},
+        "data": {"train_per_stage": 600, "eval_per_stage": 60},
+        "tokenizer": {"vocab_size": 1024},
+        "tracking": {}, "preflight": {}, "gates": {},
+    },
+    "small": {
+        "preset": "small",
+        "model": {"n_layers": 8, "d_model": 512, "n_heads": 8, "seq_len": 512},
+        "data": {"train_per_stage": 20000, "eval_per_stage": 500},
+        "tokenizer": {"vocab_size": 8192},
+        "tracking": {}, "preflight": {}, "gates": {},
+    },
+}

@@ -1,0 +1,76 @@
+"""Exit gates: every phase ends with a table of (criterion, threshold, measured, passed).
+
+A gate compares a measured number with a threshold; nothing here can pass without a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq}
+
+
+class GateFailed(RuntimeError):
+    pass
+
+
+class Gate(BaseModel):
+    id: str
+    criterion: str
+    op: Literal[">=", ">", "<=", "<", "=="]
+    threshold: float
+    measured: float | None
+    passed: bool
+
+    @classmethod
+    def check(cls, id: str, criterion: str, measured: float | None, op: str, threshold: float) -> Gate:
+        ok = measured is not None and not math.isnan(measured) and _OPS[op](measured, threshold)
+        return cls(id=id, criterion=criterion, op=op, threshold=threshold, measured=measured, passed=bool(ok))
+
+
+class GateReport(BaseModel):
+    phase: str
+    mode: Literal["strict", "lenient"] = "strict"
+    gates: list[Gate] = Field(default_factory=list)
+
+    def add(self, id: str, criterion: str, measured: float | None, op: str, threshold: float) -> Gate:
+        gate = Gate.check(id, criterion, measured, op, threshold)
+        self.gates.append(gate)
+        return gate
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.gates) and all(g.passed for g in self.gates)
+
+    @property
+    def failed(self) -> list[Gate]:
+        return [g for g in self.gates if not g.passed]
+
+    def rows(self) -> list[dict]:
+        return [
+            {
+                "gate": g.id,
+                "criterion": g.criterion,
+                "threshold": f"{g.op} {g.threshold:g}",
+                "measured": "not measured" if g.measured is None else f"{g.measured:.6g}",
+                "passed": "PASS" if g.passed else "FAIL",
+            }
+            for g in self.gates
+        ]
+
+    def markdown(self) -> str:
+        head = "| gate | criterion | threshold | measured | passed |\n|---|---|---|---|---|\n"
+        return head + "\n".join("| " + " | ".join(r.values()) + " |" for r in self.rows())
+
+    def enforce(self) -> list[str]:
+        """Strict: raise on any failure. Lenient: return the failures as warnings."""
+        if not self.gates:
+            raise GateFailed(f"{self.phase}: no gate was evaluated")
+        problems = [f"{g.id}: measured {g.measured} not {g.op} {g.threshold:g} ({g.criterion})" for g in self.failed]
+        if problems and self.mode == "strict":
+            raise GateFailed(f"{self.phase} exit gates failed: " + "; ".join(problems))
+        return problems

@@ -1,0 +1,118 @@
+"""Preflight arithmetic: what a run needs, what the machine has, and advice when they disagree."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from phases.common.config import PipelineConfig
+from phases.common.sizing import GB, MB, Strategy, estimate_params, model_size, strategy_for
+
+
+class PreflightError(RuntimeError):
+    """Raised before heavy work starts, with what is needed, what is free and what to change."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    device: str
+    free_disk_bytes: int
+    free_memory_bytes: int
+    memory_kind: str  # "VRAM" or "RAM"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def free_disk(path: Path) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def free_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def pick_device(preference: str) -> str:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise PreflightError("device 'cuda' was asked for but torch sees no CUDA GPU; set preflight.device to 'auto' or 'cpu'")
+    if preference == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return preference
+
+
+def probe(home: Path, preference: str) -> Resources:
+    device = pick_device(preference)
+    if device == "cuda":
+        free, _total = torch.cuda.mem_get_info()
+        return Resources(device, free_disk(home), int(free), "VRAM")
+    return Resources(device, free_disk(home), free_ram(), "RAM")
+
+
+@dataclass(frozen=True)
+class Needs:
+    params: int
+    disk_bytes: int
+    memory_bytes: int
+    batch_size: int
+    strategy: Strategy
+
+
+# Checkpoints kept per model (seed 001: keep the last 5), models trained at once in Phase 1, and the
+# EvoMerge population held on disk.
+_CHECKPOINTS_KEPT, _PHASE1_MODELS, _POPULATION = 5, 3, 8
+
+
+def estimate_needs(config: PipelineConfig, res: Resources) -> Needs:
+    params = estimate_params(config.model, config.tokenizer.vocab_size)
+    size = model_size(params)
+    strategy = strategy_for(size, config.model, res.free_memory_bytes, config.preflight.memory_headroom)
+    weights = params * 4
+    # A checkpoint holds weights and two optimizer moments; finished models hold weights only.
+    checkpoints = _PHASE1_MODELS * _CHECKPOINTS_KEPT * weights * 3
+    models = (_PHASE1_MODELS + _POPULATION + 4) * weights
+    per_example = 4 * config.model.seq_len  # generated text, generously
+    data = 3 * (config.data.train_per_stage + 2 * config.data.eval_per_stage) * per_example * 2
+    disk = int(checkpoints + models + data + config.preflight.disk_headroom_gb * GB)
+    return Needs(params, disk, strategy.training_memory_bytes, strategy.batch_size, strategy)
+
+
+def _fmt(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / MB:.1f} MB"
+
+
+def check(config: PipelineConfig, home: Path, res: Resources) -> Needs:
+    """Raise PreflightError naming the shortfall, or return the estimate that fits."""
+    needs = estimate_needs(config, res)
+    problems = []
+    if needs.disk_bytes > res.free_disk_bytes:
+        problems.append(
+            f"disk at {home}: need {_fmt(needs.disk_bytes)}, free {_fmt(res.free_disk_bytes)}. "
+            "Free space there, set AGENT_FORGE_HOME to a larger disk, lower preflight.disk_headroom_gb, "
+            "or use a smaller preset (--preset tiny)"
+        )
+    usable = res.free_memory_bytes * (1 - config.preflight.memory_headroom)
+    if needs.memory_bytes > usable:
+        problems.append(
+            f"{res.memory_kind} on {res.device}: training needs {_fmt(needs.memory_bytes)} at batch size "
+            f"{needs.batch_size}, usable {_fmt(usable)} of {_fmt(res.free_memory_bytes)} free. "
+            "Use a smaller preset (--preset tiny), a shorter model.seq_len or fewer model.n_layers, "
+            "or free memory held by other processes"
+        )
+    if problems:
+        raise PreflightError("preflight failed before any heavy work: " + " | ".join(problems))
+    return needs

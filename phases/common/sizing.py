@@ -1,0 +1,122 @@
+"""Model-size detection and the size-adaptive strategy table.
+
+The seeds do not know the final model size until runtime, so every phase asks here. Categories go by
+parameter count (tiny < 50M, small < 500M, medium < 2B, large); the Quiet-STaR thought budget goes by
+size in MB (< 100 MB, < 500 MB, < 2 GB, larger), as the seeds' tables do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from phases.common.config import ModelShape
+
+Category = Literal["tiny", "small", "medium", "large"]
+MB = 1024**2
+GB = 1024**3
+
+_CATEGORY_LIMITS: list[tuple[int, Category]] = [(50_000_000, "tiny"), (500_000_000, "small"), (2_000_000_000, "medium")]
+
+# Seeds (004, "Size-Adaptive Targets"): compression 6/8/10/12x, sparsity 25/35/40/45%, batch 32 -> 8.
+_COMPRESSION = {"tiny": 6.0, "small": 8.0, "medium": 10.0, "large": 12.0}
+_SPARSITY = {"tiny": 0.25, "small": 0.35, "medium": 0.40, "large": 0.45}
+_BASE_BATCH = {"tiny": 32, "small": 16, "medium": 8, "large": 8}
+# Thought count x length by size in MB (seeds: 8x20, 6x15, 4x12, 4x10).
+_THOUGHTS: list[tuple[float, tuple[int, int]]] = [(100, (8, 20)), (500, (6, 15)), (2048, (4, 12))]
+_THOUGHTS_LARGEST = (4, 10)
+# EvoMerge fitness (perplexity, accuracy, speed, memory): the seeds' base 0.4/0.3/0.2/0.1. Ours: as
+# models grow, their speed and memory decide whether they fit the target device, so weight moves there.
+_FITNESS = {
+    "tiny": (0.4, 0.3, 0.2, 0.1),
+    "small": (0.4, 0.3, 0.2, 0.1),
+    "medium": (0.35, 0.3, 0.2, 0.15),
+    "large": (0.3, 0.3, 0.2, 0.2),
+}
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    params: int
+    size_mb: float
+    category: Category
+
+
+def categorize(params: int) -> Category:
+    for limit, name in _CATEGORY_LIMITS:
+        if params < limit:
+            return name
+    return "large"
+
+
+def model_size(model_or_params: torch.nn.Module | int, bytes_per_param: int = 4) -> ModelSize:
+    """Parameter count (shared tensors counted once), size in MB at ``bytes_per_param``, category."""
+    if isinstance(model_or_params, int):
+        params = model_or_params
+    else:
+        params = sum(p.numel() for p in {id(p): p for p in model_or_params.parameters()}.values())
+    return ModelSize(params=params, size_mb=params * bytes_per_param / MB, category=categorize(params))
+
+
+def estimate_params(shape: ModelShape, vocab_size: int) -> int:
+    """A decoder's parameters before it exists: 12·L·d² for attention + MLP, tied embeddings."""
+    return 12 * shape.n_layers * shape.d_model**2 + vocab_size * shape.d_model
+
+
+def training_memory_bytes(params: int, shape: ModelShape, batch_size: int, bytes_per_value: int = 4) -> int:
+    """Weights + grads + two optimizer moments (16 B/param in fp32) + activations.
+
+    Activations per layer follow Korthikanti et al. (2022), s·b·h·(34 + 5·a·s/h) bytes in half
+    precision, scaled to ``bytes_per_value``.
+    """
+    s, b, h, a, n_layers = shape.seq_len, batch_size, shape.d_model, shape.n_heads, shape.n_layers
+    activations = n_layers * s * b * h * (34 + 5 * a * s / h) * bytes_per_value / 2
+    return int(params * 4 * bytes_per_value + activations)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    size: ModelSize
+    batch_size: int
+    compression_target: float
+    sparsity_target: float
+    thought_count: int
+    thought_length: int
+    fitness_weights: dict[str, float]
+    training_memory_bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def adaptive_batch_size(
+    size: ModelSize, shape: ModelShape, free_memory_bytes: int | None, headroom: float = 0.2
+) -> int:
+    """The category's batch size, halved until training fits in the usable part of free memory."""
+    batch = _BASE_BATCH[size.category]
+    if free_memory_bytes is None:
+        return batch
+    usable = free_memory_bytes * (1 - headroom)
+    while batch > 1 and training_memory_bytes(size.params, shape, batch) > usable:
+        batch //= 2
+    return batch
+
+
+def strategy_for(
+    size: ModelSize, shape: ModelShape, free_memory_bytes: int | None = None, headroom: float = 0.2
+) -> Strategy:
+    batch = adaptive_batch_size(size, shape, free_memory_bytes, headroom)
+    count, length = next((t for limit, t in _THOUGHTS if size.size_mb < limit), _THOUGHTS_LARGEST)
+    weights = dict(zip(("perplexity", "accuracy", "speed", "memory"), _FITNESS[size.category]))
+    return Strategy(
+        size=size,
+        batch_size=batch,
+        compression_target=_COMPRESSION[size.category],
+        sparsity_target=_SPARSITY[size.category],
+        thought_count=count,
+        thought_length=length,
+        fitness_weights=weights,
+        training_memory_bytes=training_memory_bytes(size.params, shape, batch),
+    )

@@ -1,0 +1,265 @@
+"""The built-in curriculum: generated, deterministic by seed, with answers a program can check.
+
+Three stages, each harder than the last:
+  foundation  plain text, one-operation arithmetic, short key-value recall
+  reasoning   2-3 step word problems, two-operation arithmetic, longer recall
+  advanced    3-5 step word problems, recall with distractors and overwritten values, bracketed arithmetic
+
+Every example has one schema (the hub datasets are converted onto it too):
+  id, stage, source, task, prompt, answer, rationale, text, program
+``text`` is what a language model trains on (prompt + answer). ``program`` is a JSON record from which
+the answer is recomputed independently of the generator (``verify``), so a wrong label is caught.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import random
+import re
+from collections.abc import Iterator
+from typing import Any
+
+STAGES = ("foundation", "reasoning", "advanced")
+SPLITS = ("train", "validation", "test")
+FIELDS = ("id", "stage", "source", "task", "prompt", "answer", "rationale", "text", "program")
+
+# Task mix per stage (weights).
+MIX: dict[str, dict[str, float]] = {
+    "foundation": {"text": 0.45, "arithmetic": 0.35, "kv_recall": 0.20},
+    "reasoning": {"text": 0.15, "arithmetic": 0.20, "word_problem": 0.45, "kv_recall": 0.20},
+    "advanced": {"text": 0.15, "arithmetic": 0.15, "word_problem": 0.40, "kv_recall": 0.30},
+}
+
+_NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lena", "Milo", "Nora"]
+_ITEMS = ["apples", "marbles", "books", "coins", "stamps", "pencils", "shells", "cards", "eggs", "beads"]
+_CONTAINERS = ["boxes", "bags", "jars", "crates", "baskets"]
+_ADJ = ["small", "old", "bright", "quiet", "heavy", "green", "narrow", "warm", "curious", "patient"]
+_NOUN = ["river", "teacher", "garden", "machine", "village", "student", "lantern", "market", "bridge", "library"]
+_VERB = ["crossed", "repaired", "visited", "painted", "measured", "watched", "opened", "followed", "cleaned", "built"]
+_PLACE = ["near the hill", "after the storm", "in the morning", "before dinner", "by the sea", "at the station"]
+_CONNECT = ["Then", "Later", "Meanwhile", "Because of that", "After a while", "Soon"]
+_SYL = ["ka", "lo", "mi", "ru", "te", "vo", "zan", "pel", "dor", "fin", "gra", "sol", "tik", "wem"]
+
+
+def _number(rng: random.Random, lo: int, hi: int) -> int:
+    return rng.randint(lo, hi)
+
+
+# ----------------------------------------------------------------------------- generators
+def _text(rng: random.Random, stage: str) -> dict[str, Any]:
+    n_sent = {"foundation": 2, "reasoning": 3, "advanced": 4}[stage]
+    sents = []
+    for i in range(n_sent):
+        s = (
+            f"The {rng.choice(_ADJ)} {rng.choice(_NOUN)} {rng.choice(_VERB)} "
+            f"the {rng.choice(_ADJ)} {rng.choice(_NOUN)} {rng.choice(_PLACE)}."
+        )
+        sents.append(s if i == 0 else f"{rng.choice(_CONNECT)}, {s[0].lower()}{s[1:]}")
+    text = " ".join(sents)
+    return {"task": "text", "prompt": "", "answer": "", "rationale": "", "text": text, "program": "{}"}
+
+
+def _expression(rng: random.Random, n_ops: int, brackets: bool) -> str:
+    expr = str(_number(rng, 2, 60))
+    for _ in range(n_ops):
+        op = rng.choice(["+", "-", "*"])
+        rhs = str(_number(rng, 2, 12) if op == "*" else _number(rng, 2, 60))
+        expr = f"({expr}) {op} {rhs}" if brackets and " " in expr and rng.random() < 0.5 else f"{expr} {op} {rhs}"
+    return expr
+
+
+def _arithmetic(rng: random.Random, stage: str) -> dict[str, Any]:
+    n_ops, brackets = {"foundation": (1, False), "reasoning": (2, False), "advanced": (3, True)}[stage]
+    expr = _expression(rng, n_ops, brackets)
+    answer = str(safe_eval(expr))
+    prompt = f"Question: What is {expr}?\nAnswer:"
+    return {
+        "task": "arithmetic", "prompt": prompt, "answer": answer, "rationale": f"{expr} = {answer}",
+        "text": f"{prompt} {answer}", "program": json.dumps({"expr": expr}),
+    }
+
+
+def _word_problem(rng: random.Random, stage: str) -> dict[str, Any]:
+    lo, hi = {"reasoning": (2, 3), "advanced": (3, 5)}.get(stage, (1, 2))
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    total = _number(rng, 5, 40)
+    sentences = [f"{name} has {total} {item}."]
+    steps: list[list[Any]] = [["start", total]]
+    rationale = []
+    for _ in range(rng.randint(lo, hi)):
+        kind = rng.choice(["buy", "give", "pack", "double"] if total > 3 else ["buy", "pack"])
+        if kind == "buy":
+            k = _number(rng, 2, 25)
+            sentences.append(f"{name} buys {k} more {item}.")
+            steps.append(["add", k])
+            rationale.append(f"{total} + {k} = {total + k}")
+            total += k
+        elif kind == "give":
+            k = _number(rng, 1, total - 1)
+            friend = rng.choice([n for n in _NAMES if n != name])
+            sentences.append(f"{name} gives {k} {item} to {friend}.")
+            steps.append(["sub", k])
+            rationale.append(f"{total} - {k} = {total - k}")
+            total -= k
+        elif kind == "pack":
+            n, per = _number(rng, 2, 6), _number(rng, 2, 9)
+            sentences.append(f"{name} gets {n} {rng.choice(_CONTAINERS)} with {per} {item} in each.")
+            steps.append(["add", n * per])
+            rationale.append(f"{n} * {per} = {n * per}; {total} + {n * per} = {total + n * per}")
+            total += n * per
+        else:
+            sentences.append(f"{name} finds as many {item} again as {name} already has.")
+            steps.append(["mul", 2])
+            rationale.append(f"{total} * 2 = {total * 2}")
+            total *= 2
+    prompt = "Question: " + " ".join(sentences) + f" How many {item} does {name} have now?\nAnswer:"
+    answer = str(total)
+    return {
+        "task": "word_problem", "prompt": prompt, "answer": answer, "rationale": ". ".join(rationale) + ".",
+        "text": f"{prompt} {answer}", "program": json.dumps({"steps": steps}),
+    }
+
+
+def _key(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYL) for _ in range(rng.randint(2, 3)))
+
+
+def _kv_recall(rng: random.Random, stage: str) -> dict[str, Any]:
+    n_pairs, n_updates = {"foundation": (3, 0), "reasoning": (5, 0), "advanced": (8, 2)}[stage]
+    keys: list[str] = []
+    while len(keys) < n_pairs:
+        k = _key(rng)
+        if k not in keys:
+            keys.append(k)
+    values = {k: _number(rng, 100, 999) for k in keys}
+    lines = [f"The code for {k} is {values[k]}." for k in keys]
+    for _ in range(n_updates):
+        k = rng.choice(keys)
+        values[k] = _number(rng, 100, 999)
+        lines.append(f"Later, the code for {k} changed to {values[k]}.")
+    target = rng.choice(keys)
+    prompt = " ".join(lines) + f"\nQuestion: What is the code for {target}?\nAnswer:"
+    answer = str(values[target])
+    return {
+        "task": "kv_recall", "prompt": prompt, "answer": answer, "rationale": f"The last code given for {target}.",
+        "text": f"{prompt} {answer}", "program": json.dumps({"key": target}),
+    }
+
+
+_GENERATORS = {"text": _text, "arithmetic": _arithmetic, "word_problem": _word_problem, "kv_recall": _kv_recall}
+
+
+def generate_stage(stage: str, split: str, n: int, seed: int, exclude: set[str]) -> list[dict[str, Any]]:
+    """``n`` unique examples for one stage and split; ``exclude`` (updated) keeps splits disjoint."""
+    if stage not in STAGES or split not in SPLITS:
+        raise ValueError(f"unknown stage/split {stage}/{split}")
+    rng = random.Random(f"{seed}:{stage}:{split}")
+    tasks, weights = zip(*MIX[stage].items())
+    out: list[dict[str, Any]] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise RuntimeError(f"could not generate {n} unique {stage}/{split} examples (got {len(out)})")
+        ex = _GENERATORS[rng.choices(tasks, weights)[0]](rng, stage)
+        if ex["text"] in exclude:
+            continue
+        exclude.add(ex["text"])
+        ex.update(id=f"{stage}-{split}-{len(out):06d}", stage=stage, source="builtin")
+        out.append({f: ex[f] for f in FIELDS})
+    return out
+
+
+def generate(train_per_stage: int, eval_per_stage: int, seed: int) -> dict[str, list[dict[str, Any]]]:
+    """All splits; test and validation are drawn first so no training example leaks into them."""
+    seen: set[str] = set()
+    splits: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    for split, n in (("test", eval_per_stage), ("validation", eval_per_stage), ("train", train_per_stage)):
+        for stage in STAGES:
+            splits[split].extend(generate_stage(stage, split, n, seed, seen))
+    return splits
+
+
+# ----------------------------------------------------------------------------- checking
+_BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+
+def safe_eval(expr: str) -> int:
+    """Integer +, -, * only: an answer checker that never runs arbitrary code."""
+
+    def ev(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BIN:
+            return _BIN[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        raise ValueError(f"unsupported expression: {expr!r}")
+
+    return ev(ast.parse(expr, mode="eval"))
+
+
+_NUM = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def normalize_answer(text: str) -> str:
+    """The first number in ``text`` if there is one, else the trimmed lower-case text."""
+    m = _NUM.search(text.replace(",", ""))
+    if m:
+        value = float(m.group())
+        return str(int(value)) if value.is_integer() else str(value)
+    return text.strip().lower().rstrip(".")
+
+
+def check_answer(example: dict[str, Any], prediction: str) -> bool:
+    return bool(example["answer"]) and normalize_answer(prediction) == normalize_answer(example["answer"])
+
+
+def recompute_answer(example: dict[str, Any]) -> str | None:
+    """The answer derived again from the prompt and program, not from the generator's bookkeeping."""
+    prog = json.loads(example["program"] or "{}")
+    task = example["task"]
+    if task == "arithmetic":
+        if f"What is {prog['expr']}?" not in example["prompt"]:
+            return None
+        return str(safe_eval(prog["expr"]))
+    if task == "word_problem":
+        # Replay the story's sentences in order; the program must agree with the text.
+        total: int | None = None
+        for sentence in re.split(r"(?<=\.)\s+", example["prompt"].split("\n")[0]):
+            if m := re.search(r" has (\d+) ", sentence):
+                total = int(m.group(1))
+            elif m := re.search(r" buys (\d+) more ", sentence):
+                total += int(m.group(1))
+            elif m := re.search(r" gives (\d+) ", sentence):
+                total -= int(m.group(1))
+            elif m := re.search(r" gets (\d+) \w+ with (\d+) ", sentence):
+                total += int(m.group(1)) * int(m.group(2))
+            elif " as many " in sentence and " again " in sentence:
+                total *= 2
+        replay = None
+        for op, v in prog["steps"]:
+            replay = v if op == "start" else {"add": replay + v, "sub": replay - v, "mul": replay * v}[op]
+        return str(total) if total == replay else None
+    if task == "kv_recall":
+        # Read the passage itself: the last statement about the key wins.
+        key = prog["key"]
+        found = re.findall(rf"code for {re.escape(key)} (?:is|changed to) (\d+)\.", example["prompt"])
+        return found[-1] if found else None
+    return None
+
+
+def verify(example: dict[str, Any]) -> bool:
+    if example["task"] == "text":
+        return bool(example["text"]) and not example["answer"]
+    if example["task"] not in _GENERATORS:
+        return bool(example["answer"])  # converted hub rows: checked by their own converters
+    return recompute_answer(example) == example["answer"] and example["text"].endswith(example["answer"])
+
+
+def iter_stage(rows: list[dict[str, Any]], stage: str) -> Iterator[dict[str, Any]]:
+    return (r for r in rows if r["stage"] == stage)

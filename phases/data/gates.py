@@ -1,0 +1,30 @@
+"""Exit gates of the prepare phase, from what the data and tokenizer tasks measured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from phases.common.gates import GateReport
+
+MIN_CHARS_PER_TOKEN = 2.0  # a BPE that learned no merges sits near 1 char per token
+
+
+def prepare_gates(
+    curriculum: dict[str, Any],
+    tokenizer: dict[str, Any],
+    hub_selected: int,
+    hub_downloaded: int,
+    offline_fallback: bool,
+    mode: str = "strict",
+) -> GateReport:
+    r = GateReport(phase="prepare", mode=mode)
+    r.add("answers_verified", "fraction of curriculum answers recomputed and matching",
+          curriculum["verified_fraction"], ">=", 1.0)
+    r.add("no_heldout_leak", "validation/test texts also present in train", curriculum["train_heldout_overlap"], "==", 0)
+    r.add("all_splits_nonempty", "smallest split's row count", min(curriculum["rows"].values()), ">", 0)
+    r.add("tokenizer_roundtrip", "validation texts decoded back exactly", tokenizer["roundtrip_rate"], ">=", 1.0)
+    r.add("tokenizer_compression", "characters per token on validation", tokenizer["chars_per_token"], ">=",
+          MIN_CHARS_PER_TOKEN)
+    if hub_selected and not offline_fallback:
+        r.add("hub_datasets", "selected hub datasets downloaded", hub_downloaded, ">=", hub_selected)
+    return r

@@ -1,0 +1,88 @@
+"""Data tasks: the built-in curriculum, hub pre-download, the tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from phases.common.config import DataConfig, TokenizerConfig
+from phases.data import curriculum, dataset_files, hub_download, hub_registry
+from phases.data import tokenizer as bpe
+from storage import ArtifactRef, Recipe
+from tasks.runtime import CACHED, producer, record_execution, store
+
+DATA_CODE_VERSION = "1"
+
+
+@task(name="build-curriculum", cache_policy=CACHED, persist_result=True)
+def build_curriculum(data: DataConfig, home: str) -> ArtifactRef:
+    recipe = Recipe(
+        kind="curriculum",
+        config={"seed": data.seed, "train_per_stage": data.train_per_stage, "eval_per_stage": data.eval_per_stage},
+        code_version=DATA_CODE_VERSION,
+    )
+
+    def build(out: Path) -> dict:
+        record_execution(home, "build-curriculum")
+        splits = curriculum.generate(data.train_per_stage, data.eval_per_stage, data.seed)
+        sizes = dataset_files.save_splits(splits, out)
+        rows = [r for split in splits.values() for r in split]
+        train_texts = {r["text"] for r in splits["train"]}
+        held_out = [r["text"] for s in ("validation", "test") for r in splits[s]]
+        return {
+            "rows": sizes,
+            "verified_fraction": sum(curriculum.verify(r) for r in rows) / len(rows),
+            "train_heldout_overlap": sum(t in train_texts for t in held_out),
+            "tasks": {t: sum(r["task"] == t for r in rows) for t in sorted({r["task"] for r in rows})},
+        }
+
+    ref = store(home).get_or_create(recipe, build, producer())
+    get_run_logger().info("curriculum %s: %s", ref, store(home).manifest(ref)["metrics"]["rows"])
+    return ref
+
+
+@task(name="download-hub-dataset", cache_policy=CACHED, persist_result=True)
+def download_hub_dataset(name: str, max_examples: int, home: str) -> ArtifactRef:
+    ds = hub_registry.lookup(name)
+    recipe = Recipe(
+        kind="hub-dataset",
+        config={"name": ds.name, "hub_id": ds.hub_id, "config": ds.config, "split": ds.split,
+                "revision": ds.revision, "max_examples": max_examples},
+        code_version=DATA_CODE_VERSION,
+    )
+
+    def build(out: Path) -> dict:
+        record_execution(home, f"download-hub-dataset:{name}")
+        splits = hub_download.fetch(ds, max_examples)  # raises DatasetUnavailable with the reason
+        return {"rows": dataset_files.save_splits(splits, out), "hub_id": ds.hub_id}
+
+    return store(home).get_or_create(recipe, build, producer())
+
+
+@task(name="train-tokenizer", cache_policy=CACHED, persist_result=True)
+def train_tokenizer(tok: TokenizerConfig, corpora: list[ArtifactRef], home: str) -> ArtifactRef:
+    st = store(home)
+    recipe = Recipe(
+        kind="tokenizer",
+        inputs=tuple(r.id for r in corpora),
+        config=tok.model_dump(mode="json"),
+        code_version=DATA_CODE_VERSION,
+    )
+
+    def build(out: Path) -> dict:
+        record_execution(home, "train-tokenizer")
+        splits = [dataset_files.load_splits(st.load(r)) for r in corpora]
+        train_texts = [t for dd in splits for t in dd["train"]["text"]]
+        val_texts = [t for dd in splits for t in dd["validation"]["text"]]
+        tokenizer = bpe.train_bpe(train_texts, tok.vocab_size, tok.min_frequency)
+        bpe.save(tokenizer, out)
+        reloaded = bpe.load(out)  # measure what was written, not the object in memory
+        return {
+            "vocab_size": len(reloaded),
+            "roundtrip_rate": bpe.roundtrip_rate(reloaded, val_texts),
+            "chars_per_token": bpe.chars_per_token(reloaded, val_texts),
+            "trained_on_texts": len(train_texts),
+        }
+
+    return st.get_or_create(recipe, build, producer())

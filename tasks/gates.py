@@ -1,0 +1,27 @@
+"""Show a phase's gate table in the Prefect UI and the log, then apply strict/lenient."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from phases.common.gates import GateReport
+
+
+def publish_gates(report: GateReport) -> None:
+    """A table artifact under key `<phase>-gates`, so each run's gates sit in the UI side by side."""
+    logger = get_run_logger()
+    create_table_artifact(
+        key=f"{report.phase}-gates", table=report.rows(),
+        description=f"{report.phase} exit gates ({report.mode}): {'PASS' if report.passed else 'FAIL'}",
+    )
+    logger.info("%s exit gates (%s):\n%s", report.phase, report.mode, report.markdown())
+
+
+def enforce_gates(report: GateReport) -> None:
+    for warning in report.enforce():  # strict mode raises here
+        get_run_logger().warning("lenient gate failed: %s", warning)
+
+
+def publish_summary(key: str, markdown: str) -> None:
+    create_markdown_artifact(key=key, markdown=markdown)

@@ -1,0 +1,99 @@
+"""W&B at phase boundaries: one run per phase, grouped by pipeline run.
+
+Lineage lives in our store's manifests; W&B gets a copy for browsing (artifacts that reference the
+store's files), never the source of truth: ``use_artifact`` does not work offline.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from phases.common.gates import GateReport
+from storage import ArtifactRef
+from tasks.runtime import CACHED, record_execution, store
+
+
+def wandb_mode(configured: str) -> str:
+    """WANDB_MODE in the environment wins over the config, so `WANDB_MODE=disabled` always works."""
+    mode = os.environ.get("WANDB_MODE") or configured
+    if mode in ("dryrun",):
+        mode = "offline"
+    if mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"WANDB_MODE={mode!r}: use offline, online or disabled")
+    return mode
+
+
+# The pipeline run (group) is not part of the key: the same outputs need not be logged twice.
+@task(name="wandb-phase-boundary", cache_policy=CACHED - "run_group", persist_result=True)
+def log_phase_boundary(
+    phase: str,
+    run_group: str,
+    home: str,
+    mode: str,
+    project: str,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    gates: GateReport,
+    outputs: list[ArtifactRef],
+) -> str | None:
+    """Returns the W&B run directory, or None when W&B is disabled."""
+    logger = get_run_logger()
+    mode = wandb_mode(mode)
+    if mode == "disabled":
+        logger.info("W&B disabled: phase %s not logged", phase)
+        return None
+    record_execution(home, f"wandb:{phase}")
+    import wandb  # imported here: it is slow, and a disabled run should not pay for it
+
+    wandb_dir = Path(home) / "wandb"
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=project,
+        group=run_group,
+        job_type=phase,
+        name=f"{phase}-{run_group[:8]}",
+        config=config,
+        dir=str(wandb_dir),
+        mode=mode,
+        reinit="create_new",
+        settings=wandb.Settings(console="off", silent=True),
+    )
+    try:
+        run.summary.update(_flatten(metrics))
+        run.summary["gates/passed"] = gates.passed
+        for g in gates.gates:
+            run.summary[f"gates/{g.id}/measured"] = g.measured
+            run.summary[f"gates/{g.id}/passed"] = g.passed
+        rows = gates.rows()
+        run.log({"gates": wandb.Table(columns=list(rows[0]) if rows else ["gate"], data=[list(r.values()) for r in rows])})
+        st = store(home)
+        for ref in outputs:
+            manifest = st.manifest(ref)
+            art = wandb.Artifact(
+                name=f"{ref.kind}-{ref.id}",
+                type=ref.kind,
+                metadata={"store_id": ref.id, "inputs": manifest["inputs"], "config": manifest["config"],
+                          "metrics": manifest["metrics"], "manifest_sha256": ref.manifest_sha256},
+            )
+            art.add_reference(Path(ref.path).as_uri(), checksum=True)
+            run.log_artifact(art)
+        run_dir = str(Path(run.dir).parent)
+    finally:
+        run.finish()
+    logger.info("W&B %s run for phase %s written to %s", mode, phase, run_dir)
+    return run_dir
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out

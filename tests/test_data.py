@@ -1,0 +1,148 @@
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from phases.data import curriculum, dataset_files, hub_download, hub_registry
+from phases.data import tokenizer as bpe
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return curriculum.generate(train_per_stage=200, eval_per_stage=30, seed=11)
+
+
+def test_curriculum_is_deterministic_by_seed(splits):
+    again = curriculum.generate(train_per_stage=200, eval_per_stage=30, seed=11)
+    other = curriculum.generate(train_per_stage=200, eval_per_stage=30, seed=12)
+    assert again == splits
+    assert [r["text"] for r in other["train"]] != [r["text"] for r in splits["train"]]
+
+
+def test_curriculum_shape(splits):
+    assert {k: len(v) for k, v in splits.items()} == {"train": 600, "validation": 90, "test": 90}
+    for split in splits.values():
+        assert {r["stage"] for r in split} == set(curriculum.STAGES)
+    tasks = {r["task"] for r in splits["train"]}
+    assert tasks == {"text", "arithmetic", "word_problem", "kv_recall"}
+    train = {r["text"] for r in splits["train"]}
+    assert not train & {r["text"] for s in ("validation", "test") for r in splits[s]}
+
+
+def test_every_answer_checks_out(splits):
+    rows = [r for s in splits.values() for r in s]
+    assert all(curriculum.verify(r) for r in rows)
+    # the checker is independent: a wrong label is caught
+    wp = next(r for r in rows if r["task"] == "word_problem" and r["stage"] == "advanced")
+    assert not curriculum.verify({**wp, "answer": str(int(wp["answer"]) + 1)})
+    kv = next(r for r in rows if r["task"] == "kv_recall" and "changed to" in r["prompt"])
+    key = json.loads(kv["program"])["key"]
+    stale = next(
+        (v for k, v in [(x.split(" is ")[0].removeprefix("The code for "), x.split(" is ")[1].rstrip("."))
+                        for x in kv["prompt"].split(". ") if x.startswith("The code for ")] if k == key), None)
+    if stale and stale != kv["answer"]:
+        assert not curriculum.verify({**kv, "answer": stale})
+    ar = next(r for r in rows if r["task"] == "arithmetic")
+    assert not curriculum.verify({**ar, "answer": "-999999"})
+
+
+def test_word_problems_grow_harder_by_stage(splits):
+    def mean_steps(stage):
+        rows = [r for r in splits["train"] if r["task"] == "word_problem" and r["stage"] == stage]
+        return sum(len(json.loads(r["program"])["steps"]) for r in rows) / len(rows)
+
+    assert mean_steps("advanced") > mean_steps("reasoning")
+
+
+def test_check_answer_normalizes():
+    ex = {"answer": "42"}
+    assert curriculum.check_answer(ex, " 42.") and curriculum.check_answer(ex, "The answer is 42.0")
+    assert not curriculum.check_answer(ex, "43")
+
+
+def test_safe_eval_refuses_code():
+    assert curriculum.safe_eval("(3 + 4) * 2 - 1") == 13
+    with pytest.raises(ValueError):
+        curriculum.safe_eval("__import__('os').system('true')")
+
+
+def test_splits_round_trip_through_datasets(splits, tmp_path):
+    dataset_files.save_splits(splits, tmp_path / "d")
+    dd = dataset_files.load_splits(tmp_path / "d")
+    assert dd["train"].num_rows == 600 and dd["test"][0] == splits["test"][0]
+
+
+def test_tokenizer_round_trips_and_loads_with_transformers(splits, tmp_path):
+    tok = bpe.train_bpe((r["text"] for r in splits["train"]), vocab_size=600)
+    bpe.save(tok, tmp_path)
+    assert (tmp_path / "tokenizer.json").exists()
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    texts = [r["text"] for r in splits["validation"]] + ["unseen: ünïcödé ✓ 日本 \t\n  spaces"]
+    assert bpe.roundtrip_rate(loaded, texts) == 1.0
+    assert loaded.eos_token == bpe.EOS and loaded.pad_token == bpe.PAD
+    assert len(loaded) <= 600 and bpe.chars_per_token(loaded, texts) > 2.0
+
+
+# One row per registry entry, in that dataset's own schema (as documented on the Hub).
+SAMPLES = {
+    "gsm8k": {"question": "Tom has 3 cats and gets 2 more. How many?", "answer": "3+2=<<3+2=5>>5\n#### 5"},
+    "svamp": {"Body": "There are 7 eggs.", "Question": "If 2 break, how many are left?", "Answer": 5.0,
+              "Equation": "( 7.0 - 2.0 )"},
+    "asdiv": {"question": "What is 4 plus 4?", "result": "8", "result_float": 8.0},
+    "mbpp": {"text": "Write a function add(a, b).", "code": "def add(a, b):\n    return a + b",
+             "test_list": ["assert add(1, 2) == 3"]},
+    "arc_easy": {"question": "Which is a liquid?", "choices": {"text": ["ice", "water"], "label": ["A", "B"]},
+                 "answerKey": "B"},
+    "arc_challenge": {"question": "Pick 2.", "choices": {"text": ["one", "two"], "label": ["1", "2"]},
+                      "answerKey": "2"},
+    "hotpot_qa": {"question": "Who?", "answer": "Ada",
+                  "context": {"title": ["T1"], "sentences": [["Ada wrote it.", " Yes."]]}},
+    "drop": {"passage": "The score was 10.", "question": "What was the score?",
+             "answers_spans": {"spans": ["10"], "types": ["number"]}},
+    "strategy_qa": {"question": "Is water wet?", "answer": True, "facts": ["Water is a liquid."]},
+    "piqa": {"goal": "Open a jar", "sol1": "Twist the lid", "sol2": "Eat the lid", "label": 0},
+    "hellaswag": {"ctx": "A man opens a door.", "endings": ["a", "b", "c", "d"], "label": "2"},
+    "boolq": {"question": "is the sky blue", "answer": True, "passage": "The sky is blue."},
+    "wikitext": {"text": " The river flows through the old valley and reaches the sea after many miles . \n"},
+    "wikitext2": {"text": " The river flows through the old valley and reaches the sea after many miles . \n"},
+    "fineweb_edu": {"text": "Photosynthesis converts light energy into chemical energy in plants and algae."},
+    "openwebtext": {"text": "A long enough paragraph of web text that passes the minimum length filter."},
+}
+EXPECTED = {"gsm8k": "5", "svamp": "5", "asdiv": "8", "arc_easy": "B", "arc_challenge": "B", "hotpot_qa": "Ada",
+            "drop": "10", "strategy_qa": "yes", "piqa": "A", "hellaswag": "C", "boolq": "yes"}
+
+
+def test_registry_has_the_seeds_sixteen():
+    assert len(hub_registry.REGISTRY) == 16
+    ids = {d.hub_id for d in hub_registry.REGISTRY.values()}
+    for expected in ["openai/gsm8k", "ChilleD/SVAMP", "MU-NLPC/Calc-asdiv_a", "google-research-datasets/mbpp",
+                     "allenai/ai2_arc", "hotpotqa/hotpot_qa", "ucinlp/drop", "wics/strategy-qa", "ybisk/piqa",
+                     "Rowan/hellaswag", "google/boolq", "Salesforce/wikitext", "HuggingFaceFW/fineweb-edu"]:
+        assert expected in ids
+    assert {d.stage for d in hub_registry.REGISTRY.values()} <= set(curriculum.STAGES)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_converters_map_onto_the_curriculum_schema(name):
+    ds = hub_registry.lookup(name)
+    row = ds.to_schema(SAMPLES[name], 0)
+    assert row is not None and set(row) == set(curriculum.FIELDS)
+    assert row["source"] == f"hub:{ds.hub_id}" and row["stage"] == ds.stage and row["text"]
+    if name in EXPECTED:
+        assert row["answer"] == EXPECTED[name] and row["text"].endswith(row["answer"])
+
+
+def test_unlabelled_rows_are_dropped():
+    assert hub_registry.lookup("hellaswag").to_schema({**SAMPLES["hellaswag"], "label": ""}, 0) is None
+    assert hub_registry.lookup("wikitext").to_schema({"text": " = Heading = \n"}, 0) is None
+
+
+def test_unknown_dataset_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown hub dataset 'gsm9k'.*gsm8k"):
+        hub_registry.lookup("gsm9k")
+
+
+def test_offline_download_fails_naming_the_dataset(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(hub_download.DatasetUnavailable, match=r"'gsm8k' \(openai/gsm8k.*could not be downloaded"):
+        hub_download.fetch(hub_registry.lookup("gsm8k"), 10)

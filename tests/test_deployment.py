@@ -1,0 +1,198 @@
+"""End to end, the way a user runs it: a real `prefect server start` on 127.0.0.1, a real process
+worker, deployments from prefect.yaml, `prefect deployment run agent-forge/full`, and a failed run
+retried the way the UI's Retry button does it."""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from storage import ArtifactStore
+from tasks.runtime import read_journal
+
+pytestmark = pytest.mark.deployment
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = [sys.executable, "-m", "prefect"]
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, root: Path):
+        self.root = root
+        self.home = root / "home"
+        self.port = _free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        (root / "prefect").mkdir(parents=True)
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(root / "prefect"),
+            "PREFECT_API_URL": self.api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            "AGENT_FORGE_HOME": str(self.home),
+            "WANDB_MODE": "offline",
+            "PWD": str(REPO),  # prefect.yaml's pull step runs flows from the checkout `prefect deploy` ran in
+        }
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")
+        p = subprocess.Popen([*PREFECT, *args], cwd=REPO, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run([*PREFECT, *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        return out.stdout + out.stderr
+
+    def post(self, path: str, body: dict) -> list | dict:
+        r = httpx.post(f"{self.api}{path}", json=body, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def get(self, path: str) -> dict:
+        r = httpx.get(f"{self.api}{path}", timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def start(self) -> None:
+        server_env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}
+        self.spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port), env=server_env)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{self.api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start:\n" + self.log("server")
+            time.sleep(0.5)
+        self.cli("work-pool", "create", "agent-forge", "--type", "process")
+        self.cli("--no-prompt", "deploy", "--all")
+        self.spawn("worker", "worker", "start", "--pool", "agent-forge", "--type", "process")
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text()[-6000:]
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+    # ------------------------------------------------------------------ runs
+    def run_deployment(self, *params: str) -> str:
+        out = self.cli("deployment", "run", "agent-forge/full", *params)
+        return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+
+    def wait(self, flow_run_id: str, timeout: float = 420) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.get(f"/flow_runs/{flow_run_id}")
+            if run["state"]["type"] in TERMINAL and run["state"]["name"] != "AwaitingRetry":
+                return run
+            time.sleep(1)
+        raise AssertionError(f"flow run {flow_run_id} did not finish; worker log:\n{self.log('worker')}")
+
+    def task_states(self, parent_id: str) -> dict[str, str]:
+        """Final state name of each task in the newest run of the parent and of its newest subflow."""
+        subflows = self.post("/flow_runs/filter", {
+            "flow_runs": {"parent_flow_run_id": {"any_": [parent_id]}}, "sort": "EXPECTED_START_TIME_DESC"})
+        ids = [parent_id] + [s["id"] for s in subflows[:1]]
+        subflow_stubs = {s["parent_task_run_id"] for s in subflows}  # the task-run records that stand for subflows
+        tasks = self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": ids}}, "sort": "EXPECTED_START_TIME_DESC"})
+        states: dict[str, str] = {}
+        for t in tasks:
+            if t["id"] in subflow_stubs:
+                continue
+            states.setdefault(t["name"].rsplit("-", 1)[0], t["state"]["name"])
+        return states
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("deploy"))
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+def _snapshot(home: Path) -> dict[str, str]:
+    """Each artifact's manifest text: it holds every file's sha256, so equal text means equal bytes."""
+    st = ArtifactStore(home)
+    return {m["id"]: (Path(st.ref(m["id"]).path) / "manifest.json").read_text() for m in st.list()}
+
+
+def test_full_deployment_completes_and_second_run_is_cached(stack):
+    first = stack.wait(stack.run_deployment())
+    assert first["state"]["type"] == "COMPLETED", stack.log("worker")
+    store = ArtifactStore(stack.home)
+    kinds = sorted(m["kind"] for m in store.list())
+    assert kinds == ["curriculum", "tokenizer"]
+    before = _snapshot(stack.home)
+    executions = len(read_journal(str(stack.home)))
+
+    second = stack.wait(stack.run_deployment())
+    assert second["state"]["type"] == "COMPLETED", stack.log("worker")
+    assert _snapshot(stack.home) == before  # same artifacts, untouched
+    assert len(read_journal(str(stack.home))) == executions  # nothing executed again
+    states = stack.task_states(second["id"])
+    assert states and set(states.values()) == {"Cached"}, states
+
+
+def test_failed_run_is_retried_like_the_ui_and_resumes(stack, tmp_path):
+    home = tmp_path / "retry-home"
+    (home / "artifacts").mkdir(parents=True)
+    # A fault a user can fix: a plain file sits where the tokenizer artifacts must go.
+    blocker = home / "artifacts" / "tokenizer"
+    blocker.write_text("not a directory")
+
+    run_id = stack.run_deployment("--param", f"home={home}")
+    failed = stack.wait(run_id)
+    assert failed["state"]["type"] == "FAILED", stack.log("worker")
+    assert "exists and is not a directory" in stack.log("worker")
+    kinds = [m["kind"] for m in ArtifactStore(home).list()]
+    assert kinds == ["curriculum"]  # finished before the failure, and whole
+    before = _snapshot(home)
+    ran_before = [e["task"] for e in read_journal(str(home))]
+    assert ran_before == ["preflight", "build-curriculum", "train-tokenizer"]
+
+    blocker.unlink()  # the fix
+    stack.cli("flow-run", "retry", run_id)  # what the UI's Retry button does
+    done = stack.wait(run_id)
+    assert done["id"] == run_id and done["state"]["type"] == "COMPLETED", stack.log("worker")
+    assert done["run_count"] >= 2
+
+    ran_after = [e["task"] for e in read_journal(str(home))][len(ran_before):]
+    assert ran_after == ["train-tokenizer", "wandb:prepare"]  # only what had not finished
+    states = stack.task_states(run_id)
+    assert states["preflight"] == "Cached" and states["build-curriculum"] == "Cached", states
+    assert states["train-tokenizer"] == "Completed" and states["wandb-phase-boundary"] == "Completed", states
+    after = _snapshot(home)
+    assert {k: after[k] for k in before} == before  # nothing stored before the failure changed
+    assert sorted(m["kind"] for m in ArtifactStore(home).list()) == ["curriculum", "tokenizer"]
+    for m in ArtifactStore(home).list():
+        ArtifactStore(home).verify(m["id"])

@@ -1,0 +1,43 @@
+"""The import rules of DESIGN.md: flows -> tasks -> phases, storage; phases never import Prefect."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    out = {}
+    for path in (REPO / package).rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        out[str(path.relative_to(REPO))] = names
+    return out
+
+
+@pytest.mark.parametrize(
+    "package,forbidden",
+    [("phases", {"prefect", "flows", "tasks", "wandb"}), ("storage", {"prefect", "flows", "tasks", "phases", "torch"}),
+     ("tasks", {"flows"})],
+)
+def test_imports_go_one_way(package, forbidden):
+    files = _imports(package)
+    assert files, f"no modules found in {package}"
+    bad = {f: sorted(n & forbidden) for f, n in files.items() if n & forbidden}
+    assert not bad, f"{package} imports what it must not: {bad}"
+
+
+def test_no_pickle_loading_from_disk():
+    for pkg in ("flows", "tasks", "phases", "storage"):
+        for path in (REPO / pkg).rglob("*.py"):
+            text = path.read_text()
+            assert "pickle.load" not in text, path
+            for line in text.splitlines():
+                if "torch.load(" in line:
+                    assert "weights_only=True" in line, f"{path}: {line.strip()}"
