@@ -1,0 +1,73 @@
+"""Artifact store overhead against plain file I/O, measured in the same run.
+
+    python bench/store_bench.py [--mb 256]
+
+Prints the time to write and to verify-load an artifact of MB bytes through the store, next to the
+baseline of writing the same bytes with fsync and of reading them back, and their ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from storage import ArtifactStore, Recipe
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=int, default=256)
+    args = ap.parse_args()
+    payload = os.urandom(args.mb * 1024 * 1024)
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+
+        def plain_write() -> None:
+            with open(root / "plain.bin", "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+
+        def plain_read() -> None:
+            (root / "plain.bin").read_bytes()
+
+        def hash_read() -> None:
+            hashlib.sha256((root / "plain.bin").read_bytes()).hexdigest()
+
+        st = ArtifactStore(root / "store")
+        ref = None
+
+        def store_write() -> None:
+            nonlocal ref
+
+            def build(out: Path) -> None:
+                with open(out / "weights.bin", "wb") as f:
+                    f.write(payload)
+                    f.flush()
+                    os.fsync(f.fileno())
+
+            ref = st.get_or_create(Recipe(kind="bench", config={"mb": args.mb}), build)
+
+        rows = [
+            ("write", _timed(plain_write), _timed(store_write)),
+            ("load (verified)", _timed(plain_read), _timed(lambda: st.load(ref))),
+            ("load vs sha256 read", _timed(hash_read), _timed(lambda: st.load(ref))),
+        ]
+    print(f"{'operation':<22}{'baseline s':>12}{'store s':>10}{'ratio':>8}   ({args.mb} MB)")
+    for name, base, ours in rows:
+        print(f"{name:<22}{base:>12.3f}{ours:>10.3f}{ours / base:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
