@@ -61,11 +61,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(home) / "prefect-results"))
     flow = _load_flow(args.flow)
     start = time.perf_counter()
-    result = flow(config=config, home=home)
+    try:
+        result = flow(config=config, home=home)
+    except _user_errors() as e:  # Prefect has logged the traceback; end on the one line that says what to do
+        print(f"\n{args.flow} failed after {time.perf_counter() - start:.1f} s: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(f"\n{args.flow} finished in {time.perf_counter() - start:.1f} s; artifacts under {home}")
     if hasattr(result, "model_dump_json"):
         print(result.model_dump_json(indent=2))
     return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from phases.common.gates import GateFailed
+    from phases.common.resources import PreflightError
+    from phases.data.hub_download import DatasetUnavailable
+    from storage import ArtifactError
+
+    return (PreflightError, GateFailed, ArtifactError, DatasetUnavailable)
 
 
 def _store(args: argparse.Namespace):

@@ -116,6 +116,9 @@ def test_unreachable_hub_dataset_falls_back_or_fails(prefect_harness, home):
     cfg = PipelineConfig.from_preset("tiny", **{**TINY, "data": {**TINY["data"], "hub_datasets": ["gsm8k"]}})
     out = prepare(cfg, str(home))
     assert out.hub_datasets == [] and out.curriculum.kind == "curriculum"
+    # conftest sets WANDB_MODE=disabled, which beats the config's "offline": nothing is logged
+    assert cfg.tracking.wandb_mode == "offline" and not (home / "wandb").exists()
+    assert "wandb:prepare" not in [e["task"] for e in read_journal(str(home))]
 
     strict = cfg.model_copy(update={"data": cfg.data.model_copy(update={"offline_fallback": False})})
     with pytest.raises(Exception, match="gsm8k"):
