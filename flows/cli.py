@@ -59,6 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ["AGENT_FORGE_HOME"] = home
     # Prefect's task results (the small refs) live beside the artifacts unless told otherwise.
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(home) / "prefect-results"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines log a failed send
     flow = _load_flow(args.flow)
     start = time.perf_counter()
     try:

@@ -95,11 +95,6 @@ class PipelineConfig(_Strict):
     def from_preset(cls, name: str, **overrides: Any) -> PipelineConfig:
         return cls.model_validate({"preset": name, **overrides})
 
-    def section(self, *names: str) -> dict[str, Any]:
-        """The JSON of some sections: what a task's recipe depends on, and nothing more."""
-        return {n: getattr(self, n).model_dump(mode="json") if isinstance(getattr(self, n), BaseModel)
-                else getattr(self, n) for n in names}
-
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)

@@ -18,7 +18,6 @@ import json
 import operator
 import random
 import re
-from collections.abc import Iterator
 from typing import Any
 
 STAGES = ("foundation", "reasoning", "advanced")
@@ -259,7 +258,3 @@ def verify(example: dict[str, Any]) -> bool:
     if example["task"] not in _GENERATORS:
         return bool(example["answer"])  # converted hub rows: checked by their own converters
     return recompute_answer(example) == example["answer"] and example["text"].endswith(example["answer"])
-
-
-def iter_stage(rows: list[dict[str, Any]], stage: str) -> Iterator[dict[str, Any]]:
-    return (r for r in rows if r["stage"] == stage)
