@@ -1,0 +1,60 @@
+"""Muon × Grokfast: torch.optim.Muon for hidden 2-D weight matrices, AdamW for everything else.
+
+Muon orthogonalises 2-D updates (Newton-Schulz), which suits hidden projections but not embeddings,
+the LM head, norms, gains or biases: those go to AdamW, as Muon's authors recommend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from phases.common.grokfast import GrokfastEMA
+
+
+@dataclass(frozen=True)
+class MuonGrokfastConfig:
+    muon_lr: float = 0.02
+    adam_lr: float = 3e-4
+    weight_decay: float = 0.01
+    grokfast_alpha: float = 0.98
+    grokfast_lambda: float = 2.0
+
+
+def is_muon_param(name: str, p: torch.nn.Parameter) -> bool:
+    lowered = name.lower()
+    return p.ndim == 2 and not any(s in lowered for s in ("embed", "wte", "wpe", "lm_head", "norm"))
+
+
+class MuonGrokfast:
+    """One step(): Grokfast filter on all gradients, then Muon and AdamW steps."""
+
+    def __init__(self, model: torch.nn.Module, cfg: MuonGrokfastConfig = MuonGrokfastConfig()):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        muon = [p for n, p in named if is_muon_param(n, p)]
+        other = [p for n, p in named if not is_muon_param(n, p)]
+        self.optimizers: list[torch.optim.Optimizer] = []
+        if muon:
+            self.optimizers.append(torch.optim.Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
+        if other:
+            self.optimizers.append(torch.optim.AdamW(other, lr=cfg.adam_lr, weight_decay=cfg.weight_decay))
+        self.grokfast = GrokfastEMA([p for _, p in named], cfg.grokfast_alpha, cfg.grokfast_lambda)
+        self.n_muon, self.n_adam = sum(p.numel() for p in muon), sum(p.numel() for p in other)
+
+    def step(self) -> None:
+        self.grokfast.apply()
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers], "grokfast": self.grokfast.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
+        self.grokfast.load_state_dict(state["grokfast"])
