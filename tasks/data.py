@@ -37,8 +37,9 @@ def build_curriculum(data: DataConfig, home: str) -> ArtifactRef:
             "tasks": {t: sum(r["task"] == t for r in rows) for t in sorted({r["task"] for r in rows})},
         }
 
-    ref = store(home).get_or_create(recipe, build, producer())
-    get_run_logger().info("curriculum %s: %s", ref, store(home).manifest(ref)["metrics"]["rows"])
+    st = store(home)
+    ref = st.get_or_create(recipe, build, producer())
+    get_run_logger().info("curriculum %s: %s", ref, st.manifest(ref)["metrics"]["rows"])
     return ref
 
 
