@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from phases.common.telemetry import perplexity
+
 
 class CheckpointError(RuntimeError):
     pass
@@ -46,9 +48,12 @@ class CheckpointManager:
     def _path(self, step: int) -> Path:
         return self.dir / f"ckpt-{step:09d}"
 
+    def _rollback_state(self) -> dict[str, Any]:
+        return json.loads(self._state_file.read_text()) if self._state_file.exists() else {"count": 0, "history": []}
+
     @property
     def rollback_count(self) -> int:
-        return json.loads(self._state_file.read_text())["count"] if self._state_file.exists() else 0
+        return self._rollback_state()["count"]
 
     # ------------------------------------------------------------------ save / load
     def save(self, step: int, model: torch.nn.Module, optimizer_state: dict, loss: float,
@@ -64,7 +69,7 @@ class CheckpointManager:
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        meta = {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 50.0)), "timestamp": time.time(),
+        meta = {"step": step, "loss": loss, "perplexity": perplexity(loss), "timestamp": time.time(),
                 **(extra or {})}
         (tmp / "meta.json").write_text(json.dumps(meta))
         shutil.rmtree(final, ignore_errors=True)
@@ -89,7 +94,8 @@ class CheckpointManager:
         return self.load(steps[-1], model) if steps else None
 
     def rollback(self, model: torch.nn.Module, reason: str) -> tuple[dict, dict[str, Any]]:
-        count = self.rollback_count + 1
+        state = self._rollback_state()
+        count = state["count"] + 1
         steps = self.steps()
         if count > self.max_rollbacks:
             raise RollbackLimitExceeded(
@@ -102,7 +108,6 @@ class CheckpointManager:
         target = steps[-2] if len(steps) >= 2 else steps[-1]
         for newer in steps[steps.index(target) + 1:]:
             shutil.rmtree(self._path(newer), ignore_errors=True)
-        history = json.loads(self._state_file.read_text())["history"] if self._state_file.exists() else []
-        history.append({"to_step": target, "reason": reason, "at": time.time()})
+        history = [*state["history"], {"to_step": target, "reason": reason, "at": time.time()}]
         self._state_file.write_text(json.dumps({"count": count, "history": history}))
         return self.load(target, model)

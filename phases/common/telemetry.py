@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged loss reads as huge rather than overflowing."""
+    return math.exp(min(loss, 50.0))
+
+
 class PPLDelta:
     def __init__(self, threshold: float = 0.05, ema_decay: float = 0.9):
         self.threshold, self.decay = threshold, ema_decay
@@ -21,7 +26,7 @@ class PPLDelta:
         """(delta, is_spike) for this step's loss. Spikes do not move the EMA."""
         if not math.isfinite(loss):
             return math.inf, True
-        ppl = math.exp(min(loss, 50.0))
+        ppl = perplexity(loss)
         if self.ema is None:
             self.ema = ppl
             return 0.0, False
