@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-FLOWS = {"prepare": "flows.prepare:prepare", "full": "flows.full:full"}
+FLOWS = {"prepare": "flows.prepare:prepare", "cognate": "flows.cognate:cognate", "full": "flows.full:full"}
 
 
 def _parse_value(text: str) -> Any:
@@ -79,7 +79,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from phases.data.hub_download import DatasetUnavailable
     from storage import ArtifactError
 
-    return (PreflightError, GateFailed, ArtifactError, DatasetUnavailable)
+    from phases.cognate.trainer import GateCollapse
+    from phases.common.checkpoints import CheckpointError
+
+    return (PreflightError, GateFailed, ArtifactError, DatasetUnavailable, CheckpointError, GateCollapse)
 
 
 def _store(args: argparse.Namespace):

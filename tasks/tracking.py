@@ -39,6 +39,7 @@ def log_phase_boundary(
     metrics: dict[str, Any],
     gates: GateReport,
     outputs: list[ArtifactRef],
+    images: dict[str, str] | None = None,
 ) -> str | None:
     """Returns the W&B run directory, or None when W&B is disabled."""
     logger = get_run_logger()
@@ -70,6 +71,8 @@ def log_phase_boundary(
             run.summary[f"gates/{g.id}/passed"] = g.passed
         rows = gates.rows()
         run.log({"gates": wandb.Table(columns=list(rows[0]) if rows else ["gate"], data=[list(r.values()) for r in rows])})
+        for name, path in (images or {}).items():
+            run.log({name: wandb.Image(path)})
         st = store(home)
         for ref in outputs:
             manifest = st.manifest(ref)

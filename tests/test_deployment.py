@@ -2,6 +2,7 @@
 worker, deployments from prefect.yaml, `prefect deployment run agent-forge/full`, and a failed run
 retried the way the UI's Retry button does it."""
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,16 @@ pytestmark = pytest.mark.deployment
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# The tiny preset made smaller still: the deployment machinery is under test here, not the models.
+MICRO = {
+    "preset": "tiny",
+    "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "seq_len": 64},
+    "data": {"train_per_stage": 150, "eval_per_stage": 15},
+    "tokenizer": {"vocab_size": 400},
+    "cognate": {"foundation_steps": 6, "stage_steps": 3, "batch_size": 2, "eval_every": 3, "niah_every": 3,
+                "eval_rows": 2, "accuracy_examples": 3, "gate_mode": "lenient"},
+}
+SPECIALISTS = {"cognate-specialist:reasoning", "cognate-specialist:memory", "cognate-specialist:speed"}
 
 
 def _free_port() -> int:
@@ -102,8 +113,8 @@ class Stack:
                 os.killpg(p.pid, signal.SIGKILL)
 
     # ------------------------------------------------------------------ runs
-    def run_deployment(self, *params: str) -> str:
-        out = self.cli("deployment", "run", "agent-forge/full", *params)
+    def run_deployment(self, **params) -> str:
+        out = self.cli("deployment", "run", "agent-forge/full", "--params", json.dumps({"config": MICRO, **params}))
         return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
 
     def wait(self, flow_run_id: str, timeout: float = 420) -> dict:
@@ -151,7 +162,7 @@ def test_full_deployment_completes_and_second_run_is_cached(stack):
     assert first["state"]["type"] == "COMPLETED", stack.log("worker")
     store = ArtifactStore(stack.home)
     kinds = sorted(m["kind"] for m in store.list())
-    assert kinds == ["curriculum", "tokenizer"]
+    assert kinds == ["cognate-base", "cognate-model", "cognate-model", "cognate-model", "curriculum", "tokenizer"]
     before = _snapshot(stack.home)
     executions = len(read_journal(str(stack.home)))
 
@@ -166,19 +177,21 @@ def test_full_deployment_completes_and_second_run_is_cached(stack):
 def test_failed_run_is_retried_like_the_ui_and_resumes(stack, tmp_path):
     home = tmp_path / "retry-home"
     (home / "artifacts").mkdir(parents=True)
-    # A fault a user can fix: a plain file sits where the tokenizer artifacts must go.
-    blocker = home / "artifacts" / "tokenizer"
+    # A fault a user can fix, hit after the specialists have trained: a plain file sits where their
+    # artifacts must go. prepare and the shared foundation finish before it.
+    blocker = home / "artifacts" / "cognate-model"
     blocker.write_text("not a directory")
 
-    run_id = stack.run_deployment("--param", f"home={home}")
+    run_id = stack.run_deployment(home=str(home))
     failed = stack.wait(run_id)
     assert failed["state"]["type"] == "FAILED", stack.log("worker")
     assert "exists and is not a directory" in stack.log("worker")
-    kinds = [m["kind"] for m in ArtifactStore(home).list()]
-    assert kinds == ["curriculum"]  # finished before the failure, and whole
+    kinds = sorted(m["kind"] for m in ArtifactStore(home).list())
+    assert kinds == ["cognate-base", "curriculum", "tokenizer"]  # finished before the failure, and whole
     before = _snapshot(home)
     ran_before = [e["task"] for e in read_journal(str(home))]
-    assert ran_before == ["preflight", "build-curriculum", "train-tokenizer"]
+    assert ran_before[:5] == ["preflight", "build-curriculum", "train-tokenizer", "wandb:prepare", "cognate-foundation"]
+    assert set(ran_before[5:]) == SPECIALISTS
 
     blocker.unlink()  # the fix
     stack.cli("flow-run", "retry", run_id)  # what the UI's Retry button does
@@ -187,12 +200,16 @@ def test_failed_run_is_retried_like_the_ui_and_resumes(stack, tmp_path):
     assert done["run_count"] >= 2
 
     ran_after = [e["task"] for e in read_journal(str(home))][len(ran_before):]
-    assert ran_after == ["train-tokenizer", "wandb:prepare"]  # only what had not finished
-    states = stack.task_states(run_id)
-    assert states["preflight"] == "Cached" and states["build-curriculum"] == "Cached", states
-    assert states["train-tokenizer"] == "Completed" and states["wandb-phase-boundary"] == "Completed", states
+    assert set(ran_after[:3]) == SPECIALISTS and ran_after[3:] == ["cognate-evaluate", "wandb:cognate"]
+    states = stack.task_states(run_id)  # the newest subflow: cognate
+    assert states["cognate-foundation"] == "Cached", states
+    assert states["cognate-specialist"] == "Completed" and states["cognate-evaluate"] == "Completed", states
     after = _snapshot(home)
     assert {k: after[k] for k in before} == before  # nothing stored before the failure changed
-    assert sorted(m["kind"] for m in ArtifactStore(home).list()) == ["curriculum", "tokenizer"]
-    for m in ArtifactStore(home).list():
-        ArtifactStore(home).verify(m["id"])
+    store = ArtifactStore(home)
+    for m in store.list():
+        store.verify(m["id"])
+        if m["kind"] == "cognate-model":  # the retried specialists resumed from their last checkpoints
+            stages = store.manifest(store.ref(m["id"]))["metrics"]["stages"]
+            assert stages["advanced"]["resumed_from"] == MICRO["cognate"]["stage_steps"], stages
+            assert stages["advanced"]["steps_run"] == 0, stages

@@ -24,7 +24,7 @@ class MuonGrokfastConfig:
 
 def is_muon_param(name: str, p: torch.nn.Parameter) -> bool:
     lowered = name.lower()
-    return p.ndim == 2 and not any(s in lowered for s in ("embed", "wte", "wpe", "lm_head", "norm"))
+    return p.ndim == 2 and not any(s in lowered for s in ("embed", "wte", "wpe", "lm_head", "norm", "persistent"))
 
 
 class MuonGrokfast:

@@ -1,0 +1,54 @@
+"""cognate: prepare's data → the shared foundation → three specialists in parallel → held-out
+evaluation → exit gates → W&B."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from flows.prepare import Prepared, prepare
+from phases.cognate.gates import cognate_gates
+from phases.cognate.specialists import specialists
+from phases.common.config import PipelineConfig
+from storage import ArtifactRef
+from tasks.cognate import evaluate_cognate, train_foundation, train_specialist
+from tasks.gates import enforce_gates, publish_gates
+from tasks.runtime import resolve_home, store
+from tasks.tracking import log_phase_boundary
+
+
+class Cognate(BaseModel):
+    base: ArtifactRef
+    models: dict[str, ArtifactRef]
+    gates_passed: bool
+
+
+@flow(name="cognate", persist_result=True)
+def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None,
+            prepared: Prepared | None = None) -> Cognate:
+    home = resolve_home(home)
+    run_group = run_group or str(flow_run.id)
+    if prepared is None:
+        prepared = prepare(config, home, run_group)
+    batch_size = config.cognate.batch_size or prepared.strategy["batch_size"]
+
+    base = train_foundation(config, prepared.curriculum, prepared.tokenizer, batch_size, home)
+    futures = {s.name: train_specialist.submit(s.name, config, base, prepared.curriculum, batch_size, home)
+               for s in specialists()}
+    models = {name: f.result() for name, f in futures.items()}
+    evaluation = evaluate_cognate(config, models, prepared.curriculum, home)
+
+    st = store(home)
+    training = {name: st.manifest(ref)["metrics"] for name, ref in models.items()}
+    report = cognate_gates(evaluation, training, config.cognate, config.cognate.gate_mode or config.gates.mode)
+    publish_gates(report)
+    log_phase_boundary(
+        "cognate", run_group, home, config.tracking.wandb_mode, config.tracking.project,
+        config.model_dump(mode="json"),
+        {"evaluation": evaluation, "training": training, "base": st.manifest(base)["metrics"]},
+        report, [base, *models.values()],
+        images={f"loss/{name}": str(st.file(ref, "loss.png")) for name, ref in {"base": base, **models}.items()},
+    )
+    enforce_gates(report)
+    return Cognate(base=base, models=models, gates_passed=report.passed)

@@ -1,0 +1,105 @@
+"""Held-out evaluation of Cognate models. Every number is measured here; none has a default value.
+
+Definitions (also in the README):
+- held-out loss / perplexity: mean next-token cross-entropy on packed test-split rows, and exp of it.
+- accuracy: greedy decoding after each held-out problem's prompt; correct when the first number (or
+  the trimmed text) of the continuation equals the recomputed answer (curriculum.check_answer).
+- majority baseline: for each task, always answer the task's most frequent training answer.
+- mean halting steps: ACT steps that contributed to each held-out token's output, averaged.
+- LTM usage: 1 − mean MAG gate, i.e. the share of the mixed layer output taken from the memory branch.
+- latency: median wall time of one greedy generation of ``latency_tokens`` tokens from a fixed
+  prompt with the decode cache, batch 1, in ms.
+- resolution sensitivity: coefficient of variation (population std / mean) of held-out perplexity
+  across memory chunk sizes (seed 000, D4-7).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from phases.cognate.modeling import CognateForCausalLM
+from phases.cognate.trainer import eval_loss
+from phases.common.telemetry import perplexity
+from phases.data.curriculum import check_answer, normalize_answer
+
+
+@torch.no_grad()
+def behaviour(model: CognateForCausalLM, rows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+    """Mean halting steps and LTM usage over held-out rows."""
+    model.eval()
+    steps, usage, n = 0.0, 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        out = model(rows[i:i + batch_size])
+        steps += float(out.halt_steps_int.mean()) * len(out.gate)
+        usage += float(1 - out.gate.mean()) * len(out.gate)
+        n += len(out.gate)
+    return {"halting_steps": steps / n, "ltm_usage": usage / n}
+
+
+@torch.no_grad()
+def answer(model: CognateForCausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int) -> str:
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
+
+
+def accuracy(model: CognateForCausalLM, tokenizer: PreTrainedTokenizerBase, examples: Sequence[dict],
+             max_new_tokens: int = 6) -> dict[str, Any]:
+    model.eval()
+    per_task: dict[str, list[bool]] = {}
+    for ex in examples:
+        per_task.setdefault(ex["task"], []).append(check_answer(ex, answer(model, tokenizer, ex["prompt"], max_new_tokens)))
+    flat = [ok for oks in per_task.values() for ok in oks]
+    return {"accuracy": sum(flat) / max(1, len(flat)), "n": len(flat),
+            "per_task": {t: sum(v) / len(v) for t, v in per_task.items()}}
+
+
+def answerable(examples: Sequence[dict]) -> list[dict]:
+    return [ex for ex in examples if ex["answer"]]
+
+
+def majority_baseline(train: Sequence[dict], test: Sequence[dict]) -> float:
+    common = {}
+    for task in {ex["task"] for ex in test}:
+        answers = Counter(normalize_answer(ex["answer"]) for ex in train if ex["task"] == task and ex["answer"])
+        common[task] = answers.most_common(1)[0][0] if answers else None
+    hits = [normalize_answer(ex["answer"]) == common[ex["task"]] for ex in test]
+    return sum(hits) / max(1, len(hits))
+
+
+@torch.no_grad()
+def latency_ms(model: CognateForCausalLM, prompt_ids: torch.Tensor, new_tokens: int = 16, repeats: int = 3) -> float:
+    model.eval()
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        model.generate(prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=0)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times[1:])  # the first call warms up
+
+
+def resolution_sensitivity(model: CognateForCausalLM, rows: torch.Tensor, chunks: Sequence[int] = (4, 8, 16, 32, 64)) -> dict[str, Any]:
+    saved = model.config.mem_chunk_size
+    ppl = {}
+    try:
+        for c in chunks:
+            model.set_runtime(mem_chunk_size=c)
+            ppl[c] = perplexity(eval_loss(model, rows))
+    finally:
+        model.set_runtime(mem_chunk_size=saved)
+    values = list(ppl.values())
+    return {"ppl_by_chunk": ppl, "cv": statistics.pstdev(values) / statistics.fmean(values)}
+
+
+def spread(values: Sequence[float]) -> float:
+    return max(values) - min(values) if values else math.nan

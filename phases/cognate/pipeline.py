@@ -1,0 +1,159 @@
+"""Phase 1 as plain functions over directories: the foundation, a specialist, the evaluation.
+
+The Prefect tasks in ``tasks/cognate.py`` call these with store paths; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from phases.cognate import evaluate
+from phases.cognate.configuration import CognateConfig
+from phases.cognate.data import Batches, mixed_texts, pack
+from phases.cognate.modeling import CognateForCausalLM
+from phases.cognate.plots import loss_curve
+from phases.cognate.specialists import Specialist, runtime_for
+from phases.cognate.trainer import TrainResult, TrainSettings, niah, train
+from phases.common.config import CognateSection, ModelShape
+from phases.common.hf_io import build, load_pretrained, save_pretrained
+from phases.common.optim import MuonGrokfastConfig
+from phases.data import dataset_files
+from phases.data import tokenizer as bpe
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def model_config(shape: ModelShape, sec: CognateSection, tokenizer: PreTrainedTokenizerBase) -> CognateConfig:
+    return CognateConfig(
+        vocab_size=len(tokenizer), hidden_size=shape.d_model, num_hidden_layers=shape.n_layers,
+        num_attention_heads=shape.n_heads, n_persistent=sec.n_persistent, window_size=sec.window_size,
+        mem_chunk_size=sec.chunk_start, shard_length=sec.shard_length, act_max_steps=sec.act_max_steps,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def load_inputs(curriculum_dir: Path, tokenizer_dir: Path):
+    return dataset_files.load_splits(curriculum_dir), bpe.load(tokenizer_dir)
+
+
+def stage_rows(splits, split: str, stage: str | None) -> list[dict]:
+    return [r for r in splits[split] if stage is None or r["stage"] == stage]
+
+
+def settings_for(sec: CognateSection, steps: int, step_offset: int, seed: int) -> TrainSettings:
+    return TrainSettings(
+        steps=steps, step_offset=step_offset, c_start=sec.chunk_start, eval_every=sec.eval_every,
+        niah_every=sec.niah_every, polarization_weight=sec.polarization_weight, seed=seed,
+        optim=MuonGrokfastConfig(muon_lr=sec.muon_lr, adam_lr=sec.adam_lr, weight_decay=sec.weight_decay,
+                                 grokfast_alpha=sec.grokfast_alpha, grokfast_lambda=sec.grokfast_lambda),
+    )
+
+
+def train_stage(model: CognateForCausalLM, splits, tokenizer, stage: str, sec: CognateSection, seq_len: int,
+                batch_size: int, seed: int, workdir: Path, steps: int, step_offset: int,
+                mix: dict[str, float] | None, on_progress: Progress | None) -> TrainResult:
+    rows = pack(mixed_texts(stage_rows(splits, "train", stage), mix, seed), tokenizer, seq_len)
+    eval_rows = pack([r["text"] for r in stage_rows(splits, "validation", stage)], tokenizer, seq_len)[: sec.eval_rows]
+    progress = (lambda rec: on_progress(rec | {"stage": stage})) if on_progress else None
+    return train(model, Batches(rows, batch_size, seed), eval_rows, settings_for(sec, steps, step_offset, seed),
+                 workdir, on_progress=progress)
+
+
+def _finish(model: CognateForCausalLM, tokenizer, results: dict[str, TrainResult], out: Path) -> dict[str, Any]:
+    save_pretrained(model, out)
+    tokenizer.save_pretrained(str(out))  # the artifact generates text on its own
+    for stage, r in results.items():
+        shutil.copy(r.telemetry, out / f"telemetry-{stage}.jsonl")
+    loss_curve({s: Path(r.telemetry) for s, r in results.items()}, out / "loss.png")
+    bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "runtime": {k: getattr(model.config, k) for k in ("act_max_steps", "act_threshold", "window_size",
+                                                          "mem_chunk_size", "mem_lr_scale", "mem_decay_scale",
+                                                          "surprise_threshold", "ponder_cost", "gate_bias", "halt_bias")},
+        "non_finite_tensors": len(bad),
+        "stages": {s: r.as_dict() | {"telemetry": f"telemetry-{s}.jsonl"} for s, r in results.items()},
+    }
+
+
+def train_foundation(shape: ModelShape, sec: CognateSection, curriculum_dir: Path, tokenizer_dir: Path,
+                     batch_size: int, seed: int, workdir: Path, out: Path,
+                     on_progress: Progress | None = None) -> dict[str, Any]:
+    """The shared base: a fresh model trained once on the foundation stage."""
+    splits, tokenizer = load_inputs(curriculum_dir, tokenizer_dir)
+    torch.manual_seed(seed)
+    model = build(CognateForCausalLM, model_config(shape, sec, tokenizer))
+    result = train_stage(model, splits, tokenizer, "foundation", sec, shape.seq_len, batch_size, seed,
+                         workdir / "foundation", sec.foundation_steps, 0, None, on_progress)
+    return _finish(model, tokenizer, {"foundation": result}, out)
+
+
+def train_specialist(spec: Specialist, base_dir: Path, sec: CognateSection, seq_len: int, curriculum_dir: Path,
+                     batch_size: int, seed: int, workdir: Path, out: Path,
+                     on_progress: Progress | None = None) -> dict[str, Any]:
+    """A specialist: the shared base, its own runtime settings, then the reasoning and advanced stages."""
+    splits, tokenizer = load_inputs(curriculum_dir, base_dir)
+    model = load_pretrained(CognateForCausalLM, base_dir)
+    model.set_runtime(**runtime_for(spec, sec.act_max_steps))
+    results, offset = {}, sec.foundation_steps
+    for i, stage in enumerate(("reasoning", "advanced")):
+        results[stage] = train_stage(model, splits, tokenizer, stage, sec, seq_len, batch_size, seed + spec.seed_offset + i,
+                                     workdir / stage, sec.stage_steps, offset, spec.mix, on_progress)
+        offset += sec.stage_steps
+    return _finish(model, tokenizer, results, out) | {"specialist": spec.name}
+
+
+def evaluate_models(model_dirs: dict[str, Path], curriculum_dir: Path, sec: CognateSection, seq_len: int) -> dict[str, Any]:
+    """Held-out metrics per model, the diversity spreads across them, and the majority baseline."""
+    splits = dataset_files.load_splits(curriculum_dir)
+    test = list(splits["test"])
+    any_dir = next(iter(model_dirs.values()))
+    tokenizer = bpe.load(any_dir)
+    test_rows = pack([r["text"] for r in test], tokenizer, seq_len)
+    problems = evaluate.answerable(test)
+    problems = problems[:: max(1, len(problems) // sec.accuracy_examples)][: sec.accuracy_examples]
+    prompt = torch.tensor([tokenizer.encode(problems[0]["prompt"], add_special_tokens=False)])
+    baseline = evaluate.majority_baseline(list(splits["train"]), problems)
+    per_model: dict[str, Any] = {}
+    for name, path in model_dirs.items():
+        model = load_pretrained(CognateForCausalLM, path).eval()
+        loss = evaluate.eval_loss(model, test_rows)
+        per_model[name] = {
+            "heldout_loss": loss,
+            "heldout_ppl": math.exp(min(loss, 50.0)),
+            **evaluate.accuracy(model, tokenizer, problems),
+            **evaluate.behaviour(model, test_rows),
+            "latency_ms": evaluate.latency_ms(model, prompt),
+            "niah": niah(model, model.config.mem_chunk_size, seed=12345),
+            "resolution": evaluate.resolution_sensitivity(model, test_rows),
+        }
+    names = list(per_model)
+    return {
+        "models": per_model,
+        "majority_baseline": baseline,
+        "accuracy_examples": len(problems),
+        "diversity": {key: evaluate.spread([per_model[n][key] for n in names])
+                      for key in ("halting_steps", "ltm_usage", "latency_ms")},
+    }
+
+
+def telemetry_summary(model_dir: Path) -> dict[str, Any]:
+    """What the gates need from a trained model's telemetry files."""
+    lines = []
+    for f in sorted(model_dir.glob("telemetry-*.jsonl")):
+        lines += [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    steps = [x for x in lines if "lm_loss" in x and x.get("event") is None]
+    return {
+        "steps_logged": len(steps),
+        "steps_with_ppl_delta": sum(isinstance(x.get("ppl_delta"), (int, float)) for x in steps),
+        "non_finite_steps": sum(x.get("event") == "non-finite loss" for x in lines),
+        "spikes": sum(bool(x.get("is_spike")) for x in lines),
+    }

@@ -1,0 +1,225 @@
+"""The Cognate training loop: one stage of the curriculum on one model, built so it cannot fail silently.
+
+Per step: chunk size from the schedule → forward → loss = LM + ponder + annealed gate polarization →
+a non-finite loss is a spike (rollback, never a step) → backward → proactive clip → Muon × Grokfast
+step → gate fast-fail check → telemetry line. Every ``eval_every`` steps the loss on a fixed held-out
+batch goes through the PPL-delta detector: a spike rolls back to the second-most-recent checkpoint,
+otherwise the state is checkpointed. Every ``niah_every`` steps the NIAH probe runs.
+
+Why the rollback listens to held-out PPL, not to each training batch: a batch's perplexity swings by
+more than 5% from one step to the next on small batches (it is in the telemetry as ``ppl_delta``), so
+a per-batch trigger would roll back healthy training. The fixed held-out batch moves only with the
+weights. Per-batch deltas stay in the telemetry for visibility.
+
+A run resumes from its latest checkpoint (model, optimizer, Grokfast EMA, clipper, detector, step).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phases.cognate.memory import niah_probe
+from phases.cognate.modeling import CognateForCausalLM
+from phases.common.checkpoints import CheckpointManager
+from phases.common.optim import MuonGrokfast, MuonGrokfastConfig
+from phases.common.stability import ProactiveClipper
+from phases.common.telemetry import PPLDelta, TelemetryWriter, perplexity
+
+
+class GateCollapse(RuntimeError):
+    """The MAG gate shut one branch for good: training would go on with half a model."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    step_offset: int = 0  # global step at which this stage starts (the chunk schedule runs across stages)
+    optim: MuonGrokfastConfig = field(default_factory=MuonGrokfastConfig)
+    c_start: int = 32
+    eval_every: int = 20
+    niah_every: int = 25
+    keep_last: int = 5
+    max_rollbacks: int = 3
+    spike_threshold: float = 0.05
+    polarization_weight: float = 0.02  # reached after half the steps (linear warm-up from 0)
+    gate_collapse_limit: float = 0.02  # mean gate this close to 0 or 1 ...
+    gate_collapse_patience: int = 20  # ... for this many steps in a row fails fast
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    steps_run: int
+    final_step: int
+    resumed_from: int | None
+    rollbacks: int
+    spikes: int
+    eval_loss: float
+    niah: list[float]
+    niah_seconds: float
+    train_seconds: float
+    gate_polarized: float
+    ltm_usage: float
+    telemetry: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def eval_loss(model: CognateForCausalLM, rows: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token loss over ``rows`` (eval mode, no gradient)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            x = rows[i:i + batch_size]
+            out = model(x, labels=x)
+            total += float(out.lm_loss) * len(x)
+            n += len(x)
+    model.train(was_training)
+    return total / max(1, n)
+
+
+def niah(model: CognateForCausalLM, chunk: int, seed: int = 0) -> float:
+    """The probe on every layer's memory with its learned gates and runtime scales; the mean."""
+    cfg = model.config
+    scores = [niah_probe(layer.memory, cfg.hidden_size, chunk, lr_scale=cfg.mem_lr_scale,
+                         decay_scale=cfg.mem_decay_scale, seed=seed + i)
+              for i, layer in enumerate(model.model.layers)]
+    return sum(scores) / len(scores)
+
+
+def train(
+    model: CognateForCausalLM,
+    batches: Callable[[int], torch.Tensor],
+    eval_rows: torch.Tensor,
+    settings: TrainSettings,
+    workdir: Path,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``settings.steps`` steps; resumable from ``workdir``.
+
+    ``loss_hook(step, loss) -> loss`` lets tests inject spikes (NaN, huge) into the real loop."""
+    workdir = Path(workdir)
+    ckpts = CheckpointManager(workdir / "checkpoints", settings.keep_last, settings.max_rollbacks)
+    telemetry = TelemetryWriter(workdir / "telemetry.jsonl")
+    opt = MuonGrokfast(model, settings.optim)
+    clipper = ProactiveClipper(settings.c_start)
+    detector = PPLDelta(settings.spike_threshold, ema_decay=0.5)  # evals are sparse: track recent ones
+    batch_ppl = PPLDelta(settings.spike_threshold)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    last = {"gate_polarized": math.nan, "ltm_usage": math.nan}  # survive a resume with no step left to run
+
+    def restore(state: tuple[dict, dict[str, Any]]) -> int:
+        opt_state, meta = state
+        last.update(meta.get("last", {}))
+        opt.load_state_dict(opt_state)
+        clipper.load_state_dict(meta["clipper"])
+        detector.load_state_dict(meta["detector"])
+        batch_ppl.load_state_dict(meta["batch_ppl"])
+        return int(meta["step"]) + 1
+
+    def save(step: int, loss: float) -> None:
+        ckpts.save(step, model, opt.state_dict(), loss, extra={
+            "clipper": clipper.state_dict(), "detector": detector.state_dict(), "batch_ppl": batch_ppl.state_dict(),
+            "last": dict(last)})
+
+    model.train()
+    resumed_from = None
+    latest = ckpts.latest(model)
+    if latest is not None:
+        step = restore(latest)
+        resumed_from = step - 1
+        telemetry.write(step=resumed_from, event="resumed", rollback_count=ckpts.rollback_count)
+    else:
+        step = 0
+        loss0 = eval_loss(model, eval_rows)
+        detector.update(loss0)
+        save(0, loss0)  # the initial weights: the first rollback target
+        step = 1
+
+    niah_scores: list[float] = []
+    niah_seconds, spikes, steps_run, collapse_run = 0.0, 0, 0, 0
+    last_eval = math.nan
+    t_start = time.perf_counter()
+    while step <= settings.steps:
+        g_step = settings.step_offset + step
+        chunk = clipper.chunk_size(g_step)
+        model.set_runtime(mem_chunk_size=chunk)
+        # after a rollback, draw fresh batches: replaying the same ones would replay the same spike
+        x = batches(step + 7919 * ckpts.rollback_count)
+        out = model(x, labels=x)
+        pol_w = settings.polarization_weight * min(1.0, step / max(1, settings.steps // 2))
+        loss = out.loss + pol_w * out.polarization_loss
+        if loss_hook is not None:
+            loss = loss_hook(step, loss)
+        lm = out.lm_loss.item()
+        if not math.isfinite(loss.item()):
+            spikes += 1
+            telemetry.write(step=step, global_step=g_step, lm_loss=loss.item(), is_spike=True,
+                            event="non-finite loss", rollback_count=ckpts.rollback_count + 1)
+            step = restore(ckpts.rollback(model, f"non-finite loss {loss.item()} at step {step}"))
+            opt.zero_grad()
+            continue
+        loss.backward()
+        clip = clipper.clip(params, g_step)
+        opt.step()
+        opt.zero_grad()
+        steps_run += 1
+
+        gate_mean = out.gate.mean().item()
+        last.update(gate_polarized=out.gate_polarized, ltm_usage=1.0 - gate_mean)
+        collapsed = min(gate_mean, 1 - gate_mean) < settings.gate_collapse_limit
+        collapse_run = collapse_run + 1 if collapsed else 0
+        if collapse_run >= settings.gate_collapse_patience:
+            raise GateCollapse(
+                f"MAG gate mean {gate_mean:.4f} for {collapse_run} steps: the "
+                f"{'memory' if gate_mean > 0.5 else 'attention'} branch is shut. Lower the polarization weight "
+                f"({settings.polarization_weight}) or the memory learning rate.")
+
+        delta, _ = batch_ppl.update(lm)
+        niah_score = None
+        if step % settings.niah_every == 0:
+            t0 = time.perf_counter()
+            niah_score = niah(model, chunk, seed=step)
+            niah_seconds += time.perf_counter() - t0
+            niah_scores.append(niah_score)
+        record = dict(step=step, global_step=g_step, lm_loss=lm, perplexity=perplexity(lm), ppl_delta=delta,
+                      is_spike=False, niah_accuracy=niah_score, rollback_count=ckpts.rollback_count,
+                      lr=settings.optim.muon_lr, ponder=out.ponder_loss.item(), halting_steps=out.halting_steps.mean().item(),
+                      gate_mean=gate_mean, gate_polarized=out.gate_polarized, mem_write_fraction=out.mem_write_fraction, **clip)
+
+        if step % settings.eval_every == 0 or step == settings.steps:
+            last_eval = eval_loss(model, eval_rows)
+            e_delta, spike = detector.update(last_eval)
+            record.update(eval_loss=last_eval, eval_ppl_delta=e_delta, is_spike=spike)
+            if spike:
+                spikes += 1
+                telemetry.write(**record, event="eval spike")
+                step = restore(ckpts.rollback(model, f"held-out PPL rose {e_delta:.1%} at step {step}"))
+                continue
+            save(step, last_eval)
+        telemetry.write(**record)
+        if on_progress is not None:
+            on_progress(record | {"total_steps": settings.steps})
+        step += 1
+
+    train_seconds = time.perf_counter() - t_start
+    if math.isnan(last_eval):
+        last_eval = eval_loss(model, eval_rows)
+    return TrainResult(
+        steps_run=steps_run, final_step=settings.steps, resumed_from=resumed_from, rollbacks=ckpts.rollback_count,
+        spikes=spikes, eval_loss=last_eval, niah=niah_scores, niah_seconds=niah_seconds,
+        train_seconds=train_seconds, gate_polarized=last["gate_polarized"], ltm_usage=last["ltm_usage"],
+        telemetry=str(telemetry.path),
+    )

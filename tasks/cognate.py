@@ -1,0 +1,115 @@
+"""Cognate tasks: the shared foundation, one specialist, the evaluation. Each trains inside the
+store's build step, checkpointing to a work directory named by its recipe, so a killed run resumes
+from its latest good checkpoint when the flow is retried, and a finished one comes back Cached."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from phases.cognate import pipeline
+from phases.cognate.specialists import specialists
+from phases.common.config import PipelineConfig
+from storage import ArtifactRef, Recipe
+from tasks.runtime import CACHED, producer, record_execution, store
+
+COGNATE_CODE_VERSION = "1"
+_GATE_ONLY = {"min_halting_spread", "min_ltm_spread", "min_latency_spread_ms", "gate_mode", "accuracy_examples"}
+
+
+def _training_config(config: PipelineConfig, batch_size: int) -> dict[str, Any]:
+    """What determines the weights (gate thresholds do not, so changing one never retrains)."""
+    sec = config.cognate.model_dump(mode="json", exclude=_GATE_ONLY)
+    return {"model": config.model.model_dump(mode="json"), "cognate": sec, "seed": config.seed, "batch_size": batch_size}
+
+
+def _reporter(label: str, total_steps: int):
+    """A Prefect progress artifact per model, updated every 5%, plus a log line."""
+    logger = get_run_logger()
+    artifact_id = create_progress_artifact(progress=0.0, key=f"cognate-{label}-progress",
+                                           description=f"Cognate {label}: training progress")
+    state = {"last": -1, "done": 0, "stage": None, "stage_start": 0}
+
+    def report(rec: dict[str, Any]) -> None:
+        if rec["stage"] != state["stage"]:
+            state["stage"], state["stage_start"] = rec["stage"], state["done"]
+        state["done"] = state["stage_start"] + rec["step"]
+        pct = min(100.0, 100.0 * state["done"] / total_steps)
+        if int(pct) // 5 > state["last"]:
+            state["last"] = int(pct) // 5
+            update_progress_artifact(artifact_id, progress=pct)
+            logger.info("%s %s step %d/%d: loss %.3f, halting %.2f, gate %.2f%s", label, rec["stage"], rec["step"],
+                        rec["total_steps"], rec["lm_loss"], rec["halting_steps"], rec["gate_mean"],
+                        f", held-out {rec['eval_loss']:.3f}" if rec.get("eval_loss") is not None else "")
+
+    return report
+
+
+def _workdir(home: str, recipe: Recipe) -> Path:
+    return Path(home) / "work" / recipe.kind / recipe.key
+
+
+def publish_loss_plot(label: str, png: Path) -> None:
+    data = base64.b64encode(png.read_bytes()).decode()
+    create_markdown_artifact(key=f"cognate-{label}-loss", markdown=f"![{label} loss](data:image/png;base64,{data})",
+                             description=f"Cognate {label}: training and held-out loss")
+
+
+@task(name="cognate-foundation", cache_policy=CACHED, persist_result=True)
+def train_foundation(config: PipelineConfig, curriculum: ArtifactRef, tokenizer: ArtifactRef, batch_size: int,
+                     home: str) -> ArtifactRef:
+    st = store(home)
+    recipe = Recipe(kind="cognate-base", inputs=(curriculum.id, tokenizer.id),
+                    config=_training_config(config, batch_size), code_version=COGNATE_CODE_VERSION)
+    work = _workdir(home, recipe)
+
+    def build(out: Path) -> dict:
+        record_execution(home, "cognate-foundation")
+        metrics = pipeline.train_foundation(
+            config.model, config.cognate, st.load(curriculum), st.load(tokenizer), batch_size, config.seed,
+            work, out, _reporter("base", config.cognate.foundation_steps))
+        return metrics | {"telemetry": pipeline.telemetry_summary(out)}
+
+    ref = st.get_or_create(recipe, build, producer())
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming; the artifact is whole
+    publish_loss_plot("base", st.file(ref, "loss.png"))
+    return ref
+
+
+@task(name="cognate-specialist", cache_policy=CACHED, persist_result=True)
+def train_specialist(name: str, config: PipelineConfig, base: ArtifactRef, curriculum: ArtifactRef, batch_size: int,
+                     home: str) -> ArtifactRef:
+    spec = {s.name: s for s in specialists()}[name]
+    st = store(home)
+    recipe = Recipe(kind="cognate-model", inputs=(base.id, curriculum.id),
+                    config=_training_config(config, batch_size) | {"specialist": name}, code_version=COGNATE_CODE_VERSION)
+    work = _workdir(home, recipe)
+
+    def build(out: Path) -> dict:
+        record_execution(home, f"cognate-specialist:{name}")
+        metrics = pipeline.train_specialist(
+            spec, st.load(base), config.cognate, config.model.seq_len, st.load(curriculum), batch_size, config.seed,
+            work, out, _reporter(name, 2 * config.cognate.stage_steps))
+        return metrics | {"telemetry": pipeline.telemetry_summary(out)}
+
+    ref = st.get_or_create(recipe, build, producer())
+    shutil.rmtree(work, ignore_errors=True)
+    publish_loss_plot(name, st.file(ref, "loss.png"))
+    return ref
+
+
+@task(name="cognate-evaluate", cache_policy=CACHED, persist_result=True)
+def evaluate_cognate(config: PipelineConfig, models: dict[str, ArtifactRef], curriculum: ArtifactRef,
+                     home: str) -> dict[str, Any]:
+    record_execution(home, "cognate-evaluate")
+    st = store(home)
+    evaluation = pipeline.evaluate_models({n: st.load(r) for n, r in models.items()}, st.load(curriculum),
+                                          config.cognate, config.model.seq_len)
+    get_run_logger().info("cognate evaluation: diversity %s, majority baseline %.3f",
+                          evaluation["diversity"], evaluation["majority_baseline"])
+    return evaluation

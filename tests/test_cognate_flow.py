@@ -1,0 +1,121 @@
+"""The cognate flow run for real (in-process Prefect API), on a micro configuration; and the
+merge-readiness of what it produced."""
+
+import asyncio
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import phases.cognate  # noqa: F401
+from phases.cognate import pipeline
+from phases.cognate.data import pack
+from phases.cognate.trainer import eval_loss
+from phases.common.config import PipelineConfig
+from phases.data import dataset_files
+from phases.data import tokenizer as bpe
+from storage import ArtifactStore
+
+MICRO = {
+    "model": {"n_layers": 2, "d_model": 64, "n_heads": 4, "seq_len": 64},
+    "data": {"train_per_stage": 400, "eval_per_stage": 20},
+    "tokenizer": {"vocab_size": 400},
+    "gates": {"mode": "lenient"},
+    "cognate": {"foundation_steps": 40, "stage_steps": 8, "batch_size": 4, "eval_every": 5, "niah_every": 5,
+                "eval_rows": 4, "accuracy_examples": 6, "window_size": 16, "gate_mode": "lenient"},
+}
+
+
+@pytest.fixture(scope="module")
+def flow_run(prefect_harness, tmp_path_factory):
+    from flows.cognate import cognate
+
+    home = tmp_path_factory.mktemp("cognate-home")
+    config = PipelineConfig.from_preset("tiny", **MICRO)
+    result = cognate(config, str(home))
+    return config, home, result
+
+
+def _artifacts(keys):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+
+    return asyncio.run(read())
+
+
+def test_cognate_flow_stores_base_and_three_specialists_with_lineage(flow_run):
+    config, home, result = flow_run
+    store = ArtifactStore(home)
+    assert set(result.models) == {"reasoning", "memory", "speed"}
+    kinds = sorted(m["kind"] for m in store.list())
+    assert kinds.count("cognate-base") == 1 and kinds.count("cognate-model") == 3
+    for ref in result.models.values():
+        manifest = store.manifest(ref)
+        assert manifest["inputs"][0] == result.base.id  # each specialist's parent is the base
+        stages = manifest["metrics"]["stages"]
+        assert set(stages) == {"reasoning", "advanced"} and all(math.isfinite(s["eval_loss"]) for s in stages.values())
+        path = store.load(ref)
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        tok = bpe.load(path)
+        ids = torch.tensor([tok.encode("Question: What is 2 + 3?\nAnswer:")])
+        out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert out.shape[1] == ids.shape[1] + 5
+        assert (path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # specialists really differ in their runtime settings, and in their weights
+    runtimes = [store.manifest(r)["metrics"]["runtime"] for r in result.models.values()]
+    assert len({json.dumps(r, sort_keys=True) for r in runtimes}) == 3
+
+
+def test_gate_table_and_progress_reach_the_prefect_ui(flow_run):
+    tables = _artifacts(["cognate-gates"])
+    assert tables
+    rows = tables[-1].data if isinstance(tables[-1].data, list) else json.loads(tables[-1].data)
+    ids = {r["gate"] for r in rows}
+    assert {"no_nan", "niah", "ppl_delta_visible", "rollbacks", "gate_polarization", "diversity_halting",
+            "diversity_ltm", "diversity_latency", "resolution_cv", "accuracy_over_majority"} <= ids
+    assert all(r["measured"] != "not measured" for r in rows)
+    progress = _artifacts(["cognate-base-progress", "cognate-reasoning-progress"])
+    assert progress and max(float(a.data) for a in progress) == pytest.approx(100.0)
+
+
+def _interpolate(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
+    a.load_state_dict({k: 0.5 * sa[k] + 0.5 * sb[k] for k in sa})
+    return a
+
+
+def test_specialists_are_merge_ready_where_independent_models_are_not(flow_run, tmp_path):
+    config, home, result = flow_run
+    store = ArtifactStore(home)
+    paths = {n: store.load(r) for n, r in result.models.items()}
+    cur = next(m for m in store.list() if m["kind"] == "curriculum")
+    cur_path = store.load(cur["id"])
+    tok = bpe.load(paths["reasoning"])
+    test_rows = pack([r["text"] for r in dataset_files.load_splits(cur_path)["test"]], tok, config.model.seq_len)
+
+    def load(p):
+        return AutoModelForCausalLM.from_pretrained(p).eval()
+
+    ends = [eval_loss(load(paths[n]), test_rows) for n in ("reasoning", "memory")]
+    shared = eval_loss(_interpolate(load(paths["reasoning"]), load(paths["memory"])), test_rows)
+
+    # two models trained the same way from different random initialisations
+    tok_path = store.load(next(m for m in store.list() if m["kind"] == "tokenizer")["id"])
+    independent = []
+    for seed in (1, 2):
+        out = tmp_path / f"indep-{seed}"
+        pipeline.train_foundation(config.model, config.cognate, cur_path, tok_path, 4, seed, tmp_path / f"w{seed}", out)
+        independent.append(load(out))
+    indep_ends = [eval_loss(m, test_rows) for m in independent]
+    indep = eval_loss(_interpolate(*independent), test_rows)
+
+    assert shared < max(ends) + 0.25, (shared, ends)  # the midpoint is as good as the endpoints
+    assert indep > max(indep_ends) + 0.5, (indep, indep_ends)  # permutation symmetry breaks the midpoint
+    assert shared < indep - 0.5, (shared, indep)

@@ -1,0 +1,158 @@
+"""The Cognate model: causality, cache, round trip, ACT gradient, memory, Q-K reset, gradient mask.
+
+Each test is one of the origin project's failures turned into a check that would have caught it.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import phases.cognate  # noqa: F401  (registers the Auto classes)
+from phases.cognate import CognateConfig, CognateForCausalLM
+from phases.cognate.memory import MemoryState, NeuralMemory, niah_probe, qk_project
+
+
+def _model(**kw) -> CognateForCausalLM:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, window_size=8,
+               mem_chunk_size=4, shard_length=16, act_max_steps=3, n_persistent=4)
+    return CognateForCausalLM(CognateConfig(**(cfg | kw))).eval()
+
+
+def test_changing_a_token_leaves_earlier_logits_unchanged():
+    model = _model()
+    x = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    for j in (0, 7, 21, 39):  # chunk-, window- and shard-internal positions
+        y = x.clone()
+        y[:, j] = (y[:, j] + 1) % 300
+        with torch.no_grad():
+            a, b = model(x).logits, model(y).logits
+        assert torch.allclose(a[:, :j], b[:, :j], atol=1e-5), f"token {j} changed earlier logits"
+        assert not torch.allclose(a[:, j:], b[:, j:], atol=1e-4), f"token {j} changed nothing at all"
+
+
+def test_decode_cache_matches_full_forward_and_generate_is_greedy_forward():
+    model = _model()
+    x = torch.randint(0, 300, (2, 37), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(x).logits
+        out = model(x[:, :11], use_cache=True)
+        pieces, cache = [out.logits], out.past_key_values
+        for i in range(11, 37):  # crosses chunk (4), window (8) and shard (16) boundaries
+            out = model(x[:, i:i + 1], past_key_values=cache, use_cache=True)
+            pieces.append(out.logits)
+    assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-4)
+
+    gen = model.generate(x[:1, :9], max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        greedy = model(gen).logits.argmax(-1)
+    assert torch.equal(gen[0, 9:], greedy[0, 8:-1])
+
+
+def test_save_pretrained_round_trip_through_auto_classes(tmp_path):
+    model = _model()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is CognateForCausalLM
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+    x = torch.randint(0, 300, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
+
+
+def test_act_head_gets_gradient_halting_varies_and_is_bounded():
+    model = _model(act_max_steps=4).train()
+    x = torch.randint(0, 300, (4, 32))
+    out = model(x, labels=x)
+    out.loss.backward()
+    grad = model.model.halt_head.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert out.halt_steps_int.max() <= 4 and out.halt_steps_int.min() >= 1
+    assert out.halting_steps.std() > 0  # N + R differs between positions: halting depends on the input
+    # the ponder cost alone reaches the head: its gradient is not just the LM loss's
+    model.zero_grad()
+    out = model(x, labels=x)
+    out.ponder_loss.backward()
+    assert model.model.halt_head.weight.grad.abs().sum() > 0
+
+
+def test_niah_passes_for_a_working_memory_and_fails_for_an_ema():
+    working = NeuralMemory(theta=0.2, eta=0.9, alpha=0.001)
+    assert niah_probe(working, d=192, chunk=16) >= 0.8
+    forgetful = NeuralMemory(theta=0.2, eta=0.01, alpha=0.9)  # keeps only the last chunks, like an EMA
+    assert niah_probe(forgetful, d=192, chunk=16) < 0.3
+
+
+def test_memory_state_changes_with_input():
+    mem = NeuralMemory()
+    d = 32
+    outs = []
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        q, k = (F.normalize(torch.randn(1, 12, d, generator=g), dim=-1) for _ in range(2))
+        v = torch.randn(1, 12, d, generator=g)
+        state = MemoryState.empty(1, d, "cpu", torch.float32)
+        mem(q, k, v, torch.eye(d), torch.tensor(float(d)), state, chunk=4, shard=100)
+        assert state.W.abs().sum() > 0 and state.writes == 3
+        outs.append(state.W)
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_qk_projection_right_after_reset_is_persistent_over_norm():
+    d = 16
+    g = torch.Generator().manual_seed(3)
+    kp = F.normalize(torch.randn(4, d, generator=g), dim=-1)
+    m_p, n_p = kp.T @ kp, kp.pow(2).sum()
+    state = MemoryState.empty(2, d, "cpu", torch.float32)
+    state.A, state.nsum = torch.randn(2, d, d, generator=g), torch.rand(2, generator=g)  # a used memory...
+    state.reset()  # ...reset at a shard boundary
+    q = torch.randn(2, 1, d, generator=g)
+    projected, _, _ = qk_project(q, torch.zeros(2, 1, d), m_p, n_p, state.A, state.nsum)
+    assert torch.allclose(projected, q @ m_p / n_p, atol=1e-6)
+    # and the first key of the new shard enters numerator and denominator together
+    k = F.normalize(torch.randn(2, 1, d, generator=g), dim=-1)
+    projected, _, nsum = qk_project(q, k, m_p, n_p, state.A, state.nsum)
+    expected = (q @ m_p + (q @ k.transpose(1, 2)) @ k) / (n_p + 1.0)
+    assert torch.allclose(projected, expected, atol=1e-6) and torch.allclose(nsum, torch.ones(2))
+
+
+def test_memory_gradient_is_zero_across_a_shard_boundary():
+    d, shard = 16, 8
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2 * shard, d, generator=g).requires_grad_() for _ in range(3))
+    kp = F.normalize(torch.randn(3, d, generator=g), dim=-1)
+    mem = NeuralMemory()
+    state = MemoryState.empty(2, d, "cpu", torch.float32)
+    y = mem(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, kp.T @ kp, kp.pow(2).sum(), state, chunk=4, shard=shard)
+    y[:, shard:].pow(2).sum().backward()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        assert torch.count_nonzero(t.grad[:, :shard]) == 0, f"gradient of {name} crossed the shard boundary"
+    assert k.grad[:, shard:].abs().sum() > 0 and v.grad[:, shard:].abs().sum() > 0
+
+
+def test_model_memory_reads_after_a_shard_boundary_ignore_the_previous_shard():
+    model = _model(window_size=1, shard_length=8)  # window 1: attention sees only the token itself
+    x = torch.randint(0, 300, (1, 16))
+    y = x.clone()
+    y[:, :8] = (y[:, :8] + 5) % 300
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    assert torch.allclose(a[:, 8:], b[:, 8:], atol=1e-5)
+
+
+def test_runtime_settings_never_change_shapes():
+    model = _model()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    model.set_runtime(window_size=3, mem_chunk_size=2, act_max_steps=5, gate_bias=-1.0)
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    with pytest.raises(ValueError, match="not runtime settings"):
+        model.set_runtime(hidden_size=32)
+
+
+def test_padded_batches_are_refused_not_silently_wrong():
+    model = _model()
+    x = torch.randint(0, 300, (2, 8))
+    with pytest.raises(ValueError, match="padded"):
+        model(x, attention_mask=torch.tensor([[1] * 8, [0] * 2 + [1] * 6]))

@@ -1,0 +1,91 @@
+"""The Cognate training loop under failure: forced spikes, NaN, SIGKILL; and merge-readiness."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from phases.cognate import CognateConfig, CognateForCausalLM
+from phases.cognate.trainer import TrainSettings, train
+from phases.common.checkpoints import CheckpointManager, RollbackLimitExceeded
+
+HERE = Path(__file__).parent
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = CognateForCausalLM(CognateConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             window_size=8, mem_chunk_size=4, act_max_steps=2))
+    data = torch.randint(0, 64, (32, 24), generator=torch.Generator().manual_seed(1))
+    return model, (lambda s: data[s % 28:s % 28 + 4]), data[:4]
+
+
+def _nan_on_calls(calls: set[int]):
+    count = {"n": 0}
+
+    def hook(step, loss):
+        count["n"] += 1
+        return loss * float("nan") if count["n"] in calls else loss
+
+    return hook
+
+
+def test_forced_spikes_roll_back_and_the_fourth_fails_clearly(tmp_path):
+    model, batches, ev = _setup()
+    result = train(model, batches, ev, TrainSettings(steps=24, eval_every=3), tmp_path / "ok",
+                   loss_hook=_nan_on_calls({5, 12, 20}))
+    assert result.rollbacks == 3 and result.spikes == 3 and result.final_step == 24
+    events = [json.loads(x) for x in Path(result.telemetry).read_text().splitlines()]
+    assert sum(e.get("event") == "non-finite loss" for e in events) == 3
+
+    model, batches, ev = _setup()
+    with pytest.raises(RollbackLimitExceeded, match="3 rollbacks"):
+        train(model, batches, ev, TrainSettings(steps=40, eval_every=3), tmp_path / "bad",
+              loss_hook=_nan_on_calls({5, 12, 20, 28}))
+
+
+def test_nan_never_reaches_a_checkpoint_and_is_never_stepped(tmp_path):
+    model, batches, ev = _setup()
+    train(model, batches, ev, TrainSettings(steps=15, eval_every=3), tmp_path, loss_hook=_nan_on_calls({4, 9}))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    ckpts = CheckpointManager(tmp_path / "checkpoints")
+    assert ckpts.steps()
+    for step in ckpts.steps():
+        probe, _, _ = _setup()
+        _, meta = ckpts.load(step, probe)
+        assert math.isfinite(meta["loss"])
+        assert all(torch.isfinite(p).all() for p in probe.parameters())
+
+
+def test_sigkilled_training_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run_ends(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    worker = [sys.executable, str(HERE / "train_worker.py")]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*worker, str(killed), "30", "0.05"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "ckpt-000000010" / "meta.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint at step 10 within 120 s"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    resumed = subprocess.run([*worker, str(killed), "30", "0"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    r = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert r["resumed_from"] >= 10 and r["steps_run"] <= 30 - 10 and r["final_step"] == 30
+
+    unbroken = subprocess.run([*worker, str(tmp_path / "unbroken"), "30", "0"], env=env, capture_output=True,
+                              text=True, timeout=300)
+    u = json.loads(unbroken.stdout.strip().splitlines()[-1])
+    assert u["resumed_from"] is None and u["steps_run"] == 30
+    # batches, optimizer, Grokfast EMA, clipper and detector all come back: the same end point
+    assert r["weight_sum"] == pytest.approx(u["weight_sum"], rel=1e-5)
+    assert r["eval_loss"] == pytest.approx(u["eval_loss"], rel=1e-4)

@@ -1,0 +1,28 @@
+"""A training run in its own process, for the kill-and-resume test: python train_worker.py WORKDIR STEPS SLEEP."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from phases.cognate import CognateConfig, CognateForCausalLM
+from phases.cognate.trainer import TrainSettings, train
+
+workdir, steps, sleep = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = CognateForCausalLM(CognateConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         window_size=8, mem_chunk_size=4, act_max_steps=2))
+data = torch.randint(0, 64, (32, 24), generator=torch.Generator().manual_seed(1))
+
+
+def slow(step, loss):
+    time.sleep(sleep)  # gives the test time to kill us mid-run
+    return loss
+
+
+result = train(model, lambda s: data[s % 32:s % 32 + 4], data[:4], TrainSettings(steps=steps, eval_every=2, niah_every=5),
+               workdir, loss_hook=slow)
+print(json.dumps(result.as_dict() | {"weight_sum": float(sum(p.double().sum() for p in model.parameters()))}))
