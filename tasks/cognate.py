@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +51,23 @@ def _reporter(label: str, total_steps: int):
     return report
 
 
-def _workdir(home: str, recipe: Recipe) -> Path:
-    return Path(home) / "work" / recipe.kind / recipe.key
+def _trained_model(home: str, recipe: Recipe, label: str, journal: str, train: Callable[[Path, Path], dict]) -> ArtifactRef:
+    """The model artifact for ``recipe``: ``train(workdir, out)`` runs only when it is not stored yet,
+    checkpointing into a work directory named by the recipe, so a retried task resumes there."""
+    st = store(home)
+    work = Path(home) / "work" / recipe.kind / recipe.key
 
+    def build(out: Path) -> dict:
+        record_execution(home, journal)
+        return train(work, out) | {"telemetry": pipeline.telemetry_summary(out)}
 
-def publish_loss_plot(label: str, png: Path) -> None:
-    data = base64.b64encode(png.read_bytes()).decode()
-    create_markdown_artifact(key=f"cognate-{label}-loss", markdown=f"![{label} loss](data:image/png;base64,{data})",
-                             description=f"Cognate {label}: training and held-out loss")
+    ref = st.get_or_create(recipe, build, producer())
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming; the artifact is whole
+    png = st.file(ref, "loss.png")
+    create_markdown_artifact(
+        key=f"cognate-{label}-loss", description=f"Cognate {label}: training and held-out loss",
+        markdown=f"![{label} loss](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")
+    return ref
 
 
 @task(name="cognate-foundation", cache_policy=CACHED, persist_result=True)
@@ -66,19 +76,9 @@ def train_foundation(config: PipelineConfig, curriculum: ArtifactRef, tokenizer:
     st = store(home)
     recipe = Recipe(kind="cognate-base", inputs=(curriculum.id, tokenizer.id),
                     config=_training_config(config, batch_size), code_version=COGNATE_CODE_VERSION)
-    work = _workdir(home, recipe)
-
-    def build(out: Path) -> dict:
-        record_execution(home, "cognate-foundation")
-        metrics = pipeline.train_foundation(
-            config.model, config.cognate, st.load(curriculum), st.load(tokenizer), batch_size, config.seed,
-            work, out, _reporter("base", config.cognate.foundation_steps))
-        return metrics | {"telemetry": pipeline.telemetry_summary(out)}
-
-    ref = st.get_or_create(recipe, build, producer())
-    shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming; the artifact is whole
-    publish_loss_plot("base", st.file(ref, "loss.png"))
-    return ref
+    return _trained_model(home, recipe, "base", "cognate-foundation", lambda work, out: pipeline.train_foundation(
+        config.model, config.cognate, st.load(curriculum), st.load(tokenizer), batch_size, config.seed, work, out,
+        _reporter("base", config.cognate.foundation_steps)))
 
 
 @task(name="cognate-specialist", cache_policy=CACHED, persist_result=True)
@@ -88,19 +88,9 @@ def train_specialist(name: str, config: PipelineConfig, base: ArtifactRef, curri
     st = store(home)
     recipe = Recipe(kind="cognate-model", inputs=(base.id, curriculum.id),
                     config=_training_config(config, batch_size) | {"specialist": name}, code_version=COGNATE_CODE_VERSION)
-    work = _workdir(home, recipe)
-
-    def build(out: Path) -> dict:
-        record_execution(home, f"cognate-specialist:{name}")
-        metrics = pipeline.train_specialist(
-            spec, st.load(base), config.cognate, config.model.seq_len, st.load(curriculum), batch_size, config.seed,
-            work, out, _reporter(name, 2 * config.cognate.stage_steps))
-        return metrics | {"telemetry": pipeline.telemetry_summary(out)}
-
-    ref = st.get_or_create(recipe, build, producer())
-    shutil.rmtree(work, ignore_errors=True)
-    publish_loss_plot(name, st.file(ref, "loss.png"))
-    return ref
+    return _trained_model(home, recipe, name, f"cognate-specialist:{name}", lambda work, out: pipeline.train_specialist(
+        spec, st.load(base), config.cognate, config.model.seq_len, st.load(curriculum), batch_size, config.seed,
+        work, out, _reporter(name, 2 * config.cognate.stage_steps)))
 
 
 @task(name="cognate-evaluate", cache_policy=CACHED, persist_result=True)

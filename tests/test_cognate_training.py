@@ -1,4 +1,4 @@
-"""The Cognate training loop under failure: forced spikes, NaN, SIGKILL; and merge-readiness."""
+"""The Cognate training loop under failure: forced spikes, NaN, SIGKILL."""
 
 import json
 import math
@@ -12,19 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from phases.cognate import CognateConfig, CognateForCausalLM
 from phases.cognate.trainer import TrainSettings, train
 from phases.common.checkpoints import CheckpointManager, RollbackLimitExceeded
+from train_worker import setup as _setup
 
 HERE = Path(__file__).parent
-
-
-def _setup():
-    torch.manual_seed(0)
-    model = CognateForCausalLM(CognateConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                             window_size=8, mem_chunk_size=4, act_max_steps=2))
-    data = torch.randint(0, 64, (32, 24), generator=torch.Generator().manual_seed(1))
-    return model, (lambda s: data[s % 28:s % 28 + 4]), data[:4]
 
 
 def _nan_on_calls(calls: set[int]):

@@ -1,4 +1,5 @@
-"""A training run in its own process, for the kill-and-resume test: python train_worker.py WORKDIR STEPS SLEEP."""
+"""A small model and data for the training-loop tests; run as a script it trains in its own process,
+for the kill-and-resume test: python train_worker.py WORKDIR STEPS SLEEP."""
 
 import json
 import sys
@@ -10,19 +11,25 @@ import torch
 from phases.cognate import CognateConfig, CognateForCausalLM
 from phases.cognate.trainer import TrainSettings, train
 
-workdir, steps, sleep = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-torch.manual_seed(0)
-torch.set_num_threads(1)
-model = CognateForCausalLM(CognateConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                         window_size=8, mem_chunk_size=4, act_max_steps=2))
-data = torch.randint(0, 64, (32, 24), generator=torch.Generator().manual_seed(1))
+
+def setup():
+    """(model, batches(step), eval rows), the same on every call."""
+    torch.manual_seed(0)
+    model = CognateForCausalLM(CognateConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             window_size=8, mem_chunk_size=4, act_max_steps=2))
+    data = torch.randint(0, 64, (32, 24), generator=torch.Generator().manual_seed(1))
+    return model, (lambda s: data[s % 28:s % 28 + 4]), data[:4]
 
 
-def slow(step, loss):
-    time.sleep(sleep)  # gives the test time to kill us mid-run
-    return loss
+if __name__ == "__main__":
+    workdir, steps, sleep = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    torch.set_num_threads(1)
+    model, batches, eval_rows = setup()
 
+    def slow(step, loss):
+        time.sleep(sleep)  # gives the test time to kill us mid-run
+        return loss
 
-result = train(model, lambda s: data[s % 32:s % 32 + 4], data[:4], TrainSettings(steps=steps, eval_every=2, niah_every=5),
-               workdir, loss_hook=slow)
-print(json.dumps(result.as_dict() | {"weight_sum": float(sum(p.double().sum() for p in model.parameters()))}))
+    result = train(model, batches, eval_rows, TrainSettings(steps=steps, eval_every=2, niah_every=5), workdir,
+                   loss_hook=slow)
+    print(json.dumps(result.as_dict() | {"weight_sum": float(sum(p.double().sum() for p in model.parameters()))}))

@@ -1,7 +1,9 @@
 """Held-out evaluation of Cognate models. Every number is measured here; none has a default value.
 
 Definitions (also in the README):
-- held-out loss / perplexity: mean next-token cross-entropy on packed test-split rows, and exp of it.
+- held-out loss / perplexity, mean halting steps, LTM usage: one pass over packed test-split rows
+  (trainer.heldout_stats).
+- held-out loss / perplexity: mean next-token cross-entropy, and exp of it.
 - accuracy: greedy decoding after each held-out problem's prompt; correct when the first number (or
   the trimmed text) of the continuation equals the recomputed answer (curriculum.check_answer).
 - majority baseline: for each task, always answer the task's most frequent training answer.
@@ -29,19 +31,6 @@ from phases.cognate.modeling import CognateForCausalLM
 from phases.cognate.trainer import eval_loss
 from phases.common.telemetry import perplexity
 from phases.data.curriculum import check_answer, normalize_answer
-
-
-@torch.no_grad()
-def behaviour(model: CognateForCausalLM, rows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
-    """Mean halting steps and LTM usage over held-out rows."""
-    model.eval()
-    steps, usage, n = 0.0, 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        out = model(rows[i:i + batch_size])
-        steps += float(out.halt_steps_int.mean()) * len(out.gate)
-        usage += float(1 - out.gate.mean()) * len(out.gate)
-        n += len(out.gate)
-    return {"halting_steps": steps / n, "ltm_usage": usage / n}
 
 
 @torch.no_grad()

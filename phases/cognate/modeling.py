@@ -26,7 +26,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
-from phases.cognate.configuration import CognateConfig
+from phases.cognate.configuration import RUNTIME_KEYS, CognateConfig
 from phases.cognate.memory import MemoryState, NeuralMemory
 
 
@@ -254,8 +254,6 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
 
     def set_runtime(self, **settings) -> None:
         """Change runtime settings (never shapes) in place, e.g. the trainer's chunk-size schedule."""
-        from phases.cognate.configuration import RUNTIME_KEYS
-
         unknown = set(settings) - set(RUNTIME_KEYS)
         if unknown:
             raise ValueError(f"not runtime settings: {sorted(unknown)}; allowed: {RUNTIME_KEYS}")

@@ -6,7 +6,6 @@ The Prefect tasks in ``tasks/cognate.py`` call these with store paths; tests cal
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +20,11 @@ from phases.cognate.data import Batches, mixed_texts, pack
 from phases.cognate.modeling import CognateForCausalLM
 from phases.cognate.plots import loss_curve
 from phases.cognate.specialists import Specialist, runtime_for
-from phases.cognate.trainer import TrainResult, TrainSettings, niah, train
+from phases.cognate.trainer import TrainResult, TrainSettings, heldout_stats, niah, train
 from phases.common.config import CognateSection, ModelShape
 from phases.common.hf_io import build, load_pretrained, save_pretrained
 from phases.common.optim import MuonGrokfastConfig
+from phases.common.telemetry import perplexity
 from phases.data import dataset_files
 from phases.data import tokenizer as bpe
 
@@ -48,10 +48,10 @@ def stage_rows(splits, split: str, stage: str | None) -> list[dict]:
     return [r for r in splits[split] if stage is None or r["stage"] == stage]
 
 
-def settings_for(sec: CognateSection, steps: int, step_offset: int, seed: int) -> TrainSettings:
+def settings_for(sec: CognateSection, steps: int, step_offset: int) -> TrainSettings:
     return TrainSettings(
         steps=steps, step_offset=step_offset, c_start=sec.chunk_start, eval_every=sec.eval_every,
-        niah_every=sec.niah_every, polarization_weight=sec.polarization_weight, seed=seed,
+        niah_every=sec.niah_every, polarization_weight=sec.polarization_weight,
         optim=MuonGrokfastConfig(muon_lr=sec.muon_lr, adam_lr=sec.adam_lr, weight_decay=sec.weight_decay,
                                  grokfast_alpha=sec.grokfast_alpha, grokfast_lambda=sec.grokfast_lambda),
     )
@@ -63,7 +63,7 @@ def train_stage(model: CognateForCausalLM, splits, tokenizer, stage: str, sec: C
     rows = pack(mixed_texts(stage_rows(splits, "train", stage), mix, seed), tokenizer, seq_len)
     eval_rows = pack([r["text"] for r in stage_rows(splits, "validation", stage)], tokenizer, seq_len)[: sec.eval_rows]
     progress = (lambda rec: on_progress(rec | {"stage": stage})) if on_progress else None
-    return train(model, Batches(rows, batch_size, seed), eval_rows, settings_for(sec, steps, step_offset, seed),
+    return train(model, Batches(rows, batch_size, seed), eval_rows, settings_for(sec, steps, step_offset),
                  workdir, on_progress=progress)
 
 
@@ -125,12 +125,13 @@ def evaluate_models(model_dirs: dict[str, Path], curriculum_dir: Path, sec: Cogn
     per_model: dict[str, Any] = {}
     for name, path in model_dirs.items():
         model = load_pretrained(CognateForCausalLM, path).eval()
-        loss = evaluate.eval_loss(model, test_rows)
+        stats = heldout_stats(model, test_rows)
         per_model[name] = {
-            "heldout_loss": loss,
-            "heldout_ppl": math.exp(min(loss, 50.0)),
+            "heldout_loss": stats["loss"],
+            "heldout_ppl": perplexity(stats["loss"]),
             **evaluate.accuracy(model, tokenizer, problems),
-            **evaluate.behaviour(model, test_rows),
+            "halting_steps": stats["halting_steps"],
+            "ltm_usage": stats["ltm_usage"],
             "latency_ms": evaluate.latency_ms(model, prompt),
             "niah": niah(model, model.config.mem_chunk_size, seed=12345),
             "resolution": evaluate.resolution_sensitivity(model, test_rows),

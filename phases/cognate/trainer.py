@@ -51,7 +51,6 @@ class TrainSettings:
     polarization_weight: float = 0.02  # reached after half the steps (linear warm-up from 0)
     gate_collapse_limit: float = 0.02  # mean gate this close to 0 or 1 ...
     gate_collapse_patience: int = 20  # ... for this many steps in a row fails fast
-    seed: int = 0
 
 
 @dataclass
@@ -73,19 +72,26 @@ class TrainResult:
         return asdict(self)
 
 
-def eval_loss(model: CognateForCausalLM, rows: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean next-token loss over ``rows`` (eval mode, no gradient)."""
+def heldout_stats(model: CognateForCausalLM, rows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+    """One pass over ``rows`` (eval mode, no gradient): mean next-token loss, mean ACT steps that
+    contributed to each token, and LTM usage (1 − mean MAG gate)."""
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
+    sums, n = {"loss": 0.0, "halting_steps": 0.0, "ltm_usage": 0.0}, 0
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             x = rows[i:i + batch_size]
             out = model(x, labels=x)
-            total += float(out.lm_loss) * len(x)
+            sums["loss"] += out.lm_loss.item() * len(x)
+            sums["halting_steps"] += out.halt_steps_int.mean().item() * len(x)
+            sums["ltm_usage"] += (1 - out.gate.mean()).item() * len(x)
             n += len(x)
     model.train(was_training)
-    return total / max(1, n)
+    return {k: v / max(1, n) for k, v in sums.items()}
+
+
+def eval_loss(model: CognateForCausalLM, rows: torch.Tensor, batch_size: int = 8) -> float:
+    return heldout_stats(model, rows, batch_size)["loss"]
 
 
 def niah(model: CognateForCausalLM, chunk: int, seed: int = 0) -> float:
@@ -142,7 +148,6 @@ def train(
         resumed_from = step - 1
         telemetry.write(step=resumed_from, event="resumed", rollback_count=ckpts.rollback_count)
     else:
-        step = 0
         loss0 = eval_loss(model, eval_rows)
         detector.update(loss0)
         save(0, loss0)  # the initial weights: the first rollback target
