@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-FLOWS = {"prepare": "flows.prepare:prepare", "cognate": "flows.cognate:cognate", "full": "flows.full:full"}
+FLOWS = {"prepare": "flows.prepare:prepare", "cognate": "flows.cognate:cognate", "evomerge": "flows.evomerge:evomerge",
+         "full": "flows.full:full"}
 
 
 def _parse_value(text: str) -> Any:
@@ -81,8 +82,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from phases.cognate.trainer import GateCollapse
     from phases.common.checkpoints import CheckpointError
+    from phases.evomerge.merge import MergeError
+    from phases.quietstar.generation import GenerationIncomplete
+    from phases.quietstar.openrouter import OpenRouterError
 
-    return (PreflightError, GateFailed, ArtifactError, DatasetUnavailable, CheckpointError, GateCollapse)
+    return (PreflightError, GateFailed, ArtifactError, DatasetUnavailable, CheckpointError, GateCollapse, MergeError,
+            OpenRouterError, GenerationIncomplete)
 
 
 def _store(args: argparse.Namespace):
@@ -141,6 +146,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from phases.evomerge.merge import MergeError
+    from phases.evomerge.mergekit_yaml import run
+
+    if not Path(args.config).is_file():
+        print(f"error: {args.config}: no such file", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    try:
+        out = run(args.config, args.out_dir)
+    except (MergeError, KeyError, TypeError, ValueError) as e:
+        print(f"error: {args.config}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"merged model written to {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agent-forge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.seed=3")
     run.add_argument("--home", help="artifact store root (default: $AGENT_FORGE_HOME or ./.agent-forge)")
     run.set_defaults(func=cmd_run)
+
+    merge = sub.add_parser("merge", help="run a mergekit-style YAML (linear, slerp, task_arithmetic, ties, "
+                                        "dare_ties, dare_linear, passthrough) and write a model directory")
+    merge.add_argument("config", help="the YAML file; model paths are relative to it")
+    merge.add_argument("out_dir")
+    merge.set_defaults(func=cmd_merge)
 
     art = sub.add_parser("artifacts", help="inspect the artifact store")
     art.add_argument("--home", default=None, help="store root (default: $AGENT_FORGE_HOME or ./.agent-forge)")

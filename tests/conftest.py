@@ -30,3 +30,25 @@ def home(tmp_path) -> Path:
     h = tmp_path / "home"
     h.mkdir()
     return h
+
+
+# A micro Cognate run (d=64) shared by the flow tests of Cognate and the phases after it.
+COGNATE_MICRO = {
+    "model": {"n_layers": 2, "d_model": 64, "n_heads": 4, "seq_len": 64},
+    "data": {"train_per_stage": 400, "eval_per_stage": 20},
+    "tokenizer": {"vocab_size": 400},
+    "gates": {"mode": "lenient"},
+    "cognate": {"foundation_steps": 40, "stage_steps": 8, "batch_size": 4, "eval_every": 5, "niah_every": 5,
+                "eval_rows": 4, "accuracy_examples": 6, "window_size": 16, "gate_mode": "lenient"},
+}
+
+
+@pytest.fixture(scope="session")
+def cognate_micro(prefect_harness, tmp_path_factory):
+    """(config, home, Cognate result) of the cognate flow run once, for real, on COGNATE_MICRO."""
+    from flows.cognate import cognate
+    from phases.common.config import PipelineConfig
+
+    home = tmp_path_factory.mktemp("cognate-home")
+    config = PipelineConfig.from_preset("tiny", **COGNATE_MICRO)
+    return config, home, cognate(config, str(home))

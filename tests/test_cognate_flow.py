@@ -13,29 +13,15 @@ import phases.cognate  # noqa: F401
 from phases.cognate import pipeline
 from phases.cognate.data import pack
 from phases.cognate.trainer import eval_loss
-from phases.common.config import PipelineConfig
 from phases.data import dataset_files
 from phases.data import tokenizer as bpe
 from storage import ArtifactStore
 
-MICRO = {
-    "model": {"n_layers": 2, "d_model": 64, "n_heads": 4, "seq_len": 64},
-    "data": {"train_per_stage": 400, "eval_per_stage": 20},
-    "tokenizer": {"vocab_size": 400},
-    "gates": {"mode": "lenient"},
-    "cognate": {"foundation_steps": 40, "stage_steps": 8, "batch_size": 4, "eval_every": 5, "niah_every": 5,
-                "eval_rows": 4, "accuracy_examples": 6, "window_size": 16, "gate_mode": "lenient"},
-}
 
 
 @pytest.fixture(scope="module")
-def flow_run(prefect_harness, tmp_path_factory):
-    from flows.cognate import cognate
-
-    home = tmp_path_factory.mktemp("cognate-home")
-    config = PipelineConfig.from_preset("tiny", **MICRO)
-    result = cognate(config, str(home))
-    return config, home, result
+def flow_run(cognate_micro):
+    return cognate_micro
 
 
 def _artifacts(keys):

@@ -31,6 +31,7 @@ MICRO = {
     "tokenizer": {"vocab_size": 400},
     "cognate": {"foundation_steps": 6, "stage_steps": 3, "batch_size": 2, "eval_every": 3, "niah_every": 3,
                 "eval_rows": 2, "accuracy_examples": 3, "gate_mode": "lenient"},
+    "evomerge": {"generations": 2, "eval_rows": 2, "accuracy_problems": 3, "probe_rows": 1, "gate_mode": "lenient"},
 }
 SPECIALISTS = {"cognate-specialist:reasoning", "cognate-specialist:memory", "cognate-specialist:speed"}
 
@@ -127,10 +128,10 @@ class Stack:
         raise AssertionError(f"flow run {flow_run_id} did not finish; worker log:\n{self.log('worker')}")
 
     def task_states(self, parent_id: str) -> dict[str, str]:
-        """Final state name of each task in the newest run of the parent and of its newest subflow."""
+        """Final state name of each task (its newest run) in the parent and its subflows."""
         subflows = self.post("/flow_runs/filter", {
             "flow_runs": {"parent_flow_run_id": {"any_": [parent_id]}}, "sort": "EXPECTED_START_TIME_DESC"})
-        ids = [parent_id] + [s["id"] for s in subflows[:1]]
+        ids = [parent_id] + [s["id"] for s in subflows]
         subflow_stubs = {s["parent_task_run_id"] for s in subflows}  # the task-run records that stand for subflows
         tasks = self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": ids}}, "sort": "EXPECTED_START_TIME_DESC"})
         states: dict[str, str] = {}
@@ -162,7 +163,8 @@ def test_full_deployment_completes_and_second_run_is_cached(stack):
     assert first["state"]["type"] == "COMPLETED", stack.log("worker")
     store = ArtifactStore(stack.home)
     kinds = sorted(m["kind"] for m in store.list())
-    assert kinds == ["cognate-base", "cognate-model", "cognate-model", "cognate-model", "curriculum", "tokenizer"]
+    assert kinds == ["cognate-base", "cognate-model", "cognate-model", "cognate-model", "curriculum",
+                     "evomerge-champion", "tokenizer"]
     before = _snapshot(stack.home)
     executions = len(read_journal(str(stack.home)))
 
@@ -200,8 +202,11 @@ def test_failed_run_is_retried_like_the_ui_and_resumes(stack, tmp_path):
     assert done["run_count"] >= 2
 
     ran_after = [e["task"] for e in read_journal(str(home))][len(ran_before):]
-    assert set(ran_after[:3]) == SPECIALISTS and ran_after[3:] == ["cognate-evaluate", "wandb:cognate"]
-    states = stack.task_states(run_id)  # the newest subflow: cognate
+    assert set(ran_after[:3]) == SPECIALISTS and ran_after[3:5] == ["cognate-evaluate", "wandb:cognate"]
+    # then EvoMerge, for the first time: inputs, 8 + 10 candidates, the champion, W&B
+    assert ran_after[5] == "evomerge-measure-inputs" and ran_after[-2:] == ["evomerge-champion", "wandb:evomerge"]
+    assert sum(t.startswith("evomerge-fitness:") for t in ran_after) >= 8
+    states = stack.task_states(run_id)
     assert states["cognate-foundation"] == "Cached", states
     assert states["cognate-specialist"] == "Completed" and states["cognate-evaluate"] == "Completed", states
     after = _snapshot(home)

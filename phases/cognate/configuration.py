@@ -43,6 +43,7 @@ class CognateConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = True,
+        layer_scales: list[float] | None = None,
         **kwargs,
     ):
         if hidden_size % num_attention_heads:
@@ -51,6 +52,8 @@ class CognateConfig(PretrainedConfig):
             raise ValueError(f"act_max_steps must be >= 1, got {act_max_steps}")
         if not 0.0 < act_threshold <= 1.0:
             raise ValueError(f"act_threshold must be in (0, 1], got {act_threshold}")
+        if layer_scales is not None and len(layer_scales) != num_hidden_layers:
+            raise ValueError(f"layer_scales has {len(layer_scales)} entries for {num_hidden_layers} layers")
         if min(window_size, mem_chunk_size, shard_length) < 1:
             raise ValueError("window_size, mem_chunk_size and shard_length must be >= 1")
         self.vocab_size = vocab_size
@@ -73,4 +76,6 @@ class CognateConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
+        # Data-flow-space merges (EvoMerge DFS) scale each layer's input; None is 1.0 everywhere.
+        self.layer_scales = list(layer_scales) if layer_scales is not None else None
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

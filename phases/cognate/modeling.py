@@ -11,6 +11,7 @@
     cumulative p reaches act_threshold (or at T); its output is Σ_t w_t h_t with w_t = p_t before the
     halting step and the remainder R = 1 − Σ p at it. The ponder cost N + R joins the loss, so the
     halting head learns through both the output mixture and the cost.
+``layer_scales`` (set by EvoMerge's data-flow-space merges) multiplies each layer's input by a constant.
 Every step is computed for every position (halting decides each position's output, not the compute),
 so a position's state never depends on whether a later position halted, and the decode cache is one
 (keys, values, memory state) per recursion step and layer.
@@ -210,6 +211,8 @@ class CognateModel(CognatePreTrainedModel):
         for t in range(cfg.act_max_steps):
             h = h + e
             for li, layer in enumerate(self.layers):
+                if cfg.layer_scales is not None:
+                    h = h * cfg.layer_scales[li]
                 h, stats = layer(h, positions, cfg, cache.slot(t, li) if cache is not None else None)
                 gate_sum = gate_sum + stats.gate
                 pol_loss, polarized = pol_loss + stats.polarization_loss, polarized + stats.polarized

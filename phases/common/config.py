@@ -11,6 +11,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from phases.bitnet import settings as bitnet_settings
+from phases.bitnet.settings import BitNetSection
+from phases.evomerge import settings as evomerge_settings
+from phases.evomerge.settings import EvoMergeSection
+from phases.quietstar import settings as quietstar_settings
+from phases.quietstar.settings import QuietStarSection
+
 PresetName = Literal["tiny", "small"]
 
 
@@ -111,6 +118,9 @@ class PipelineConfig(_Strict):
     preflight: PreflightConfig | None = None
     gates: GateConfig | None = None
     cognate: CognateSection | None = None
+    evomerge: EvoMergeSection | None = None
+    quietstar: QuietStarSection | None = None
+    bitnet: BitNetSection | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -154,6 +164,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                     # a 1M-parameter model after ~4 CPU-minutes cannot beat the majority baseline: its
                     # gates are shown (FAIL where they fail) but do not stop the demo
                     "gate_mode": "lenient"},
+        # a 1M-parameter merge's fitness creeps up by < 0.5% per generation for dozens of generations
+        # on perplexity noise-level gains; the tiny demo stops when 5 generations gain < 0.005
+        "evomerge": {"min_improvement": 0.005, "gate_mode": "lenient"}, "quietstar": {}, "bitnet": {},
     },
     "small": {
         "preset": "small",
@@ -164,5 +177,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cognate": {"act_max_steps": 6, "window_size": 256, "foundation_steps": 3000, "stage_steps": 2000,
                     "eval_every": 100, "niah_every": 1000, "eval_rows": 64, "accuracy_examples": 300,
                     "adam_lr": 1e-3, "min_halting_spread": 2.0},
+        "evomerge": evomerge_settings.SMALL, "quietstar": quietstar_settings.SMALL, "bitnet": bitnet_settings.SMALL,
     },
 }

@@ -1,0 +1,24 @@
+"""EvoMerge's exit gates, from the champion's and the inputs' measurements on the test split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from phases.common.gates import GateReport
+from phases.evomerge.settings import EvoMergeSection
+
+
+def evomerge_gates(final: dict[str, Any], run: dict[str, Any], sec: EvoMergeSection, mode: str) -> GateReport:
+    """``final``: test-split fitness and accuracy of the champion and each input; ``run``: the evolution's
+    diversity figures and the combinations it evaluated."""
+    report = GateReport(phase="evomerge", mode=mode)
+    best_input = max(final["inputs"].values(), key=lambda m: m["fitness"])
+    report.add("fitness_gain", "champion fitness / best input's (test split, same reference)",
+               final["champion"]["fitness"] / best_input["fitness"] if best_input["fitness"] > 0 else None,
+               ">=", sec.min_fitness_ratio)
+    report.add("diversity", "lowest population diversity over the run (prediction disagreement)",
+               run["min_diversity"], ">=", sec.min_diversity)
+    report.add("all_combinations", "binary technique combinations evaluated", run["combos_evaluated"], "==", 8)
+    report.add("accuracy_kept", "champion accuracy − best input accuracy (test split)",
+               final["champion"]["accuracy"] - max(m["accuracy"] for m in final["inputs"].values()), ">=", 0)
+    return report

@@ -1,0 +1,156 @@
+"""Phase 3 reasoning data: written offline from the curriculum, or bought from OpenRouter, stored as a
+``reasoning-data`` artifact (``examples.jsonl``, ``rejects.jsonl``, ``summary.json``).
+
+OpenRouter runs keep a ledger in a work directory named by what determines the examples (models,
+strategies, counts, prompt version, endpoint; not the budget or the retry settings), so a rerun, with
+the same or a raised budget, resumes there and never pays twice. The ledger stays after the artifact is
+stored: it is the record of what was paid for.
+
+The API key comes from ``$OPENROUTER_API_KEY`` or a Prefect Secret block; it is resolved here, handed to
+the client as a ``SecretStr`` and is in no recipe, config, manifest, log line or file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import CacheKeyFnPolicy
+from pydantic import SecretStr
+
+from phases.common.config import PipelineConfig
+from phases.data import dataset_files
+from phases.quietstar import generation, local_generator
+from phases.quietstar.generation import BudgetExhausted, GenerationIncomplete, Ledger
+from phases.quietstar.openrouter import OpenRouterClient, OpenRouterError, Price, resolve_base_url
+from storage import ArtifactRef, Recipe
+from tasks.runtime import CACHED, producer, record_execution, store
+
+QUIETSTAR_DATA_CODE_VERSION = f"1.prompt{generation.PROMPT_VERSION}"
+
+
+def _section(config: PipelineConfig | dict[str, Any]):
+    return (config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)).quietstar
+
+
+def _endpoint(context: Any, parameters: dict[str, Any]) -> str:
+    """The effective endpoint joins the cache key: $OPENROUTER_BASE_URL is not a task input, and data
+    from a test server must not be returned for a run aimed at OpenRouter."""
+    q = _section(parameters["config"])
+    return resolve_base_url(q.openrouter_base_url) if q.data_source == "openrouter" else "local"
+
+
+def content_config(config: PipelineConfig, base_url: str | None) -> dict[str, Any]:
+    """What determines the examples (and so names the ledger's work directory)."""
+    q = config.quietstar
+    content = {"source": q.data_source, "strategies": q.data_strategies, "examples_per_pair": q.data_examples_per_pair,
+               "max_prompt_chars": q.data_max_prompt_chars, "seed": config.seed}
+    if q.data_source == "openrouter":
+        content |= {"models": q.data_models, "max_tokens": q.data_max_tokens, "temperature": q.data_temperature,
+                    "base_url": base_url}
+    return content
+
+
+def api_key(block_name: str) -> SecretStr:
+    """``$OPENROUTER_API_KEY``, else the Prefect Secret block ``block_name``."""
+    value = os.environ.get("OPENROUTER_API_KEY", "").strip()
+    if value:
+        return SecretStr(value)
+    from prefect.blocks.system import Secret
+
+    try:
+        secret = Secret.load(block_name, _sync=True).get()
+    except Exception as e:  # a missing block is a ValueError; no key text can be in it
+        raise OpenRouterError(
+            f"no OpenRouter API key: set OPENROUTER_API_KEY, or create a Prefect Secret block named {block_name!r} "
+            f"(lookup failed: {type(e).__name__}), or use quietstar.data_source=local") from None
+    return SecretStr(str(secret))
+
+
+@task(name="quietstar-data", cache_policy=CACHED + CacheKeyFnPolicy(cache_key_fn=_endpoint), persist_result=True)
+def generate_reasoning_data(config: PipelineConfig, curriculum: ArtifactRef, home: str) -> ArtifactRef:
+    logger = get_run_logger()
+    st = store(home)
+    q = config.quietstar
+    openrouter = q.data_source == "openrouter"
+    base_url = resolve_base_url(q.openrouter_base_url) if openrouter else None
+    content = content_config(config, base_url)
+    spend = {"budget_usd": q.data_budget_usd, "accept_partial": q.data_accept_partial} if openrouter else {}
+    recipe = Recipe(kind="reasoning-data", inputs=(curriculum.id,), config=content | spend,
+                    code_version=QUIETSTAR_DATA_CODE_VERSION)
+    work = Path(home) / "work" / "reasoning-data" / Recipe(
+        kind="reasoning-data", inputs=(curriculum.id,), config=content, code_version=QUIETSTAR_DATA_CODE_VERSION).key
+
+    def build(out: Path) -> dict[str, Any]:
+        record_execution(home, "quietstar-data")
+        rows = dataset_files.load_splits(st.load(curriculum))["train"]
+        problems = generation.checkable_problems(rows, q.data_max_prompt_chars)
+        if openrouter:
+            examples, rejects, summary = _from_openrouter(config, problems, base_url, work, logger)
+        else:
+            examples, rejects, summary = local_generator.generate(problems, q.data_strategies,
+                                                                  q.data_examples_per_pair, config.seed)
+        if not examples:
+            raise GenerationIncomplete(
+                f"no example passed validation; rejects by reason: {summary['rejects_by_reason']}")
+        generation.write_dataset(out, examples, rejects, summary)
+        logger.info("reasoning data (%s): %d accepted of %d planned, rejects %s, spent $%.4f", summary["source"],
+                    summary["accepted"], summary["planned"], summary["rejects_by_reason"], summary["spent_usd"])
+        return summary
+
+    return st.get_or_create(recipe, build, producer())
+
+
+def _from_openrouter(config: PipelineConfig, problems: list[dict[str, Any]], base_url: str, work: Path, logger):
+    q = config.quietstar
+    jobs = generation.plan(q.data_models, q.data_strategies, q.data_examples_per_pair, problems, config.seed)
+    ledger = Ledger(work / "ledger.jsonl")
+    prices = {m: Price(*q.data_prices[m]) for m in q.data_models}
+    done = ledger.done_keys()
+    pending = [j for j in jobs if j.key not in done]
+    est = generation.estimate(pending, prices, q.data_max_tokens)
+    spent = ledger.spent_usd()
+    logger.info("dry run: %d of %d planned requests still to make; worst case $%.4f (%s); already spent $%.4f of "
+                "the $%.2f cap", len(pending), len(jobs), est["worst_case_usd"],
+                ", ".join(f"{m} ${c:.4f}" for m, c in est["per_model_usd"].items()), spent, q.data_budget_usd)
+    if spent + est["worst_case_usd"] > q.data_budget_usd:
+        logger.warning("the worst case passes the cap: the run stops at $%.2f unless completions stay shorter than "
+                       "data_max_tokens", q.data_budget_usd)
+    step = max(1, len(pending) // 10)
+
+    def progress(finished: int, total: int) -> None:
+        if finished % step == 0 or finished == total:
+            logger.info("reasoning data: %d/%d requests finished", finished, total)
+
+    with OpenRouterClient(api_key(q.openrouter_key_block), base_url, timeout_s=q.data_timeout_s,
+                          max_retries=q.data_max_retries, backoff_s=q.data_backoff_s,
+                          backoff_max_s=q.data_backoff_max_s, max_concurrency=q.data_max_concurrency,
+                          seed=config.seed) as client:
+        report = generation.run_openrouter(client, jobs, ledger, prices, q.data_budget_usd, q.data_max_tokens,
+                                           q.data_temperature, progress)
+        sent = client.requests_sent
+    examples, rejects, summary = generation.assemble(ledger.records, jobs,
+                                                     generation.source_label("openrouter", q.data_models),
+                                                     q.data_budget_usd)
+    summary |= {"requests_this_run": sent, "worst_case_estimate_usd": round(est["worst_case_usd"], 6)}
+    if report.over_bound:
+        raise OpenRouterError(f"{report.over_bound} responses cost more than data_prices allow for; the run stopped "
+                              f"at ${summary['spent_usd']:.4f}: raise the prices for {q.data_models} and rerun")
+    if not summary["complete"]:
+        where = f"{len(jobs) - summary['pending']} finished examples are kept in {ledger.path}"
+        if report.stopped_by_budget and not q.data_accept_partial:
+            raise BudgetExhausted(f"the ${q.data_budget_usd:.4f} budget stopped the run with {summary['pending']} of "
+                                  f"{len(jobs)} examples to go (spent ${summary['spent_usd']:.4f}); {where}. Raise "
+                                  "quietstar.data_budget_usd to resume, or set data_accept_partial to keep what exists")
+        if report.api_down:
+            raise GenerationIncomplete(f"OpenRouter at {base_url} looks down: {generation.DEAD_API_AFTER} examples "
+                                       f"in a row failed after retries (last: {report.api_down}); {where}; rerun "
+                                       "to resume")
+        if not report.stopped_by_budget:
+            raise GenerationIncomplete(f"{summary['pending']} examples still failed after retries "
+                                       f"({summary['failures_by_reason']}); {where}; rerun to resume")
+        logger.warning("budget reached: storing %d examples, %d still pending (data_accept_partial)",
+                       summary["accepted"], summary["pending"])
+    return examples, rejects, summary

@@ -1,0 +1,152 @@
+"""EvoMerge's fitness is measured and moves with the model; the genetic algorithm keeps elites,
+merges losers, re-seeds on low diversity, stops early with a reason, and resumes after a kill."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import evomerge_fixtures
+from phases.evomerge import fitness as fit
+from phases.evomerge import pipeline
+from phases.evomerge.evolution import Evolution, EvolutionSettings
+from phases.evomerge.recipe import Genome, generation_zero
+from phases.evomerge.settings import EvoMergeSection
+
+WEIGHTS = {"perplexity": 0.4, "accuracy": 0.3, "speed": 0.2, "memory": 0.1}
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return evomerge_fixtures.build(tmp_path_factory.mktemp("evomerge-models"))
+
+
+@pytest.fixture(scope="module")
+def validation(models):
+    return pipeline.eval_set(models["curriculum"], models["base"], EvoMergeSection(eval_rows=4, accuracy_problems=8),
+                             48, "validation")
+
+
+def test_fitness_is_measured_on_validation_and_moves_with_the_model(models, validation):
+    test = pipeline.eval_set(models["curriculum"], models["base"], EvoMergeSection(eval_rows=4, accuracy_problems=8),
+                             48, "test")
+    assert validation.split == "validation" and not (validation.rows[:1] == test.rows[:1]).all()
+    memo = {}
+    raws = {n: pipeline.measure_model(pipeline.load_model(models[n]), validation, validation.rows[:1], memo)
+            for n in ("base", "a", "c")}
+    ref = fit.reference([raws["a"], raws["c"]])
+    scores = {n: fit.score(r, ref, WEIGHTS)[0] for n, r in raws.items()}
+    assert len({round(s, 9) for s in scores.values()}) == 3, scores  # no constant fitness
+    assert raws["a"]["perplexity"] != raws["base"]["perplexity"]
+    # the reference itself scores exactly 1; a model twice as slow loses 0.1 of the 0.2 speed weight
+    assert fit.score(ref | {"non_finite": 0}, ref, WEIGHTS)[0] == pytest.approx(1.0)
+    slow = dict(ref, tokens_per_s=ref["tokens_per_s"] / 2, non_finite=0)
+    assert fit.score(slow, ref, WEIGHTS)[0] == pytest.approx(0.9)
+    # c runs one recursion step, a two: measured speed differs, and a/base share a structure (one timing)
+    assert raws["c"]["tokens_per_s"] > raws["a"]["tokens_per_s"]
+    assert raws["a"]["tokens_per_s"] == raws["base"]["tokens_per_s"] and len(memo) == 2
+
+
+def test_diversity_is_measured_not_constant():
+    same = [[1, 2, 3, 4]] * 3
+    assert fit.diversity(same) == 0.0
+    assert fit.diversity([[1, 2, 3, 4], [1, 2, 3, 5], [0, 2, 3, 4]]) == pytest.approx((0.25 + 0.25 + 0.5) / 3)
+
+
+def _synthetic(predict_alike: bool = False):
+    """A fast stand-in for merged models: perplexity is a smooth function of the recipe, so the search
+    has something to find; predictions follow the recipe (or are all alike)."""
+    calls = []
+
+    def evaluate(genomes):
+        for g in genomes:
+            calls.append(g.key())
+            w = g.weights
+            ppl = 10 + 20 * (w[0] - 0.6) ** 2 + 5 * (g.density - 0.8) ** 2 + 3 * g.blend + 0.5 * g.combo
+            rng = random.Random(g.key())
+            preds = [0] * 64 if predict_alike else [rng.randrange(4) for _ in range(64)]
+            yield g, {"perplexity": ppl, "accuracy": 0.1, "tokens_per_s": 100.0, "memory_bytes": 1e6,
+                      "non_finite": 0.0, "predictions": preds}
+
+    return evaluate, calls
+
+
+REF = {"perplexity": 12.0, "accuracy": 0.1, "tokens_per_s": 100.0, "memory_bytes": 1e6}
+
+
+def test_generations_keep_elites_mutate_them_and_merge_losers(tmp_path):
+    evaluate, calls = _synthetic()
+    result = Evolution(EvolutionSettings(generations=4, patience=100, seed=3), 2, 0, REF, WEIGHTS, tmp_path, evaluate,
+                       log=lambda m: None).run()
+    history = result["history"]
+    assert [len(h["population"]) for h in history] == [8, 10, 10, 10]
+    assert {r["genome"]["combo"] for r in history[0]["population"]} == set(range(8))
+    assert len(calls) == len(set(calls))  # nothing evaluated twice
+    for prev, cur in zip(history, history[1:]):
+        keys = {r["key"] for r in cur["population"]}
+        assert {r["key"] for r in prev["population"][:2]} <= keys  # elites survive
+        origins = [r["origin"] for r in cur["population"] if r["origin"].startswith(f"g{cur['generation']}:")]
+        assert sum("mutant-of" in o for o in origins) == 6 and sum("merged-losers" in o for o in origins) == 2
+        assert cur["best"] >= prev["best"]  # elitism: the best never gets worse
+    assert history[-1]["best"] > history[0]["best"]  # the search found something
+    assert 0 < history[-1]["diversity"] <= 1
+
+
+def test_low_diversity_reseeds_the_weakest(tmp_path):
+    evaluate, _ = _synthetic(predict_alike=True)
+    logs = []
+    result = Evolution(EvolutionSettings(generations=2, patience=100, seed=3), 2, 0, REF, WEIGHTS, tmp_path, evaluate,
+                       log=logs.append).run()
+    assert result["history"][1]["reseeded"] == 3 and any("re-seeding" in line for line in logs)
+    assert sum("reseeded" in r["origin"] for r in result["history"][1]["population"]) == 3
+
+
+def test_stalled_search_stops_early_with_the_reason(tmp_path):
+    def flat(genomes):
+        for g in genomes:
+            yield g, {"perplexity": 12.0, "accuracy": 0.1, "tokens_per_s": 100.0, "memory_bytes": 1e6,
+                      "non_finite": 0.0, "predictions": [random.Random(g.key()).randrange(4) for _ in range(16)]}
+
+    result = Evolution(EvolutionSettings(generations=50, patience=5, seed=1), 2, 0, REF, WEIGHTS, tmp_path, flat,
+                       log=lambda m: None).run()
+    assert result["generations_run"] == 6 and result["stop_reason"].startswith("early stop after generation 5")
+
+
+def test_recipe_is_the_identity():
+    g = generation_zero(2, 0, seed=1)[0]
+    same = Genome.model_validate(g.model_dump() | {"origin": "elsewhere", "path": ((0, 0, 0.5),)})  # path unused by combo 0
+    assert same.key() == g.key()
+    assert Genome.model_validate(g.model_dump() | {"density": 0.6}).key() != g.key()
+    assert Genome.model_validate(g.model_dump() | {"weights": (2.0, 2.0, 2.0)}).key() == g.key()  # normalised
+
+
+def test_killed_evolution_resumes_without_reevaluating(models, tmp_path):
+    state = tmp_path / "state"
+    root = models["base"].parent
+    cmd = [sys.executable, str(HERE / "evomerge_worker.py"), str(root), str(state), "3", "0.15"]
+    env = dict(os.environ, PYTHONPATH=f"{HERE.parent}:{HERE}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    evals = state / "evaluations.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill inside generation 1, after generation 0 is recorded
+        if (state / "generations.jsonl").exists() and evals.exists() and len(evals.read_text().splitlines()) >= 11:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = [json.loads(x)["key"] for x in evals.read_text().splitlines()]
+    assert 11 <= len(before) < 8 + 8 + 8, "the kill did not land inside generation 1"
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    after = [json.loads(x)["key"] for x in evals.read_text().splitlines()]
+    assert len(after) == len(set(after)), "a finished candidate was evaluated again"
+    assert summary["evaluated_now"] == len(after) - len(before) and summary["generations_run"] == 3
+    assert "resuming after generation 0" in out.stdout

@@ -1,0 +1,74 @@
+"""The evomerge flow run for real (in-process Prefect API) on the micro Cognate run's three specialists."""
+
+import json
+
+import pytest
+import torch
+
+from phases.common.config import PipelineConfig
+from storage import ArtifactStore
+
+from conftest import COGNATE_MICRO  # noqa: E402
+
+EVOMERGE_MICRO = {"generations": 3, "eval_rows": 3, "accuracy_problems": 6, "probe_rows": 1, "gate_mode": "lenient"}
+
+
+@pytest.fixture(scope="module")
+def evo_run(cognate_micro):
+    from flows.evomerge import evomerge
+
+    _, home, cognate = cognate_micro
+    config = PipelineConfig.from_preset("tiny", **COGNATE_MICRO, evomerge=EVOMERGE_MICRO)
+    return config, home, cognate, evomerge(config, str(home))  # models default to the newest Cognate outputs
+
+
+def test_champion_is_stored_with_lineage_history_plot_and_yaml(evo_run):
+    config, home, cognate, result = evo_run
+    st = ArtifactStore(home)
+    manifest = st.manifest(result.champion)
+    assert manifest["inputs"][:4] == [cognate.base.id, *(cognate.models[n].id for n in ("reasoning", "memory", "speed"))]
+    assert result.inputs == cognate.models and result.generations == 3
+    files = set(manifest["files"])
+    assert {"model.safetensors", "config.json", "tokenizer.json", "history.jsonl", "generations.jsonl",
+            "fitness.png", "mergekit.yaml", "recipe.json"} <= files
+    history = [json.loads(x) for x in st.file(result.champion, "history.jsonl").read_text().splitlines()]
+    assert len({h["key"] for h in history}) == len(history) >= 8 + 8  # gen 0 + at least one new generation
+    assert {h["generation"] for h in history} == {0, 1, 2}
+    assert all({"perplexity", "accuracy", "tokens_per_s", "memory_bytes"} <= set(h["raw"]) for h in history)
+    assert st.file(result.champion, "fitness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gate_table_holds_measured_values(evo_run):
+    config, home, cognate, result = evo_run
+    metrics = ArtifactStore(home).manifest(result.champion)["metrics"]
+    final, run = metrics["final"], metrics["run"]
+    assert set(final["inputs"]) == {"reasoning", "memory", "speed"}
+    # the test-split reference is the inputs' mean, so their fitness averages to ~1 but is not all 1
+    fits = [m["fitness"] for m in final["inputs"].values()]
+    assert len({round(f, 9) for f in fits}) == 3
+    assert run["combos_evaluated"] == 8 and 0 <= run["min_diversity"] <= 1
+    from phases.evomerge.gates import evomerge_gates
+
+    report = evomerge_gates(final, run, config.evomerge, "lenient")
+    assert {g.id for g in report.gates} == {"fitness_gain", "diversity", "all_combinations", "accuracy_kept"}
+    assert all(g.measured is not None for g in report.gates)
+
+
+def test_champion_loads_and_generates(evo_run):
+    from transformers import AutoModelForCausalLM
+
+    config, home, cognate, result = evo_run
+    model = AutoModelForCausalLM.from_pretrained(ArtifactStore(home).load(result.champion)).eval()
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 8)
+
+
+def test_second_run_reuses_the_stored_champion(evo_run):
+    from flows.evomerge import evomerge
+    from tasks.runtime import read_journal
+
+    config, home, cognate, result = evo_run
+    ran = len(read_journal(str(home)))
+    again = evomerge(config, str(home), models=cognate.models, base=cognate.base)
+    assert again.champion == result.champion
+    assert [e["task"] for e in read_journal(str(home))[ran:]] in ([], ["wandb:evomerge"])
