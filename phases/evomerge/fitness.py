@@ -147,7 +147,14 @@ def measure(model, data: EvalSet, structure_memo: dict[str, dict[str, float]] | 
             speed_rows: int = 4) -> dict[str, float]:
     """The raw components, all measured. ``structure_memo`` carries speed and memory across candidates."""
     with _EXCLUSIVE:
-        return _measure(model, data, structure_memo, speed_rows)
+        # One intra-op thread on CPU: a candidate's ops are small, and on a busy 2-core machine two
+        # OpenMP threads spent 15× longer at their barriers than one thread took to do the work.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _measure(model, data, structure_memo, speed_rows)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _measure(model, data: EvalSet, structure_memo: dict[str, dict[str, float]] | None, speed_rows: int) -> dict[str, float]:
