@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 FLOWS = {"prepare": "flows.prepare:prepare", "cognate": "flows.cognate:cognate", "evomerge": "flows.evomerge:evomerge",
-         "full": "flows.full:full"}
+         "quietstar": "flows.quietstar:quietstar", "bitnet": "flows.bitnet:bitnet", "full": "flows.full:full"}
 
 
 def _parse_value(text: str) -> Any:
@@ -83,11 +83,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from phases.cognate.trainer import GateCollapse
     from phases.common.checkpoints import CheckpointError
     from phases.evomerge.merge import MergeError
+    from phases.quietstar.baking import BakingError
     from phases.quietstar.generation import GenerationIncomplete
     from phases.quietstar.openrouter import OpenRouterError
+    from phases.quietstar.reinforce import ReinforceError
 
     return (PreflightError, GateFailed, ArtifactError, DatasetUnavailable, CheckpointError, GateCollapse, MergeError,
-            OpenRouterError, GenerationIncomplete)
+            OpenRouterError, GenerationIncomplete, BakingError, ReinforceError)
 
 
 def _store(args: argparse.Namespace):

@@ -79,7 +79,7 @@ def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None,
     existing = st.find(recipe)
     if existing is None:
         raws = measure_inputs(config, inputs, prepared.curriculum, home)
-        reference = fit.reference(raws)
+        reference = fit.reference(raws, sec.max_perplexity_increase)
         scores = [fit.score(r, reference, weights)[0] for r in raws]
         logger.info("inputs on validation: %s (reference = their mean, so ~1.0)",
                     ", ".join(f"{n} {s:.4f}" for n, s in zip(models, scores)))

@@ -1,21 +1,35 @@
-"""agent-forge: the whole pipeline. prepare → cognate → evomerge; Quiet-STaR and BitNet join as they land."""
+"""agent-forge: the whole pipeline. prepare → cognate → evomerge → quietstar → bitnet; each phase takes
+the previous one's artifact refs, so a retried run re-enters and finished phases come back Cached."""
 
 from __future__ import annotations
 
 from prefect import flow
 from prefect.runtime import flow_run
+from pydantic import BaseModel
 
-from flows.cognate import cognate
+from flows.bitnet import BitNet, bitnet
+from flows.cognate import Cognate, cognate
 from flows.evomerge import EvoMerge, evomerge
 from flows.prepare import prepare
+from flows.quietstar import QuietStar, quietstar
 from phases.common.config import PipelineConfig
 from tasks.runtime import resolve_home
 
 
+class Forged(BaseModel):
+    cognate: Cognate
+    evomerge: EvoMerge
+    quietstar: QuietStar
+    bitnet: BitNet
+
+
 @flow(name="agent-forge", persist_result=True)
-def full(config: PipelineConfig = PipelineConfig(), home: str | None = None) -> EvoMerge:
+def full(config: PipelineConfig = PipelineConfig(), home: str | None = None) -> Forged:
     home = resolve_home(home)
     run_group = str(flow_run.id)  # one W&B group per pipeline run; a retry keeps it
     prepared = prepare(config, home, run_group)
     phase1 = cognate(config, home, run_group, prepared)
-    return evomerge(config, home, run_group, phase1.models, phase1.base, prepared)
+    phase2 = evomerge(config, home, run_group, phase1.models, phase1.base, prepared)
+    phase3 = quietstar(config, home, run_group, phase2.champion, prepared)
+    phase4 = bitnet(config, home, run_group, phase3.model, prepared)
+    return Forged(cognate=phase1, evomerge=phase2, quietstar=phase3, bitnet=phase4)

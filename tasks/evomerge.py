@@ -24,7 +24,7 @@ from phases.evomerge.recipe import Genome, techniques
 from storage import ArtifactRef, Recipe
 from tasks.runtime import CACHED, producer, record_execution, store
 
-EVOMERGE_CODE_VERSION = "1"
+EVOMERGE_CODE_VERSION = "2"
 _GATE_ONLY = {"min_fitness_ratio", "min_diversity", "gate_mode"}
 _EVAL_SETS: dict[tuple, fit.EvalSet] = {}
 _STRUCTURE_MEMO: dict[str, dict[str, float]] = {}  # speed and memory per model structure, per process
@@ -75,12 +75,13 @@ def evaluate_candidate(genome: dict[str, Any], label: str, config: PipelineConfi
                                     config.evomerge.probe_rows, _STRUCTURE_MEMO)
 
 
-def _final_evaluation(model_dirs: dict[str, Path], data: fit.EvalSet, weights: dict[str, float]) -> dict[str, Any]:
+def _final_evaluation(model_dirs: dict[str, Path], data: fit.EvalSet, weights: dict[str, float],
+                      max_perplexity_increase: float | None) -> dict[str, Any]:
     """Every model measured again on the test split, one at a time (no concurrent timing), scored
     against the inputs' mean on that split."""
     memo: dict = {}
     raws = {name: fit.measure(pipeline.load_model(d), data, memo) for name, d in model_dirs.items()}
-    ref = fit.reference([r for n, r in raws.items() if n != "champion"])
+    ref = fit.reference([r for n, r in raws.items() if n != "champion"], max_perplexity_increase)
     out: dict[str, Any] = {"reference": ref, "inputs": {}}
     for name, raw in raws.items():
         f, parts = fit.score(raw, ref, weights)
@@ -118,7 +119,7 @@ def store_champion(config: PipelineConfig, champion: dict[str, Any], base: Artif
                                     "origin": g.origin, "recipe": g.recipe(),
                                     "raw": {k: v for k, v in e["raw"].items() if k != "predictions"}}) + "\n")
         data = eval_set(home, curriculum, next(iter(dirs.values())), config, "test")
-        final = _final_evaluation({**dirs, "champion": out}, data, weights)
+        final = _final_evaluation({**dirs, "champion": out}, data, weights, config.evomerge.max_perplexity_increase)
         fitness_curve(generations, out / "fitness.png", input_best=run["input_best_fitness"],
                       reseed_below=config.evomerge.reseed_below)
         return {"final": final, "run": run, "champion": {"key": genome.key(), "techniques": genome.describe(),

@@ -49,6 +49,12 @@ def test_fitness_is_measured_on_validation_and_moves_with_the_model(models, vali
     assert fit.score(ref | {"non_finite": 0}, ref, WEIGHTS)[0] == pytest.approx(1.0)
     slow = dict(ref, tokens_per_s=ref["tokens_per_s"] / 2, non_finite=0)
     assert fit.score(slow, ref, WEIGHTS)[0] == pytest.approx(0.9)
+    # a much faster model that forgot its language is infeasible, not fit
+    limited = fit.reference([raws["a"], raws["c"]], max_perplexity_increase=0.05)
+    worst = max(raws["a"]["perplexity"], raws["c"]["perplexity"])
+    fast_but_bad = dict(ref, perplexity=worst * 1.06, tokens_per_s=ref["tokens_per_s"] * 10, non_finite=0)
+    assert fit.score(fast_but_bad, ref, WEIGHTS)[0] > 2 and fit.score(fast_but_bad, limited, WEIGHTS)[0] == 0.0
+    assert fit.score(dict(fast_but_bad, perplexity=worst * 1.04), limited, WEIGHTS)[0] > 2
     # c runs one recursion step, a two: measured speed differs, and a/base share a structure (one timing)
     assert raws["c"]["tokens_per_s"] > raws["a"]["tokens_per_s"]
     assert raws["a"]["tokens_per_s"] == raws["base"]["tokens_per_s"] and len(memo) == 2

@@ -21,6 +21,9 @@ class EvoMergeSection(BaseModel):
     eval_rows: int = Field(default=8, ge=1, description="held-out rows (seq_len tokens each) for perplexity")
     accuracy_problems: int = Field(default=24, ge=1, description="held-out problems scored for accuracy")
     probe_rows: int = Field(default=2, ge=1, description="rows whose predictions measure diversity")
+    max_perplexity_increase: float | None = Field(
+        default=0.05, ge=0, description="candidates whose held-out perplexity exceeds the worst input's by more "
+        "than this fraction score 0; empty: no limit")
     min_fitness_ratio: float = Field(default=1.2, description="gate: champion / best input fitness (test split)")
     min_diversity: float = Field(default=0.3, description="gate: lowest population diversity over the run")
     gate_mode: Literal["strict", "lenient"] | None = Field(

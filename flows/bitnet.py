@@ -1,0 +1,70 @@
+"""bitnet: a model (default: the newest Quiet-STaR, else EvoMerge, else Cognate output in the store) → staged,
+calibrated ternary quantization → fine-tuning when the drop asks for it → packed artifact → evaluation against the
+input → exit gates → W&B."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from flows.prepare import Prepared, prepare
+from phases.bitnet.gates import bitnet_gates
+from phases.bitnet.pipeline import FIGURE, REPORT
+from phases.common.config import PipelineConfig
+from storage import ArtifactNotFound, ArtifactRef
+from tasks.bitnet import evaluate, finetune, quantize
+from tasks.gates import enforce_gates, publish_gates
+from tasks.runtime import resolve_home, store
+from tasks.tracking import log_phase_boundary
+
+# the pipeline's order: the latest phase's output is what BitNet compresses
+INPUT_KINDS = ("quietstar-model", "evomerge-champion", "cognate-model")
+
+
+class BitNet(BaseModel):
+    source: ArtifactRef  # the model that was quantized
+    packed: ArtifactRef
+    report: ArtifactRef
+    gates_passed: bool
+
+
+def latest_model(home: str) -> ArtifactRef:
+    """The newest readable artifact of the first kind in INPUT_KINDS that the store holds."""
+    st = store(home)
+    for kind in INPUT_KINDS:
+        found = [m for m in st.list(kind) if "error" not in m]
+        if found:
+            return st.ref(found[-1]["id"])
+    raise ArtifactNotFound(f"bitnet needs a model to quantize and the store at {home} has none of the kinds "
+                           f"{', '.join(INPUT_KINDS)}: run `agent-forge run cognate` first, or pass "
+                           "model=<ArtifactRef>")
+
+
+@flow(name="bitnet", persist_result=True)
+def bitnet(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None,
+           model: ArtifactRef | None = None, prepared: Prepared | None = None) -> BitNet:
+    home = resolve_home(home)
+    run_group = run_group or str(flow_run.id)
+    model = model or latest_model(home)
+    get_run_logger().info("quantizing %s", model)
+    if prepared is None:
+        prepared = prepare(config, home, run_group)
+
+    staged = quantize(config, model, prepared.curriculum, prepared.tokenizer, home)
+    packed = finetune(config, staged, model, prepared.curriculum, home)
+    report_ref = evaluate(config, model, staged, packed, prepared.curriculum, home)
+
+    st = store(home)
+    report = st.read_json(report_ref, REPORT)
+    gates = bitnet_gates(report, config.bitnet, config.bitnet.gate_mode or config.gates.mode)
+    publish_gates(gates)
+    log_phase_boundary(
+        "bitnet", run_group, home, config.tracking.wandb_mode, config.tracking.project,
+        config.model_dump(mode="json"),
+        {"report": report, "quantize": st.manifest(staged)["metrics"], "finetune": st.manifest(packed)["metrics"]},
+        gates, [packed, report_ref],
+        images={"bitnet/sparsity_accuracy": str(st.file(report_ref, FIGURE))},
+    )
+    enforce_gates(gates)
+    return BitNet(source=model, packed=packed, report=report_ref, gates_passed=gates.passed)

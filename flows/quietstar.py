@@ -1,0 +1,70 @@
+"""quietstar: a model (default: the newest EvoMerge champion, else the newest Cognate model in the store)
+→ reasoning data (local or OpenRouter) → prompt baking → Quiet-STaR reinforcement → held-out evaluation →
+exit gates → W&B."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from flows.prepare import Prepared, prepare
+from phases.common.config import PipelineConfig
+from phases.quietstar.gates import quietstar_gates
+from storage import ArtifactNotFound, ArtifactRef
+from tasks.gates import enforce_gates, publish_gates
+from tasks.quietstar import bake, evaluate, reinforce
+from tasks.quietstar_data import generate_reasoning_data
+from tasks.runtime import resolve_home, store
+from tasks.tracking import log_phase_boundary
+
+INPUT_KINDS = ("evomerge-champion", "cognate-model")  # the pipeline's order: the latest phase's output
+
+
+class QuietStar(BaseModel):
+    input: ArtifactRef
+    data: ArtifactRef
+    baked: ArtifactRef
+    model: ArtifactRef
+    gates_passed: bool
+
+
+def latest_model(home: str) -> ArtifactRef:
+    st = store(home)
+    for kind in INPUT_KINDS:
+        found = [m for m in st.list(kind) if "error" not in m]
+        if found:
+            return st.ref(found[-1]["id"])
+    raise ArtifactNotFound(f"quietstar needs a model and the store at {home} has none of the kinds "
+                           f"{', '.join(INPUT_KINDS)}: run `agent-forge run cognate` first, or pass model=<ArtifactRef>")
+
+
+@flow(name="quietstar", persist_result=True)
+def quietstar(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None,
+              model: ArtifactRef | None = None, prepared: Prepared | None = None) -> QuietStar:
+    home = resolve_home(home)
+    run_group = run_group or str(flow_run.id)
+    model = model or latest_model(home)
+    get_run_logger().info("Quiet-STaR on %s", model)
+    if prepared is None:
+        prepared = prepare(config, home, run_group)
+
+    data = generate_reasoning_data(config, prepared.curriculum, home)
+    baked = bake(config, model, data, home)
+    reinforced = reinforce(config, baked, prepared.curriculum, home)
+    evaluation = evaluate(config, baked, reinforced, prepared.curriculum, home)
+
+    st = store(home)
+    baking, reinforcement = st.manifest(baked)["metrics"], st.manifest(reinforced)["metrics"]
+    report = quietstar_gates(baking, reinforcement, evaluation, config.quietstar,
+                             config.quietstar.gate_mode or config.gates.mode)
+    publish_gates(report)
+    log_phase_boundary(
+        "quietstar", run_group, home, config.tracking.wandb_mode, config.tracking.project,
+        config.model_dump(mode="json"),
+        {"data": st.manifest(data)["metrics"], "baking": baking, "reinforcement": reinforcement, "evaluation": evaluation},
+        report, [data, baked, reinforced],
+        images={"loss/baking": str(st.file(baked, "loss.png")), "loss/reinforce": str(st.file(reinforced, "loss.png"))},
+    )
+    enforce_gates(report)
+    return QuietStar(input=model, data=data, baked=baked, model=reinforced, gates_passed=report.passed)

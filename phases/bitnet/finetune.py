@@ -1,0 +1,79 @@
+"""Quantization-aware fine-tuning: the latent weights of the BitLinear layers learn through the quantizer (STE).
+
+Only the BitLinear layers train; everything kept in FP16 (embeddings, LM head, norms, heads, memory gates, groups
+the staged check restored) is frozen, so it leaves this phase byte for byte as it came in. Optimiser: Muon × Grokfast
+(phases/common/optim.py) with the Phase 4 settings (settings.py). Every ``eval_every`` steps the held-out next-token
+accuracy is measured and the best state is kept, so fine-tuning cannot end worse than it started. A non-finite loss
+stops the run with an error that names the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from phases.bitnet.convert import bitlinears
+from phases.common.optim import MuonGrokfast, MuonGrokfastConfig
+from phases.common.telemetry import TelemetryWriter, perplexity
+
+
+def finetune(model: nn.Module, batches: Callable[[int], torch.Tensor], score: Callable[[nn.Module], dict[str, float]],
+             steps: int, optim: MuonGrokfastConfig, grad_clip: float, eval_every: int,
+             telemetry: Path | None = None) -> dict[str, Any]:
+    """Train ``model``'s BitLinear layers for ``steps`` steps; ``score(model)`` -> held-out stats with a
+    ``token_accuracy`` (higher is better). Leaves the best-scoring state in ``model``."""
+    layers = bitlinears(model)
+    if not layers:
+        raise ValueError("finetune: the model has no BitLinear layer to train")
+    trainable = {id(p) for layer in layers.values() for p in layer.parameters()}
+    frozen = {}
+    for p in model.parameters():
+        frozen[id(p)] = p.requires_grad
+        p.requires_grad_(id(p) in trainable)
+    writer = TelemetryWriter(telemetry) if telemetry else None
+    opt = MuonGrokfast(model, optim)
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = score(model)
+    best = {"step": 0, **start}
+    best_state = copy.deepcopy(model.state_dict())
+    history = [{"step": 0, **start}]
+    t0 = time.perf_counter()
+    model.train()
+    try:
+        for step in range(1, steps + 1):
+            x = batches(step)
+            out = model(x, labels=x)
+            loss = out.loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"quantization-aware fine-tuning: non-finite loss {loss.item()} at step {step}; lower "
+                    f"bitnet.muon_lr ({optim.muon_lr}) or bitnet.adam_lr ({optim.adam_lr})")
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+            opt.step()
+            opt.zero_grad()
+            record = {"step": step, "lm_loss": out.lm_loss.item(), "perplexity": perplexity(out.lm_loss.item()),
+                      "grad_norm": grad_norm, "lr": optim.muon_lr}
+            if step % eval_every == 0 or step == steps:
+                held = score(model)
+                model.train()
+                record |= {f"eval_{k}": v for k, v in held.items()}
+                history.append({"step": step, **held})
+                if held["token_accuracy"] > best["token_accuracy"]:
+                    best = {"step": step, **held}
+                    best_state = copy.deepcopy(model.state_dict())
+            if writer:
+                writer.write(**record)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(frozen.get(id(p), True))
+    model.load_state_dict(best_state)
+    model.eval()
+    return {"steps": steps, "seconds": time.perf_counter() - t0, "start": start, "best": best, "history": history,
+            "trainable_params": sum(p.numel() for p in params), "muon_params": opt.n_muon, "adam_params": opt.n_adam}

@@ -1,0 +1,30 @@
+"""Phase 4 exit gates, from measured figures only (targets: the size-adaptive strategy table, phases.common.sizing)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from phases.bitnet.settings import BitNetSection
+from phases.common.gates import GateReport
+
+
+def bitnet_gates(report: dict[str, Any], sec: BitNetSection, mode: str) -> GateReport:
+    """``report``: the evaluation (pipeline.evaluate) with the targets it was measured against."""
+    targets, comp, acc = report["targets"], report["compression"], report["accuracy"]
+    r = GateReport(phase="bitnet", mode=mode)
+    r.add("compression", f"FP32 input weights / packed weights (target for a {targets['category']} model)",
+          comp["ratio_vs_fp32"], ">=", targets["compression"])
+    r.add("accuracy_drop", "relative drop in held-out task accuracy, FP32 input -> packed model (undefined, so "
+          "failed, when the input answers none)",
+          acc["task_accuracy_drop"], "<", sec.max_accuracy_drop)
+    r.add("token_accuracy_drop", "relative drop in held-out next-token accuracy, FP32 input -> packed model",
+          acc["token_accuracy_drop"], "<", sec.max_accuracy_drop)
+    r.add("sparsity", f"fraction of zero ternary weights over the quantized layers (target for a "
+          f"{targets['category']} model)",
+          report["sparsity"]["overall"], ">=", targets["sparsity"])
+    r.add("speedup", "packed / FP32 greedy decode tokens/s on CPU, same prompts (seeds want 2x)",
+          report["speed"]["speedup"], ">=", sec.min_speedup)
+    r.add("no_nan", "non-finite held-out losses of the packed model",
+          float(not math.isfinite(report["packed"]["loss"])), "==", 0)
+    return r

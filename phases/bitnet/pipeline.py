@@ -1,0 +1,255 @@
+"""Phase 4 as plain functions over directories: quantize (staged, calibrated), fine-tune and pack, evaluate.
+
+    quantize     input model → held-out "before" → layer groups quantized one by one, each calibrated and checked
+                 (fallback to FP16 past its budget) → held-out "after quantization" → latent weights + plan.json
+    finetune     plan → QAT with STE when the drop exceeds the threshold (the decision is recorded) → packed
+                 artifact (2-bit weights, FP16 rest, config.json with quantization_config, tokenizer) → the packed
+                 model reloaded from disk must give the fake-quantized model's logits
+    evaluate     packed model from disk vs the input: accuracy, compression, sparsity, speed, memory, figure
+
+Data: validation rows drive every decision (calibration, staged checks, fine-tuning's best state); test rows and
+test problems give every reported number, so no reported figure was selected on.
+The Prefect tasks in ``tasks/bitnet.py`` call these with store paths; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from phases.bitnet import calibrate as calib
+from phases.bitnet import convert
+from phases.bitnet import evaluate as ev
+from phases.bitnet.finetune import finetune as qat
+from phases.bitnet.packed import load_packed, packed_layers, save_packed
+from phases.bitnet.plots import bitnet_report_png
+from phases.bitnet.settings import BitNetSection
+from phases.cognate.data import Batches, mixed_texts, pack
+from phases.cognate.evaluate import answerable
+from phases.common.config import ModelShape
+from phases.common.hf_io import load_pretrained, save_pretrained
+from phases.common.optim import MuonGrokfastConfig
+from phases.common.sizing import model_size, strategy_for
+from phases.data import dataset_files
+from phases.data import tokenizer as bpe
+
+PLAN = "plan.json"
+REPORT = "report.json"
+FIGURE = "bitnet.png"
+
+
+class Data:
+    """The curriculum cut for Phase 4: validation rows for decisions, test rows and problems for reporting."""
+
+    def __init__(self, curriculum_dir: Path, tokenizer, seq_len: int, sec: BitNetSection):
+        splits = dataset_files.load_splits(curriculum_dir)
+        self.splits, self.tokenizer, self.seq_len = splits, tokenizer, seq_len
+        val_rows = pack([r["text"] for r in splits["validation"]], tokenizer, seq_len)
+        self.select_rows = val_rows[: sec.eval_rows]
+        self.calibration_rows = val_rows[-sec.calibration_rows:]  # the far end: overlaps the check rows least
+        self.test_rows = pack([r["text"] for r in splits["test"]], tokenizer, seq_len)[: sec.eval_rows]
+        problems = answerable(list(splits["test"]))
+        self.problems = problems[:: max(1, len(problems) // sec.accuracy_examples)][: sec.accuracy_examples]
+
+    def train_batches(self, batch_size: int, steps: int, seed: int) -> Batches:
+        """Batches from a shuffled slice of the training split, about 8x what ``steps`` will draw (tokenizing all of
+        it would cost more than the fine-tuning)."""
+        texts = mixed_texts(list(self.splits["train"]), None, seed)
+        return Batches(pack(texts[: max(64, 8 * steps * batch_size)], self.tokenizer, self.seq_len), batch_size, seed)
+
+    def prompts(self, n: int = 2) -> list[torch.Tensor]:
+        return [torch.tensor([self.tokenizer.encode(p["prompt"], add_special_tokens=False)]) for p in self.problems[:n]]
+
+
+def load_tokenizer(model_dir: Path, tokenizer_dir: Path | None):
+    """The model's own tokenizer when its artifact has one (Quiet-STaR adds thinking tokens), else the pipeline's."""
+    if (Path(model_dir) / "tokenizer.json").exists() or tokenizer_dir is None:
+        return bpe.load(model_dir)
+    return bpe.load(tokenizer_dir)
+
+
+def held_out(model, data: Data, with_accuracy: bool = True) -> dict[str, Any]:
+    stats = ev.token_stats(model, data.test_rows)
+    if with_accuracy:
+        acc = ev.task_accuracy(model, data.tokenizer, data.problems)
+        stats |= {"accuracy": acc["accuracy"], "accuracy_n": acc["n"], "accuracy_per_task": acc["per_task"]}
+    return stats
+
+
+def _select_score(data: Data):
+    return lambda m: ev.token_stats(m, data.select_rows)["token_accuracy"]
+
+
+def quantize(model_dir: Path, curriculum_dir: Path, tokenizer_dir: Path | None, sec: BitNetSection, shape: ModelShape,
+             out: Path) -> dict[str, Any]:
+    """Staged, calibrated post-training quantization. Writes the latent (full-precision) weights and plan.json."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    model = load_pretrained(AutoModelForCausalLM, model_dir).eval()
+    tokenizer = load_tokenizer(model_dir, tokenizer_dir)
+    data = Data(curriculum_dir, tokenizer, shape.seq_len, sec)
+    groups = convert.layer_groups(model)
+    if not groups or set(groups) == {"other"}:
+        raise ValueError(f"{model_dir}: no Cognate layer groups (q/k/v/o, mem_out/gate_proj, up/down) to quantize")
+    size = model_size(model)
+    strategy = strategy_for(size, shape)
+    targets = {"category": size.category, "params": size.params,
+               "compression": sec.compression_target or strategy.compression_target,
+               "sparsity": sec.sparsity_target if sec.sparsity_target is not None else strategy.sparsity_target}
+
+    before = held_out(model, data)
+    score = _select_score(data)
+
+    def calibrate(names: list[str]) -> tuple[dict, float]:
+        """Fit the group's output scales; keep them only where they beat plain mean|W| on held-out rows."""
+        layers = {n: model.get_submodule(n) for n in names}
+        fitted = calib.calibrate(model, layers, data.calibration_rows)
+        with_fit = score(model)
+        calib.reset(layers.values())
+        plain = score(model)
+        keep = with_fit > plain
+        if keep:
+            for n, layer in layers.items():
+                layer.out_scale.fill_(fitted[n]["out_scale"])
+        info = {"kept": keep, "score_calibrated": with_fit, "score_absmean": plain, "layers": fitted}
+        return info, max(with_fit, plain)
+
+    stages = convert.staged_quantize(model, score, sec.group_drop_budget, groups, calibrate if sec.calibrate else None)
+    quantized = sorted(convert.bitlinears(model))
+    if not quantized:
+        raise ValueError("every layer group failed its staged check: nothing was quantized "
+                         f"(group budget {sec.group_drop_budget}); see the stage records")
+    after = held_out(model, data)
+    select_before = stages[0]["metric_before"]
+    select_after = next((s["metric_after"] for s in reversed(stages) if not s["kept_fp16"]), select_before)
+
+    plan = {
+        "quantized": quantized,
+        "out_scales": {n: float(m.out_scale) for n, m in convert.bitlinears(model).items()},
+        "fp16_groups": {s["group"]: s["reason"] for s in stages if s["kept_fp16"]},
+        "fp16_modules": {n: f"staged fallback ({s['group']}): {s['reason']}"
+                         for s in stages if s["kept_fp16"] for n in s["modules"]},
+        "select_before": select_before, "select_after_quantization": select_after,
+    }
+    convert.to_linear(model, quantized)  # the latent weights, as a plain Cognate model
+    save_pretrained(model, out)
+    tokenizer.save_pretrained(str(out))
+    (Path(out) / PLAN).write_text(json.dumps(plan, indent=2))
+    return {"targets": targets, "before": before, "after_quantization": after, "stages": stages,
+            "quantized_layers": len(quantized), "fp16_groups": plan["fp16_groups"],
+            "select_before": select_before, "select_after_quantization": select_after,
+            "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
+
+
+def _quantized_model(staged_dir: Path):
+    plan = json.loads((Path(staged_dir) / PLAN).read_text())
+    model = load_pretrained(AutoModelForCausalLM, staged_dir).eval()
+    convert.to_bitlinear(model, plan["quantized"])
+    for name, scale in plan["out_scales"].items():
+        model.get_submodule(name).out_scale.fill_(scale)
+    return model, plan
+
+
+def finetune(staged_dir: Path, curriculum_dir: Path, sec: BitNetSection, shape: ModelShape, seed: int,
+             out: Path) -> dict[str, Any]:
+    """QAT when needed, then the packed artifact; checks the reloaded packed model against the fake-quantized one."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    model, plan = _quantized_model(staged_dir)
+    tokenizer = bpe.load(staged_dir)
+    data = Data(curriculum_dir, tokenizer, shape.seq_len, sec)
+    drop = ev.relative_drop(plan["select_before"], plan["select_after_quantization"])
+    run = sec.finetune_steps > 0 and drop > sec.finetune_threshold
+    verdict = ("fine-tuning" if run else "no fine-tuning needed" if sec.finetune_steps
+               else "fine-tuning disabled (finetune_steps=0)")
+    decision = (f"held-out next-token accuracy dropped {drop:.1%} after quantization "
+                f"({plan['select_before']:.4f} -> {plan['select_after_quantization']:.4f}); threshold "
+                f"{sec.finetune_threshold:.1%}: {verdict}")
+    metrics: dict[str, Any] = {"decision": decision, "finetuned": run, "drop_before_finetune": drop}
+    if run:
+        torch.manual_seed(seed)
+        optim = MuonGrokfastConfig(muon_lr=sec.muon_lr, adam_lr=sec.adam_lr, weight_decay=sec.weight_decay,
+                                   grokfast_alpha=sec.grokfast_alpha, grokfast_lambda=sec.grokfast_lambda)
+        telemetry = Path(out) / "telemetry-finetune.jsonl"
+        batches = data.train_batches(sec.batch_size, sec.finetune_steps, seed)
+        result = qat(model, batches, lambda m: ev.token_stats(m, data.select_rows),
+                     sec.finetune_steps, optim, sec.grad_clip, sec.eval_every, telemetry)
+        metrics["finetune"] = {k: v for k, v in result.items() if k != "history"} | {"history": result["history"]}
+    metrics["after_finetune"] = held_out(model, data, with_accuracy=False)
+
+    probe = data.test_rows[:2]
+    with torch.no_grad():
+        fake_logits = model(probe).logits
+    fp16_reasons = dict(plan["fp16_modules"])
+    save_packed(copy.deepcopy(model), out, fp16_reasons)
+    tokenizer.save_pretrained(str(out))
+    with torch.no_grad():
+        packed_logits = load_packed(out)(probe).logits
+    diff = (packed_logits - fake_logits).abs()
+    metrics["packed_vs_fake_quant"] = {"max_abs_logit_diff": float(diff.max()),
+                                       "mean_abs_logit_diff": float(diff.mean()),
+                                       "logit_scale": float(fake_logits.abs().max()),
+                                       "argmax_agreement": float((packed_logits.argmax(-1) == fake_logits.argmax(-1))
+                                                                 .float().mean())}
+    metrics["seconds"], metrics["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
+    return metrics
+
+
+def evaluate(input_dir: Path, staged_metrics: dict[str, Any], packed_dir: Path, curriculum_dir: Path,
+             sec: BitNetSection, shape: ModelShape, out: Path) -> dict[str, Any]:
+    """The packed model from disk against its FP32 input: every figure of the gates, plus the PNG."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    packed = load_packed(packed_dir)
+    fp32 = load_pretrained(AutoModelForCausalLM, input_dir).eval()
+    data = Data(curriculum_dir, bpe.load(packed_dir), shape.seq_len, sec)
+    qc = packed.config.quantization_config
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    layers = packed_layers(packed)
+    ternary = {n: m.ternary() for n, m in layers.items()}
+
+    after = held_out(packed, data)
+    before = staged_metrics["before"]
+    comp = ev.compression(input_dir, packed_dir, list(layers), ev.input_fp32_bytes(input_dir, fp32),
+                          ev.saved_bytes(fp32, torch.float16), sum(w.numel() for w in ternary.values()))
+    prompts = data.prompts()
+    rates = ev.decode_rates({"fp32": fp32, "packed": packed}, prompts, sec.speed_tokens, sec.speed_repeats)
+    sparsity = ev.sparsity_by_layer(ternary)
+    fp16_linear = [n for n in qc["fp16_modules"] if n.rsplit(".", 1)[-1] not in convert.KEPT_HEADS]
+    report = {
+        "targets": staged_metrics["targets"],
+        "before": before,
+        "after_quantization": staged_metrics["after_quantization"],
+        "packed": after,
+        "accuracy": {
+            "before": before["accuracy"], "after_quantization": staged_metrics["after_quantization"]["accuracy"],
+            "packed": after["accuracy"], "task_accuracy_drop": ev.relative_drop(before["accuracy"], after["accuracy"]),
+            "token_accuracy_drop": ev.relative_drop(before["token_accuracy"], after["token_accuracy"]),
+            "examples": after["accuracy_n"],
+        },
+        "compression": comp,
+        "sparsity": sparsity,
+        "speed": {"fp32_tokens_per_s": rates["fp32"]["tokens_per_s"],
+                  "packed_tokens_per_s": rates["packed"]["tokens_per_s"],
+                  "speedup": rates["packed"]["tokens_per_s"] / rates["fp32"]["tokens_per_s"],
+                  "speedup_cpu_time": rates["packed"]["tokens_per_cpu_s"] / rates["fp32"]["tokens_per_cpu_s"],
+                  "fp32_tokens_per_cpu_s": rates["fp32"]["tokens_per_cpu_s"],
+                  "packed_tokens_per_cpu_s": rates["packed"]["tokens_per_cpu_s"],
+                  "new_tokens": sec.speed_tokens, "prompts": len(prompts), "repeats": sec.speed_repeats,
+                  "threads": torch.get_num_threads()},
+        "memory": {"fp32_resident_bytes": ev.resident_bytes(fp32), "packed_resident_bytes": ev.resident_bytes(packed)},
+        "fp16_layers": qc["fp16_modules"],
+        "stages": [{k: s[k] for k in ("group", "kept_fp16", "drop", "reason")} for s in staged_metrics["stages"]],
+    }
+    report["seconds"], report["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
+    report["memory"]["ratio"] = report["memory"]["fp32_resident_bytes"] / report["memory"]["packed_resident_bytes"]
+    bitnet_report_png(
+        sparsity["per_layer"], fp16_linear, report["targets"]["sparsity"],
+        {"FP32 input": before, "ternary, before fine-tuning": staged_metrics["after_quantization"],
+         "packed, final": after},
+        Path(out) / FIGURE)
+    (Path(out) / REPORT).write_text(json.dumps(report, indent=2))  # an undefined drop is written as NaN
+    return report

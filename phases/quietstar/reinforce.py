@@ -1,0 +1,372 @@
+"""Quiet-STaR reinforcement (step 2): REINFORCE on the thoughts, a learned mixing head, KL to the baked
+model, and anti-theater checks that can stop it.
+
+Per batch of rows x (B, S), with K thoughts of L tokens after every position (thoughts.py):
+
+    reward     r_{i,k} = Σ_{s<n} [ log p_talk(x_{i+1+s} | x_≤i, thought_k) − log p(x_{i+1+s} | x_≤i) ]
+    baseline   r̄_i = mean_k r_{i,k}                                    (Zelikman et al., 2024, eq. 5)
+    policy     L_π  = −mean_{i,k} (r_{i,k} − r̄_i) · Σ_j log π(t_{i,k,j})   (r detached)
+    talk NLL   L_nll = −mean log p_mix(x_{i+1+s} | …),  p_mix from base + w·(talk − base)   (mixing.py)
+    KL         L_kl = mean_i KL(p_θ(·|x_≤i) ‖ p_baked(·|x_≤i))   on the direct (no-thought) predictions
+    loss       L_nll + L_π + β·L_kl          β: the seeds' RL preset 0.1
+
+p_talk is the prediction right after ``[/endthinking]`` before mixing: the reward scores the thought
+itself, so it is informative from the first step (with the mixed prediction it would be 0 while w = 0).
+The KL acts on the direct predictions: it keeps the language model near the baked one without taxing
+the influence thoughts gain through the mixing head (which the anti-theater checks require).
+
+Anti-theater (seeds 004: "divergence < 0.3, ablation < 0.02, correlation < 0.5" is theatre), on
+held-out curriculum problems (``text`` = prompt + answer), answer positions = the positions predicting
+the answer's tokens, the thought after each position greedy:
+- divergence: mean total-variation distance ½·Σ|p_mix − p_direct| over answer positions;
+- ablation: teacher-forced answer accuracy with thoughts minus without (a problem is right when the
+  argmax at every answer position is the answer's token);
+- correlation: at the position before the answer, ``eval_thoughts`` sampled thoughts per problem;
+  quality = the thought's reward over the answer tokens, correct = the mixed argmax gets every answer
+  token right after that thought; both centred per problem, then the pooled Pearson correlation (0 when
+  either has no variance: a correctness no thought changes is not explained by thoughts).
+A thought-blind model (w ≡ 0) scores 0 on all three.
+
+On a failed check: roll back to the last checkpoint that passed (or the start), double β, retry with
+fresh batches; after ``max_retries`` the run stops and the gate fails with the measured figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from phases.cognate.modeling import CognateForCausalLM
+from phases.common.checkpoints import CheckpointManager
+from phases.common.grokfast import GrokfastEMA
+from phases.common.optim import MuonGrokfast, MuonGrokfastConfig
+from phases.common.telemetry import TelemetryWriter
+from phases.quietstar.baking import encode
+from phases.quietstar.mixing import mix
+from phases.quietstar.model import QuietStarForCausalLM, outside_thinking
+from phases.quietstar.thoughts import ThoughtPass, ThoughtSpec, parallel_thoughts
+
+
+class ReinforceError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RLSettings:
+    steps: int = 8
+    batch_size: int = 2
+    thought_count: int = 2
+    thought_length: int = 4
+    n_true: int = 4
+    temperature: float = 1.0
+    optim: MuonGrokfastConfig = field(default_factory=lambda: MuonGrokfastConfig(
+        muon_lr=0.002, adam_lr=5e-4, weight_decay=0.0, grokfast_alpha=0.98, grokfast_lambda=0.1))
+    mixing_lr: float = 1e-3
+    kl_weight: float = 0.1
+    policy_weight: float = 1.0
+    clip_norm: float = 1.0
+    check_every: int = 8
+    max_retries: int = 1
+    eval_thoughts: int = 4
+    min_divergence: float = 0.30
+    min_ablation: float = 0.02
+    min_correlation: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.thought_count < 2:
+            raise ValueError(f"thought_count must be >= 2: the REINFORCE baseline is the mean over a position's "
+                             f"thoughts, so with {self.thought_count} every advantage is 0")
+        if self.eval_thoughts < 2:
+            raise ValueError("eval_thoughts must be >= 2: the correlation check compares thoughts of one problem")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def thought_spec(settings: RLSettings, model: QuietStarForCausalLM, greedy: bool = False, count: int | None = None,
+                 n_true: int | None = None) -> ThoughtSpec:
+    cfg = model.config
+    return ThoughtSpec(count=count or settings.thought_count, length=settings.thought_length,
+                       n_true=n_true or settings.n_true, start_id=cfg.thought_start_id, end_id=cfg.thought_end_id,
+                       temperature=settings.temperature, greedy=greedy, banned=tuple(cfg.thought_banned))
+
+
+# ------------------------------------------------------------------ the objective
+@dataclass
+class Scored:
+    """Mixed and unmixed log-likelihoods of the true continuation, per (b, k, i, s)."""
+
+    tp: ThoughtPass
+    w: torch.Tensor  # (B, K, S, n) mixing weight
+    mixed: torch.Tensor  # (B, K, S, n, V) mixed logits
+    base_at: torch.Tensor  # (B, S, n, V) direct logits for the same tokens
+    lp_mix: torch.Tensor  # (B, K, S, n)
+    lp_talk: torch.Tensor  # (B, K, S, n)
+    lp_base: torch.Tensor  # (B, S, n)
+    valid: torch.Tensor  # (B, S, n) float
+
+    @property
+    def reward(self) -> torch.Tensor:
+        """(B, K, S) gain in log-likelihood of the next n true tokens from the thought."""
+        return ((self.lp_talk - self.lp_base[:, None]) * self.valid[:, None]).sum(-1)
+
+
+def score(model: QuietStarForCausalLM, x: torch.Tensor, spec: ThoughtSpec, generator: torch.Generator | None = None,
+          forced_w: float | None = None) -> Scored:
+    tp = parallel_thoughts(model, x, spec, generator)
+    base_at = tp.base_at_talk(tp.base_logits)
+    w = model.mixing(tp.base_at_talk(tp.base_hidden)[:, None], tp.talk_hidden)
+    outside = outside_thinking(x, spec.start_id, spec.end_id)  # no thought inside a written block (model.py)
+    w = w * tp.base_at_talk(outside)[:, None].to(w.dtype)
+    if forced_w is not None:
+        w = torch.full_like(w, forced_w)
+    mixed = mix(base_at[:, None], tp.talk_logits, w)
+    tgt = tp.targets.clamp(min=0)
+    tk = tgt[:, None].expand_as(w)
+    return Scored(
+        tp=tp, w=w, mixed=mixed, base_at=base_at,
+        lp_mix=torch.log_softmax(mixed.float(), -1).gather(-1, tk[..., None]).squeeze(-1),
+        lp_talk=torch.log_softmax(tp.talk_logits.float(), -1).gather(-1, tk[..., None]).squeeze(-1),
+        lp_base=torch.log_softmax(base_at.float(), -1).gather(-1, tgt[..., None]).squeeze(-1),
+        valid=(tp.targets >= 0).float(),
+    )
+
+
+def reinforce_loss(reward: torch.Tensor, thought_logprobs: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE with the per-position mean over thoughts as baseline: reward (B, K, S), log π of each
+    thought token (B, K, S, L), mask (B, S) of positions that count. Returns (loss, advantage)."""
+    reward = reward.detach()
+    advantage = reward - reward.mean(1, keepdim=True)
+    m = torch.ones_like(reward) if mask is None else mask[:, None].expand_as(reward).to(reward.dtype)
+    loss = -(advantage * thought_logprobs.sum(-1) * m).sum() / m.sum().clamp_min(1)
+    return loss, advantage
+
+
+def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    lp, lq = torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean()
+
+
+def quietstar_loss(model: QuietStarForCausalLM, x: torch.Tensor, spec: ThoughtSpec, ref_logits: torch.Tensor | None,
+                   kl_weight: float, policy_weight: float = 1.0,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of the module docstring for one batch, and what telemetry records."""
+    sc = score(model, x, spec, generator)
+    K = spec.count
+    vm = sc.valid[:, None].expand_as(sc.lp_mix)
+    nll = -(sc.lp_mix * vm).sum() / vm.sum().clamp_min(1)
+    reward = sc.reward.detach()
+    has_target = sc.valid[:, :, 0]
+    policy, advantage = reinforce_loss(reward, sc.tp.thought_logprobs, has_target)
+    has_target = has_target[:, None].expand_as(advantage)
+    kl = kl_to_reference(sc.tp.base_logits, ref_logits) if ref_logits is not None else torch.zeros(())
+    loss = nll + policy_weight * policy + kl_weight * kl
+    stats = {"loss": loss.item(), "nll_mixed": nll.item(), "policy": policy.item(), "kl": kl.item(),
+             "reward_mean": float((reward * has_target).sum() / has_target.sum().clamp_min(1)),
+             "advantage_abs": float((advantage.abs() * has_target).sum() / has_target.sum().clamp_min(1)),
+             "mixing_weight": float((sc.w.detach() * vm).sum() / vm.sum().clamp_min(1)), "thoughts": K}
+    return loss, stats
+
+
+def answer_windows(problems: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
+    """Training rows for reinforcement: the problems' texts joined by EOS, one row per problem made of
+    the ``seq_len`` tokens that end with its answer and EOS, so every row holds the positions where a
+    thought can help most (before the answer) next to ordinary text."""
+    stream: list[int] = []
+    rows = []
+    for p in problems:
+        stream += tokenizer.encode(p["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        if len(stream) >= seq_len:
+            rows.append(stream[len(stream) - seq_len:])
+    if not rows:
+        raise ReinforceError(f"{len(problems)} problems give fewer than {seq_len} tokens: no reinforcement row")
+    return torch.tensor(rows)
+
+
+# ------------------------------------------------------------------ anti-theater
+@dataclass
+class TheaterProblem:
+    ids: torch.Tensor  # (1, S) prompt + answer tokens
+    prompt_len: int
+
+
+def theater_problems(problems: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> list[TheaterProblem]:
+    out = []
+    for p in problems:
+        e = encode({"text": p["text"], "prompt": p["prompt"]}, tokenizer)
+        if 0 < e.prompt_len < len(e.ids):
+            out.append(TheaterProblem(torch.tensor([e.ids]), e.prompt_len))
+    if not out:
+        raise ReinforceError("no held-out problem has both a prompt and an answer to check thoughts on")
+    return out
+
+
+def _pearson(a: list[float], b: list[float]) -> float:
+    n = len(a)
+    if n < 2:
+        return 0.0
+    ma, mb = sum(a) / n, sum(b) / n
+    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    if va <= 1e-12 or vb <= 1e-12:
+        return 0.0
+    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / math.sqrt(va * vb)
+
+
+@torch.no_grad()
+def anti_theater(model: QuietStarForCausalLM, problems: Sequence[TheaterProblem], settings: RLSettings,
+                 forced_w: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """The three checks of the module docstring; ``forced_w`` pins the mixing weight (0: thoughts ignored)."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    tv, right_with, right_without, quality, correct = [], 0, 0, [], []
+    for p in problems:
+        x, a = p.ids, p.prompt_len
+        answer = x[0, a:]
+        at = torch.arange(a - 1, x.shape[1] - 1)  # positions predicting the answer tokens
+        sc = score(model, x, thought_spec(settings, model, greedy=True, count=1, n_true=1), forced_w=forced_w)
+        p_mix = torch.softmax(sc.mixed[0, 0, at, 0].float(), -1)
+        p_dir = torch.softmax(sc.base_at[0, at, 0].float(), -1)
+        tv += (0.5 * (p_mix - p_dir).abs().sum(-1)).tolist()
+        right_with += bool((p_mix.argmax(-1) == answer).all())
+        right_without += bool((p_dir.argmax(-1) == answer).all())
+        n = min(len(answer), settings.n_true)
+        sc = score(model, x[:, : a + n], thought_spec(settings, model, count=settings.eval_thoughts, n_true=n),
+                   generator=g, forced_w=forced_w)
+        q = sc.reward[0, :, a - 1]  # (K,)
+        ok = (sc.mixed[0, :, a - 1].argmax(-1) == answer[:n]).all(-1).float()  # (K,)
+        quality += (q - q.mean()).tolist()
+        correct += (ok - ok.mean()).tolist()
+    model.train(was_training)
+    m = {"divergence": sum(tv) / len(tv), "accuracy_with_thoughts": right_with / len(problems),
+         "accuracy_without_thoughts": right_without / len(problems),
+         "correlation": _pearson(quality, correct), "problems": len(problems)}
+    m["ablation"] = m["accuracy_with_thoughts"] - m["accuracy_without_thoughts"]
+    m["passed"] = (m["divergence"] > settings.min_divergence and m["ablation"] > settings.min_ablation
+                   and m["correlation"] > settings.min_correlation)
+    return m
+
+
+# ------------------------------------------------------------------ the loop
+class _Optimizer:
+    """Muon × Grokfast for the backbone; AdamW + Grokfast for the mixing head (an output head, which
+    Muon's authors leave to AdamW, like the LM head)."""
+
+    def __init__(self, model: QuietStarForCausalLM, s: RLSettings):
+        self.backbone = MuonGrokfast(model.model, s.optim)
+        head = list(model.mixing.parameters())
+        self.head = torch.optim.AdamW(head, lr=s.mixing_lr, weight_decay=0.0)
+        self.head_grokfast = GrokfastEMA(head, s.optim.grokfast_alpha, s.optim.grokfast_lambda)
+
+    def step(self) -> None:
+        self.backbone.step()
+        self.head_grokfast.apply()
+        self.head.step()
+
+    def zero_grad(self) -> None:
+        self.backbone.zero_grad()
+        self.head.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"backbone": self.backbone.state_dict(), "head": self.head.state_dict(),
+                "head_grokfast": self.head_grokfast.state_dict()}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.backbone.load_state_dict(s["backbone"])
+        self.head.load_state_dict(s["head"])
+        self.head_grokfast.load_state_dict(s["head_grokfast"])
+
+
+def reinforce(model: QuietStarForCausalLM, baked: CognateForCausalLM, rows: torch.Tensor,
+              problems: Sequence[TheaterProblem], settings: RLSettings, workdir: Path,
+              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train ``model`` in place; ``baked`` is the frozen KL reference. Resumable from ``workdir``: the
+    latest checkpoint is always the last one whose anti-theater check passed (or the start)."""
+    workdir = Path(workdir)
+    if len(rows) < 1:
+        raise ReinforceError("no training rows for reinforcement")
+    ckpts = CheckpointManager(workdir / "checkpoints", keep_last=2, max_rollbacks=10**9)
+    telemetry = TelemetryWriter(workdir / "telemetry.jsonl")
+    state_file = workdir / "rl_state.json"
+    opt = _Optimizer(model, settings)
+    baked.eval().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    spec = thought_spec(settings, model)
+
+    state = json.loads(state_file.read_text()) if state_file.exists() else {
+        "kl_weight": settings.kl_weight, "retries": 0, "checks": [], "rollbacks": []}
+    latest = ckpts.latest(model)
+    if latest is None:
+        ckpts.save(0, model, opt.state_dict(), 0.0, extra={"good": True})
+        step = 1
+    else:
+        opt.load_state_dict(latest[0])
+        step = latest[1]["step"] + 1
+        telemetry.write(step=step - 1, event="resumed", kl_weight=state["kl_weight"])
+
+    def save_state() -> None:
+        state_file.write_text(json.dumps(state))
+
+    t0, steps_run, last_check = time.perf_counter(), 0, None
+    model.train()
+    while step <= settings.steps:
+        g = torch.Generator().manual_seed(settings.seed * 1_000_003 + 7919 * state["retries"] + step)
+        x = rows[torch.randint(len(rows), (settings.batch_size,), generator=g)]
+        with torch.no_grad():
+            ref_logits = baked(x).logits
+        loss, stats = quietstar_loss(model, x, spec, ref_logits, state["kl_weight"], settings.policy_weight, g)
+        if not math.isfinite(loss.item()):
+            raise ReinforceError(f"non-finite Quiet-STaR loss at step {step} ({stats}): lower rl_lr / rl_muon_lr")
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.clip_norm))
+        opt.step()
+        opt.zero_grad()
+        steps_run += 1
+        record = {"step": step, "lm_loss": stats["nll_mixed"], "grad_norm": grad_norm, "kl_weight": state["kl_weight"],
+                  "lr": settings.optim.adam_lr, "rollback_count": state["retries"], **stats}
+        if step % settings.check_every == 0 or step == settings.steps:
+            check = anti_theater(model, problems, settings, seed=settings.seed + step)
+            last_check = check | {"step": step, "kl_weight": state["kl_weight"]}
+            state["checks"].append(last_check)
+            record["theater"] = check
+            if check["passed"]:
+                ckpts.save(step, model, opt.state_dict(), stats["nll_mixed"], extra={"good": True})
+            elif state["retries"] < settings.max_retries:
+                state["retries"] += 1
+                state["kl_weight"] *= 2
+                opt_state, meta = ckpts.latest(model)
+                opt.load_state_dict(opt_state)
+                state["rollbacks"].append({"at_step": step, "to_step": meta["step"], "new_kl_weight": state["kl_weight"],
+                                           "failed": {k: check[k] for k in ("divergence", "ablation", "correlation")}})
+                save_state()
+                telemetry.write(**record)
+                telemetry.write(step=step, event="anti-theater failed: rolled back, KL doubled",
+                                rollback_count=state["retries"], kl_weight=state["kl_weight"])
+                step = meta["step"] + 1
+                continue
+            else:
+                save_state()
+                telemetry.write(**record)
+                telemetry.write(step=step, event="anti-theater failed: retries used up")
+                break
+            save_state()
+        telemetry.write(**record)
+        if on_progress is not None:
+            on_progress(record | {"total_steps": settings.steps})
+        step += 1
+    if last_check is None:  # resumed after the last check: measure what is there
+        last_check = anti_theater(model, problems, settings, seed=settings.seed) | {"step": step - 1,
+                                                                                   "kl_weight": state["kl_weight"]}
+    return {"final_check": last_check, "checks": state["checks"], "rollbacks": state["rollbacks"],
+            "retries": state["retries"], "kl_weight_final": state["kl_weight"], "steps_run": steps_run,
+            "train_seconds": time.perf_counter() - t0, "telemetry": str(telemetry.path)}

@@ -1,0 +1,120 @@
+"""BitNet tasks: quantize (staged, calibrated), fine-tune and pack, evaluate. Each builds one store artifact whose
+inputs name what it was made from, so the packed model's lineage runs back to the model it compresses:
+
+    bitnet-staged  <- (input model, curriculum, tokenizer)   latent weights + plan.json (which layers, scales)
+    bitnet-model   <- (bitnet-staged, input model, curriculum) the packed artifact (2-bit + FP16, config.json)
+    bitnet-report  <- (bitnet-model, input model, bitnet-staged, curriculum) report.json + bitnet.png
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from phases.bitnet import pipeline
+from phases.common.config import PipelineConfig
+from storage import ArtifactRef, Recipe
+from tasks.runtime import CACHED, producer, record_execution, store
+
+BITNET_CODE_VERSION = "1"
+# What each artifact depends on (gate thresholds are read by the flow only, so changing one never recomputes)
+_QUANTIZE = {"group_drop_budget", "eval_rows", "calibration_rows", "calibrate", "accuracy_examples",
+             "compression_target", "sparsity_target"}
+_FINETUNE = {"eval_rows", "finetune_threshold", "finetune_steps", "batch_size", "muon_lr", "adam_lr", "weight_decay",
+             "grokfast_alpha", "grokfast_lambda", "grad_clip", "eval_every"}
+_EVALUATE = {"eval_rows", "accuracy_examples", "speed_tokens", "speed_repeats"}
+
+
+def _recipe_config(config: PipelineConfig, fields: set[str]) -> dict[str, Any]:
+    return {"bitnet": config.bitnet.model_dump(mode="json", include=fields), "seq_len": config.model.seq_len,
+            "seed": config.seed}
+
+
+@task(name="bitnet-quantize", cache_policy=CACHED, persist_result=True)
+def quantize(config: PipelineConfig, model: ArtifactRef, curriculum: ArtifactRef, tokenizer: ArtifactRef,
+             home: str) -> ArtifactRef:
+    st = store(home)
+    recipe = Recipe(kind="bitnet-staged", inputs=(model.id, curriculum.id, tokenizer.id),
+                    config=_recipe_config(config, _QUANTIZE), code_version=BITNET_CODE_VERSION)
+
+    def build(out):
+        record_execution(home, "bitnet-quantize")
+        return pipeline.quantize(st.load(model), st.load(curriculum), st.load(tokenizer), config.bitnet, config.model,
+                                 out)
+
+    ref = st.get_or_create(recipe, build, producer())
+    m = st.manifest(ref)["metrics"]
+    logger = get_run_logger()
+    for s in m["stages"]:
+        logger.info("staged %s: %s%s", s["group"], "KEPT IN FP16: " if s["kept_fp16"] else "ternary; ", s["reason"])
+    logger.info("held-out next-token accuracy %.4f -> %.4f after quantization (%d ternary layers)",
+                m["before"]["token_accuracy"], m["after_quantization"]["token_accuracy"], m["quantized_layers"])
+    return ref
+
+
+@task(name="bitnet-finetune", cache_policy=CACHED, persist_result=True)
+def finetune(config: PipelineConfig, staged: ArtifactRef, model: ArtifactRef, curriculum: ArtifactRef,
+             home: str) -> ArtifactRef:
+    st = store(home)
+    recipe = Recipe(kind="bitnet-model", inputs=(staged.id, model.id, curriculum.id),
+                    config=_recipe_config(config, _FINETUNE), code_version=BITNET_CODE_VERSION)
+
+    def build(out):
+        record_execution(home, "bitnet-finetune")
+        return pipeline.finetune(st.load(staged), st.load(curriculum), config.bitnet, config.model, config.seed, out)
+
+    ref = st.get_or_create(recipe, build, producer())
+    m = st.manifest(ref)["metrics"]
+    get_run_logger().info("fine-tuning decision: %s; packed vs fake-quantized logits: max |diff| %.4g, arg-max "
+                          "agreement %.4f", m["decision"], m["packed_vs_fake_quant"]["max_abs_logit_diff"],
+                          m["packed_vs_fake_quant"]["argmax_agreement"])
+    return ref
+
+
+@task(name="bitnet-evaluate", cache_policy=CACHED, persist_result=True)
+def evaluate(config: PipelineConfig, model: ArtifactRef, staged: ArtifactRef, packed: ArtifactRef,
+             curriculum: ArtifactRef, home: str) -> ArtifactRef:
+    st = store(home)
+    recipe = Recipe(kind="bitnet-report", inputs=(packed.id, model.id, staged.id, curriculum.id),
+                    config=_recipe_config(config, _EVALUATE), code_version=BITNET_CODE_VERSION)
+
+    def build(out):
+        record_execution(home, "bitnet-evaluate")
+        return pipeline.evaluate(st.load(model), st.manifest(staged)["metrics"], st.load(packed), st.load(curriculum),
+                                 config.bitnet, config.model, out)
+
+    ref = st.get_or_create(recipe, build, producer())
+    report = st.read_json(ref, pipeline.REPORT)
+    png = st.file(ref, pipeline.FIGURE)
+    create_markdown_artifact(key="bitnet-report", description="BitNet: sparsity per layer, accuracy before/after",
+                             markdown=summary_markdown(report)
+                             + f"\n\n![bitnet](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")
+    return ref
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    c, s, a, m = report["compression"], report["speed"], report["accuracy"], report["memory"]
+    lines = [
+        "| figure | FP32 input | packed | ratio |", "|---|---|---|---|",
+        f"| weights file (bytes) | {c['fp32_bytes']:,} | {c['packed_bytes']:,} | {c['ratio_vs_fp32']:.2f}x |",
+        f"| FP16 copy of the input (bytes) | {c['fp16_bytes']:,} | {c['packed_bytes']:,} | {c['ratio_vs_fp16']:.2f}x |",
+        f"| quantized layers (bytes) | {c['quantized_fp32_bytes']:,} | {c['quantized_packed_bytes']:,} | "
+        f"{c['quantized_ratio_vs_fp32']:.2f}x ({c['bits_per_weight']:.3f} bits/weight; ternary limit "
+        f"{c['ternary_limit_bits']:.3f}) |",
+        f"| decode tokens/s | {s['fp32_tokens_per_s']:.1f} | {s['packed_tokens_per_s']:.1f} | {s['speedup']:.2f}x |",
+        f"| resident tensor bytes | {m['fp32_resident_bytes']:,} | {m['packed_resident_bytes']:,} | "
+        f"{m['ratio']:.2f}x |",
+        f"| task accuracy (n={a['examples']}) | {a['before']:.4f} | {a['packed']:.4f} | "
+        f"drop {a['task_accuracy_drop']:.2%} |",
+        f"| next-token accuracy | {report['before']['token_accuracy']:.4f} | "
+        f"{report['packed']['token_accuracy']:.4f} | "
+        f"drop {a['token_accuracy_drop']:.2%} |",
+        f"| perplexity | {report['before']['ppl']:.3f} | {report['packed']['ppl']:.3f} | |",
+        "", f"Sparsity (zero ternary weights): {report['sparsity']['overall']:.2%} overall.", "",
+        "| layer group | kept in FP16 | why |", "|---|---|---|",
+        *[f"| {st['group']} | {'yes' if st['kept_fp16'] else 'no'} | {st['reason']} |" for st in report["stages"]],
+    ]
+    return "\n".join(lines)
