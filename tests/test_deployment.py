@@ -32,7 +32,16 @@ MICRO = {
     "cognate": {"foundation_steps": 6, "stage_steps": 3, "batch_size": 2, "eval_every": 3, "niah_every": 3,
                 "eval_rows": 2, "accuracy_examples": 3, "gate_mode": "lenient"},
     "evomerge": {"generations": 2, "eval_rows": 2, "accuracy_problems": 3, "probe_rows": 1, "gate_mode": "lenient"},
+    "quietstar": {"data_examples_per_pair": 4, "bake_max_steps": 3, "bake_batch_size": 2, "bake_eval_every": 3,
+                  "bake_heldout_examples": 3, "bake_heldout_fraction": 0.2, "thought_count_cap": 2,
+                  "thought_length_cap": 2, "n_true": 2, "rl_steps": 1, "rl_batch_size": 2, "rl_seq_len": 16,
+                  "theater_check_every": 1, "theater_max_retries": 0, "theater_problems": 2, "theater_eval_thoughts": 2,
+                  "eval_problems": 2, "eval_max_new_tokens": 8, "gate_mode": "lenient"},
+    "bitnet": {"eval_rows": 2, "calibration_rows": 2, "accuracy_examples": 3, "finetune_steps": 1, "eval_every": 1,
+               "batch_size": 2, "speed_tokens": 4, "speed_repeats": 1, "gate_mode": "lenient"},
 }
+PHASE_KINDS = ["bitnet-model", "bitnet-report", "bitnet-staged", "evomerge-champion", "quietstar-baked",
+               "quietstar-model", "reasoning-data"]
 SPECIALISTS = {"cognate-specialist:reasoning", "cognate-specialist:memory", "cognate-specialist:speed"}
 
 
@@ -163,8 +172,8 @@ def test_full_deployment_completes_and_second_run_is_cached(stack):
     assert first["state"]["type"] == "COMPLETED", stack.log("worker")
     store = ArtifactStore(stack.home)
     kinds = sorted(m["kind"] for m in store.list())
-    assert kinds == ["cognate-base", "cognate-model", "cognate-model", "cognate-model", "curriculum",
-                     "evomerge-champion", "tokenizer"]
+    assert kinds == sorted(["cognate-base", "cognate-model", "cognate-model", "cognate-model", "curriculum",
+                            "tokenizer", *PHASE_KINDS])
     before = _snapshot(stack.home)
     executions = len(read_journal(str(stack.home)))
 
@@ -203,9 +212,10 @@ def test_failed_run_is_retried_like_the_ui_and_resumes(stack, tmp_path):
 
     ran_after = [e["task"] for e in read_journal(str(home))][len(ran_before):]
     assert set(ran_after[:3]) == SPECIALISTS and ran_after[3:5] == ["cognate-evaluate", "wandb:cognate"]
-    # then EvoMerge, for the first time: inputs, 8 + 10 candidates, the champion, W&B
-    assert ran_after[5] == "evomerge-measure-inputs" and ran_after[-2:] == ["evomerge-champion", "wandb:evomerge"]
+    # then EvoMerge, Quiet-STaR and BitNet, for the first time
+    assert ran_after[5] == "evomerge-measure-inputs" and "evomerge-champion" in ran_after
     assert sum(t.startswith("evomerge-fitness:") for t in ran_after) >= 8
+    assert ran_after[-1] == "wandb:bitnet" and {"wandb:evomerge", "wandb:quietstar", "quietstar-data"} <= set(ran_after)
     states = stack.task_states(run_id)
     assert states["cognate-foundation"] == "Cached", states
     assert states["cognate-specialist"] == "Completed" and states["cognate-evaluate"] == "Completed", states

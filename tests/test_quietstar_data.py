@@ -328,5 +328,9 @@ def test_task_resumes_after_the_cap_and_never_leaks_the_key(prefect_harness, pro
 async def _prefect_logs() -> list[str]:
     from prefect.client.orchestration import get_client
 
+    # every log of the session's API (other tests share it), page by page: the newest may be past the first page
+    messages: list[str] = []
     async with get_client() as client:
-        return [log.message for log in await client.read_logs(limit=200)]
+        while page := await client.read_logs(limit=200, offset=len(messages)):
+            messages += [log.message for log in page]
+    return messages

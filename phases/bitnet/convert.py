@@ -1,10 +1,12 @@
 """Which layers of a Cognate model become ternary, and staged quantization, layer group by layer group.
 
-What stays in FP16 (the seeds: embeddings, LM head, layer norms), and the rest of Cognate:
+The seeds quantize the attention and FFN layers and keep the embeddings, the LM head and the layer norms in FP16.
+So the linear layers inside the decoder layers (``layers.N.*``) become ternary, and every linear outside them is a
+head and stays FP16 with the LM head:
 - ``embed_tokens`` / ``lm_head`` (tied) and every RMSNorm: FP16, untouched.
-- ``halt_head`` (d → 1): the ACT halting head is an output head like the LM head: one logit per position whose
-  sigmoid decides how many recursion steps run. Ternary would shift every halting decision to save 0.02% of the
-  weights.
+- ``halt_head`` (d → 1): the ACT halting head: one logit per position whose sigmoid decides how many recursion
+  steps run. Ternary would shift every halting decision to save 0.02% of the weights.
+- Quiet-STaR's mixing head (2d → d → 1), which weighs the post-thought prediction: an output head too.
 - ``persistent_memory`` (n_persistent × d): learned tokens, read like embeddings (keys and values are projected
   from them): FP16.
 - The neural memory (memory.py). Its W, S, A matrices are state, not stored weights: they are written at test time
@@ -14,7 +16,7 @@ What stays in FP16 (the seeds: embeddings, LM head, layer norms), and the rest o
   linear layers and are quantized: its keys, values and queries come from the attention's k/v/q projections, and
   its read goes out through ``mem_out``; the MAG gate ``gate_proj`` mixes the two branches. Both go in the layer's
   "memory" group, so the staged check can keep them in FP16 if the memory path suffers.
-Every other nn.Linear (attention q/k/v/o, SwiGLU up/down) becomes a BitLinear.
+The other linear layers of a decoder layer (attention q/k/v/o, SwiGLU up/down) become BitLinear.
 
 Staged quantization (the seeds' mitigation for an accuracy drop > 10%): groups are quantized one after another,
 each checked on held-out data against the model before it; a group that costs more than its budget goes back to
@@ -31,25 +33,30 @@ from torch import nn
 
 from phases.bitnet.bitlinear import BitLinear
 
-KEPT_HEADS = ("lm_head", "halt_head")
+HEAD_REASON = "outside the decoder layers: an output head, kept in FP16 like the LM head"
+_IN_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 _GROUP_OF = (("attention", ("q_proj", "k_proj", "v_proj", "o_proj")), ("memory", ("mem_out", "gate_proj")),
              ("mlp", ("up_proj", "down_proj")))
 
 
 def quantizable(model: nn.Module) -> list[str]:
-    """Names of the linear layers that become ternary (nn.Linear, or already BitLinear)."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in KEPT_HEADS]
+    """Names of the linear layers that become ternary (nn.Linear, or already BitLinear): those of the decoder layers."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _IN_LAYER.search(name)]
+
+
+def kept_heads(model: nn.Module) -> list[str]:
+    """The linear layers outside the decoder layers (LM head, halting head, mixing head)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _IN_LAYER.search(name)]
 
 
 def group_of(name: str) -> str:
-    """'model.layers.1.q_proj' -> 'layers.1.attention'."""
-    match = re.search(r"layers\.(\d+)\.(\w+)$", name)
-    if match:
-        for group, members in _GROUP_OF:
-            if match.group(2) in members:
-                return f"layers.{match.group(1)}.{group}"
-    return "other"
+    """'model.layers.1.q_proj' -> 'layers.1.attention'; a layer's linear that is none of Cognate's goes to
+    'layers.1.other'."""
+    match = _IN_LAYER.search(name)
+    if match is None:
+        raise ValueError(f"{name} is not inside a decoder layer")
+    layer, leaf = match.group(1), match.group(2).rsplit(".", 1)[-1]
+    return f"layers.{layer}." + next((g for g, members in _GROUP_OF if leaf in members), "other")
 
 
 def layer_groups(model: nn.Module) -> dict[str, list[str]]:

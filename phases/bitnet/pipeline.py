@@ -94,8 +94,8 @@ def quantize(model_dir: Path, curriculum_dir: Path, tokenizer_dir: Path | None, 
     tokenizer = load_tokenizer(model_dir, tokenizer_dir)
     data = Data(curriculum_dir, tokenizer, shape.seq_len, sec)
     groups = convert.layer_groups(model)
-    if not groups or set(groups) == {"other"}:
-        raise ValueError(f"{model_dir}: no Cognate layer groups (q/k/v/o, mem_out/gate_proj, up/down) to quantize")
+    if not groups:
+        raise ValueError(f"{model_dir}: no linear layer inside a decoder layer (model.layers.N) to quantize")
     size = model_size(model)
     strategy = strategy_for(size, shape)
     targets = {"category": size.category, "params": size.params,
@@ -218,7 +218,7 @@ def evaluate(input_dir: Path, staged_metrics: dict[str, Any], packed_dir: Path, 
     prompts = data.prompts()
     rates = ev.decode_rates({"fp32": fp32, "packed": packed}, prompts, sec.speed_tokens, sec.speed_repeats)
     sparsity = ev.sparsity_by_layer(ternary)
-    fp16_linear = [n for n in qc["fp16_modules"] if n.rsplit(".", 1)[-1] not in convert.KEPT_HEADS]
+    fp16_linear = [n for n in qc["fp16_modules"] if n not in convert.kept_heads(packed)]
     report = {
         "targets": staged_metrics["targets"],
         "before": before,
