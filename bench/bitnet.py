@@ -4,7 +4,7 @@
 
 --model: a saved Cognate directory (default: the newest quietstar-model / evomerge-champion / cognate-model in the
 store at $AGENT_FORGE_HOME, else a randomly initialised model of the tiny preset's shape; speed, memory and bytes do
-not depend on training). --packed: its packed artifact (default: packed here, every linear layer but the heads,
+not depend on training). --packed: its packed artifact (default: packed here, every linear layer but the LM head,
 without calibration or fine-tuning, which change values, not sizes).
 
 Each model decodes in its own subprocess on the same prompts: greedy, ``--tokens`` new tokens forced, decode cache,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -107,20 +108,26 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], args.tokens, args.repeats, args.prompts)))
         return
+    tmp = Path(tempfile.mkdtemp(prefix="bitnet-bench-"))
+    try:
+        report(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
+
+def report(args: argparse.Namespace, tmp: Path) -> None:
     import torch
 
     from phases.bitnet import evaluate as ev
     from phases.bitnet.packed import load_packed, packed_layers
     from phases.cognate import CognateForCausalLM
 
-    tmp = Path(tempfile.mkdtemp(prefix="bitnet-bench-"))
     model_dir = Path(args.model) if args.model else _newest_model()
     source = str(model_dir) if model_dir else "random init, tiny preset shape"
     model_dir = model_dir or _random_tiny(tmp / "fp32")
     packed_dir = Path(args.packed) if args.packed else _pack_all(model_dir, tmp / "packed")
-    how = "" if args.packed else " (every linear but the heads, plain absmean)"
-    print(f"input:  {source}\npacked: {packed_dir}{how}")
+    how = "" if args.packed else " (every linear but the LM head, plain absmean)"
+    print(f"input:  {source}\npacked: {args.packed or 'a temporary directory'}{how}")
 
     fp32 = CognateForCausalLM.from_pretrained(model_dir)
     packed = load_packed(packed_dir)
@@ -138,7 +145,8 @@ def main() -> None:
     print(f"quantized layers alone: {comp['quantized_fp32_bytes']:,} B FP32 -> {comp['quantized_packed_bytes']:,} B "
           f"packed ({comp['quantized_ratio_vs_fp32']:.2f}x); {comp['bits_per_weight']:.3f} bits/weight incl. scales "
           f"and biases (2-bit packing: 2.000; ternary limit log2(3) = {comp['ternary_limit_bits']:.3f})")
-    print(f"kept in FP16 (embeddings/LM head, norms, heads, memory gates): {comp['kept_bytes']:,} B = "
+    print(f"kept in FP16 (tied embeddings/LM head, norms, persistent memory, memory gates, fallbacks): "
+          f"{comp['kept_bytes']:,} B = "
           f"{comp['kept_bytes'] / comp['packed_bytes']:.1%} of the packed file")
 
     runs: dict[str, list[dict]] = {"fp32": [], "packed": []}

@@ -188,7 +188,9 @@ def test_packed_artifact_loads_with_from_pretrained_and_generates(packed_run):
     cfg = json.loads((root / "packed" / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert qc["quant_method"] == "bitnet_ternary" and qc["weight_bits"] == 1.58
-    assert "lm_head" in qc["fp16_modules"] and "model.halt_head" in qc["fp16_modules"]
+    assert "lm_head" in qc["fp16_modules"] and "lm_head" not in qc["quantized_modules"]
+    # the halting head is quantized in its own staged group, or kept in FP16 by that group's check
+    assert "model.halt_head" in qc["quantized_modules"] or "staged fallback" in qc["fp16_modules"]["model.halt_head"]
     model = AutoModelForCausalLM.from_pretrained(root / "packed").eval()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedBitLinear)}
     assert sorted(layers) == sorted(qc["quantized_modules"]) and layers
@@ -210,7 +212,7 @@ def test_layers_kept_in_fp16_are_untouched_byte_for_byte(packed_run):
     qc = json.loads((root / "packed" / "config.json").read_text())["quantization_config"]
     kept = [k for k in original if k.rsplit(".", 1)[0] not in qc["quantized_modules"]]
     for must in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.attn_norm.weight",
-                 "model.layers.1.mlp_norm.weight", "model.halt_head.weight", "model.layers.0.persistent_memory",
+                 "model.layers.1.mlp_norm.weight", "model.layers.0.persistent_memory",
                  "model.layers.0.memory.theta_logit"):
         assert must in kept
     for key in kept:
@@ -361,3 +363,35 @@ def test_packing_a_model_without_bitlinear_is_an_error(micro, tmp_path):
         save_packed(model, tmp_path / "x")
     with pytest.raises(ValueError, match="not a packed BitNet artifact"):
         load_packed(root / "model")
+
+
+def test_a_quietstar_model_packs_with_its_mixing_head_ternary_and_keeps_thinking(micro, tmp_path):
+    """The pipeline's usual input: a Cognate with Quiet-STaR's thoughts and mixing head."""
+    from phases.quietstar.model import QuietStarForCausalLM, quietstar_config
+
+    root, config = micro
+    base = AutoModelForCausalLM.from_pretrained(root / "model")
+    vocab = base.config.vocab_size
+    qs = QuietStarForCausalLM(quietstar_config(base.config, thought_length=2, start_id=vocab - 2, end_id=vocab - 1,
+                                               banned=[]))
+    missing, _ = qs.load_state_dict(base.state_dict(), strict=False)
+    assert all(k.startswith("mixing.") for k in missing)
+    with torch.no_grad():
+        qs.mixing.net[-1].weight.fill_(0.01)  # thoughts carry some weight, as after RL
+    qs.eval().save_pretrained(tmp_path / "qs")
+    bpe.load(root / "tok").save_pretrained(str(tmp_path / "qs"))
+    for d in ("staged", "packed"):
+        (tmp_path / d).mkdir()
+    sec = SEC.model_copy(update={"finetune_threshold": 10.0, "accuracy_examples": 2})
+    staged = bp.quantize(tmp_path / "qs", root / "cur", None, sec, config.model, tmp_path / "staged")
+    assert {"head.halt_head", "head.mixing"} <= {s["group"] for s in staged["stages"]}
+    assert json.loads((tmp_path / "staged" / "config.json").read_text())["thoughts_enabled"] is True
+    tuned = bp.finetune(tmp_path / "staged", root / "cur", sec, config.model, 0, tmp_path / "packed")
+    assert tuned["packed_vs_fake_quant"]["argmax_agreement"] > 0.95
+    packed = load_packed(tmp_path / "packed")
+    assert type(packed).__name__ == "QuietStarForCausalLM" and packed.config.thoughts_enabled
+    qc = packed.config.quantization_config.to_dict()
+    assert "mixing.net.0" in qc["quantized_modules"] or "mixing" in qc["fp16_modules"]["mixing.net.0"]
+    ids = torch.tensor([bpe.load(root / "tok").encode("Question: What is 2 + 3?\nAnswer:")])
+    out = packed.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + 3

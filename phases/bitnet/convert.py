@@ -1,12 +1,8 @@
 """Which layers of a Cognate model become ternary, and staged quantization, layer group by layer group.
 
-The seeds quantize the attention and FFN layers and keep the embeddings, the LM head and the layer norms in FP16.
-So the linear layers inside the decoder layers (``layers.N.*``) become ternary, and every linear outside them is a
-head and stays FP16 with the LM head:
+BitLinear replaces every linear layer but the LM head; the embeddings, the LM head and the norms stay FP16, as the
+seeds specify. In a Cognate (or a Quiet-STaR Cognate) that means:
 - ``embed_tokens`` / ``lm_head`` (tied) and every RMSNorm: FP16, untouched.
-- ``halt_head`` (d → 1): the ACT halting head: one logit per position whose sigmoid decides how many recursion
-  steps run. Ternary would shift every halting decision to save 0.02% of the weights.
-- Quiet-STaR's mixing head (2d → d → 1), which weighs the post-thought prediction: an output head too.
 - ``persistent_memory`` (n_persistent × d): learned tokens, read like embeddings (keys and values are projected
   from them): FP16.
 - The neural memory (memory.py). Its W, S, A matrices are state, not stored weights: they are written at test time
@@ -16,7 +12,11 @@ head and stays FP16 with the LM head:
   linear layers and are quantized: its keys, values and queries come from the attention's k/v/q projections, and
   its read goes out through ``mem_out``; the MAG gate ``gate_proj`` mixes the two branches. Both go in the layer's
   "memory" group, so the staged check can keep them in FP16 if the memory path suffers.
-The other linear layers of a decoder layer (attention q/k/v/o, SwiGLU up/down) become BitLinear.
+- In each decoder layer, attention q/k/v/o ("attention"), mem_out/gate_proj ("memory") and SwiGLU up/down ("mlp")
+  are the groups.
+- The heads outside the layers are quantized too, each its own group, so the staged check keeps one in FP16 when
+  ternary costs too much: ``halt_head`` (d → 1, the ACT halting logit) and Quiet-STaR's mixing head (2d → d → 1,
+  the weight of the post-thought prediction; at 7% of a tiny model's weights, keeping it FP16 would cost the 6x).
 
 Staged quantization (the seeds' mitigation for an accuracy drop > 10%): groups are quantized one after another,
 each checked on held-out data against the model before it; a group that costs more than its budget goes back to
@@ -33,28 +33,32 @@ from torch import nn
 
 from phases.bitnet.bitlinear import BitLinear
 
-HEAD_REASON = "outside the decoder layers: an output head, kept in FP16 like the LM head"
+LM_HEAD_REASON = "the LM head (tied to the embeddings): FP16, as the seeds specify"
 _IN_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 _GROUP_OF = (("attention", ("q_proj", "k_proj", "v_proj", "o_proj")), ("memory", ("mem_out", "gate_proj")),
              ("mlp", ("up_proj", "down_proj")))
 
 
+def lm_heads(model: nn.Module) -> list[str]:
+    """The output embedding module, and any linear sharing its weight or the input embedding's."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = {id(m.weight) for m in (out, inp) if m is not None}
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (m is out or id(m.weight) in tied)]
+
+
 def quantizable(model: nn.Module) -> list[str]:
-    """Names of the linear layers that become ternary (nn.Linear, or already BitLinear): those of the decoder layers."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _IN_LAYER.search(name)]
-
-
-def kept_heads(model: nn.Module) -> list[str]:
-    """The linear layers outside the decoder layers (LM head, halting head, mixing head)."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _IN_LAYER.search(name)]
+    """Names of the linear layers that become ternary (nn.Linear, or already BitLinear): all but the LM head."""
+    keep = set(lm_heads(model))
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in keep]
 
 
 def group_of(name: str) -> str:
-    """'model.layers.1.q_proj' -> 'layers.1.attention'; a layer's linear that is none of Cognate's goes to
-    'layers.1.other'."""
+    """'model.layers.1.q_proj' -> 'layers.1.attention' (a layer's linear that is none of Cognate's goes to
+    'layers.1.other'); outside the layers: 'model.halt_head' -> 'head.halt_head', 'mixing.net.0' -> 'head.mixing'."""
     match = _IN_LAYER.search(name)
     if match is None:
-        raise ValueError(f"{name} is not inside a decoder layer")
+        return "head." + name.removeprefix("model.").split(".", 1)[0]
     layer, leaf = match.group(1), match.group(2).rsplit(".", 1)[-1]
     return f"layers.{layer}." + next((g for g, members in _GROUP_OF if leaf in members), "other")
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 import phases.cognate  # noqa: F401  (registers Cognate with the Auto classes)
 import phases.quietstar.model  # noqa: F401  (and Quiet-STaR's Cognate, the pipeline's usual input)
 from phases.bitnet.bitlinear import BitLinear, PackedBitLinear
-from phases.bitnet.convert import HEAD_REASON, kept_heads, quantizable
+from phases.bitnet.convert import LM_HEAD_REASON, lm_heads, quantizable
 from phases.bitnet.hf_quant import TernaryConfig, register
 from phases.common.hf_io import load_pretrained, save_pretrained
 
@@ -35,8 +35,8 @@ def pack_model(model: PreTrainedModel, fp16_reasons: dict[str, str] | None = Non
             quantized.append(name)
         else:
             fp16_reasons.setdefault(name, "not quantized")
-    for name in kept_heads(model):
-        fp16_reasons.setdefault(name, HEAD_REASON)
+    for name in lm_heads(model):
+        fp16_reasons.setdefault(name, LM_HEAD_REASON)
     if not quantized:
         raise ValueError("pack_model: the model has no BitLinear layer; quantize it first (convert.to_bitlinear)")
     _to_storage_dtype(model)

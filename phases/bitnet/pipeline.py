@@ -9,6 +9,10 @@
 
 Data: validation rows drive every decision (calibration, staged checks, fine-tuning's best state); test rows and
 test problems give every reported number, so no reported figure was selected on.
+
+A Quiet-STaR model thinks (L thought tokens) at every position when its thoughts are on, so a pass costs about
+L + 2 passes of its decoder. Decisions and fine-tuning run the base path (thoughts off: the same decoder layers,
+once per position); every reported figure (held-out quality, accuracy, speed) runs the model as it is configured.
 The Prefect tasks in ``tasks/bitnet.py`` call these with store paths; tests call them directly.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +87,19 @@ def held_out(model, data: Data, with_accuracy: bool = True) -> dict[str, Any]:
     return stats
 
 
+@contextmanager
+def base_path(model):
+    """Thoughts off for the duration (a no-op for a model without them)."""
+    thinking = getattr(model.config, "thoughts_enabled", None)
+    if thinking:
+        model.config.thoughts_enabled = False
+    try:
+        yield model
+    finally:
+        if thinking:
+            model.config.thoughts_enabled = thinking
+
+
 def _select_score(data: Data):
     return lambda m: ev.token_stats(m, data.select_rows)["token_accuracy"]
 
@@ -95,7 +113,7 @@ def quantize(model_dir: Path, curriculum_dir: Path, tokenizer_dir: Path | None, 
     data = Data(curriculum_dir, tokenizer, shape.seq_len, sec)
     groups = convert.layer_groups(model)
     if not groups:
-        raise ValueError(f"{model_dir}: no linear layer inside a decoder layer (model.layers.N) to quantize")
+        raise ValueError(f"{model_dir}: no linear layer but the LM head: nothing to quantize")
     size = model_size(model)
     strategy = strategy_for(size, shape)
     targets = {"category": size.category, "params": size.params,
@@ -119,7 +137,9 @@ def quantize(model_dir: Path, curriculum_dir: Path, tokenizer_dir: Path | None, 
         info = {"kept": keep, "score_calibrated": with_fit, "score_absmean": plain, "layers": fitted}
         return info, max(with_fit, plain)
 
-    stages = convert.staged_quantize(model, score, sec.group_drop_budget, groups, calibrate if sec.calibrate else None)
+    with base_path(model):
+        stages = convert.staged_quantize(model, score, sec.group_drop_budget, groups,
+                                         calibrate if sec.calibrate else None)
     quantized = sorted(convert.bitlinears(model))
     if not quantized:
         raise ValueError("every layer group failed its staged check: nothing was quantized "
@@ -170,25 +190,24 @@ def finetune(staged_dir: Path, curriculum_dir: Path, sec: BitNetSection, shape: 
                 f"({plan['select_before']:.4f} -> {plan['select_after_quantization']:.4f}); threshold "
                 f"{sec.finetune_threshold:.1%}: {verdict}")
     metrics: dict[str, Any] = {"decision": decision, "finetuned": run, "drop_before_finetune": drop}
-    if run:
-        torch.manual_seed(seed)
-        optim = MuonGrokfastConfig(muon_lr=sec.muon_lr, adam_lr=sec.adam_lr, weight_decay=sec.weight_decay,
-                                   grokfast_alpha=sec.grokfast_alpha, grokfast_lambda=sec.grokfast_lambda)
-        telemetry = Path(out) / "telemetry-finetune.jsonl"
-        batches = data.train_batches(sec.batch_size, sec.finetune_steps, seed)
-        result = qat(model, batches, lambda m: ev.token_stats(m, data.select_rows),
-                     sec.finetune_steps, optim, sec.grad_clip, sec.eval_every, telemetry)
-        metrics["finetune"] = {k: v for k, v in result.items() if k != "history"} | {"history": result["history"]}
-    metrics["after_finetune"] = held_out(model, data, with_accuracy=False)
-
     probe = data.test_rows[:2]
-    with torch.no_grad():
-        fake_logits = model(probe).logits
-    fp16_reasons = dict(plan["fp16_modules"])
-    save_packed(copy.deepcopy(model), out, fp16_reasons)
+    with base_path(model):
+        if run:
+            torch.manual_seed(seed)
+            optim = MuonGrokfastConfig(muon_lr=sec.muon_lr, adam_lr=sec.adam_lr, weight_decay=sec.weight_decay,
+                                       grokfast_alpha=sec.grokfast_alpha, grokfast_lambda=sec.grokfast_lambda)
+            telemetry = Path(out) / "telemetry-finetune.jsonl"
+            batches = data.train_batches(sec.batch_size, sec.finetune_steps, seed)
+            result = qat(model, batches, lambda m: ev.token_stats(m, data.select_rows),
+                         sec.finetune_steps, optim, sec.grad_clip, sec.eval_every, telemetry)
+            metrics["finetune"] = result
+        metrics["after_finetune_base_path"] = held_out(model, data, with_accuracy=False)
+        with torch.no_grad():
+            fake_logits = model(probe).logits
+    save_packed(copy.deepcopy(model), out, dict(plan["fp16_modules"]))
     tokenizer.save_pretrained(str(out))
-    with torch.no_grad():
-        packed_logits = load_packed(out)(probe).logits
+    with torch.no_grad(), base_path(load_packed(out)) as packed:
+        packed_logits = packed(probe).logits
     diff = (packed_logits - fake_logits).abs()
     metrics["packed_vs_fake_quant"] = {"max_abs_logit_diff": float(diff.max()),
                                        "mean_abs_logit_diff": float(diff.mean()),
@@ -218,7 +237,7 @@ def evaluate(input_dir: Path, staged_metrics: dict[str, Any], packed_dir: Path, 
     prompts = data.prompts()
     rates = ev.decode_rates({"fp32": fp32, "packed": packed}, prompts, sec.speed_tokens, sec.speed_repeats)
     sparsity = ev.sparsity_by_layer(ternary)
-    fp16_linear = [n for n in qc["fp16_modules"] if n not in convert.kept_heads(packed)]
+    fp16_linear = [n for n in qc["fp16_modules"] if n not in convert.lm_heads(packed)]
     report = {
         "targets": staged_metrics["targets"],
         "before": before,

@@ -38,9 +38,9 @@ class BitNetSection(BaseModel):
     grad_clip: float = Field(default=1.0, gt=0)
     eval_every: int = Field(default=4, ge=1, description="held-out check during fine-tuning; the best state is kept")
     # --- evaluation and gates
-    accuracy_examples: int = Field(default=24, ge=1, description="held-out problems decoded before and after")
-    speed_tokens: int = Field(default=16, ge=1, description="tokens decoded per timed generation")
-    speed_repeats: int = Field(default=3, ge=1)
+    accuracy_examples: int = Field(default=16, ge=1, description="held-out problems decoded before and after")
+    speed_tokens: int = Field(default=8, ge=1, description="tokens decoded per timed generation")
+    speed_repeats: int = Field(default=2, ge=1)
     max_accuracy_drop: float = Field(default=0.10, ge=0, description="gate: relative drop in held-out accuracy")
     min_speedup: float = Field(default=2.0, gt=0, description="gate: packed vs FP32 decode tokens/s (seeds: 2x)")
     compression_target: float | None = Field(default=None, gt=0, description="empty: the size-adaptive strategy's")
@@ -54,5 +54,5 @@ class BitNetSection(BaseModel):
 
 SMALL: dict[str, Any] = {
     "eval_rows": 64, "calibration_rows": 32, "finetune_steps": 500, "batch_size": 16, "eval_every": 50,
-    "accuracy_examples": 300, "speed_tokens": 64, "group_drop_budget": 0.10, "gate_mode": None,
+    "accuracy_examples": 300, "speed_tokens": 64, "speed_repeats": 3, "group_drop_budget": 0.10, "gate_mode": None,
 }
