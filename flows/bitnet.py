@@ -12,10 +12,10 @@ from flows.prepare import Prepared, prepare
 from phases.bitnet.gates import bitnet_gates
 from phases.bitnet.pipeline import FIGURE, REPORT
 from phases.common.config import PipelineConfig
-from storage import ArtifactNotFound, ArtifactRef
+from storage import ArtifactRef
 from tasks.bitnet import evaluate, finetune, quantize
 from tasks.gates import enforce_gates, publish_gates
-from tasks.runtime import resolve_home, store
+from tasks.runtime import latest_artifact, resolve_home, store
 from tasks.tracking import log_phase_boundary
 
 # the pipeline's order: the latest phase's output is what BitNet compresses
@@ -31,14 +31,7 @@ class BitNet(BaseModel):
 
 def latest_model(home: str) -> ArtifactRef:
     """The newest readable artifact of the first kind in INPUT_KINDS that the store holds."""
-    st = store(home)
-    for kind in INPUT_KINDS:
-        found = [m for m in st.list(kind) if "error" not in m]
-        if found:
-            return st.ref(found[-1]["id"])
-    raise ArtifactNotFound(f"bitnet needs a model to quantize and the store at {home} has none of the kinds "
-                           f"{', '.join(INPUT_KINDS)}: run `agent-forge run cognate` first, or pass "
-                           "model=<ArtifactRef>")
+    return latest_artifact(home, INPUT_KINDS, "bitnet needs a model to quantize")
 
 
 @flow(name="bitnet", persist_result=True)

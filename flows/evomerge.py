@@ -22,7 +22,7 @@ from phases.evomerge.merge import Checkpoint
 from storage import ArtifactError, ArtifactRef, ArtifactStore
 from tasks.evomerge import champion_recipe, evaluate_candidate, measure_inputs, run_summary, store_champion
 from tasks.gates import enforce_gates, publish_gates
-from tasks.runtime import resolve_home, store
+from tasks.runtime import resolve_home, store, work_dir
 from tasks.tracking import log_phase_boundary
 
 SPECIALIST_ORDER = ("reasoning", "memory", "speed")
@@ -74,7 +74,7 @@ def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None,
     sec = config.evomerge
     weights = prepared.strategy["fitness_weights"]
     recipe = champion_recipe(config, base, inputs, prepared.curriculum)
-    state_dir = st.root / "work" / recipe.kind / recipe.key
+    state_dir = work_dir(home, recipe)
 
     existing = st.find(recipe)
     if existing is None:

@@ -11,11 +11,11 @@ from pydantic import BaseModel
 from flows.prepare import Prepared, prepare
 from phases.common.config import PipelineConfig
 from phases.quietstar.gates import quietstar_gates
-from storage import ArtifactNotFound, ArtifactRef
+from storage import ArtifactRef
 from tasks.gates import enforce_gates, publish_gates
 from tasks.quietstar import bake, evaluate, reinforce
 from tasks.quietstar_data import generate_reasoning_data
-from tasks.runtime import resolve_home, store
+from tasks.runtime import latest_artifact, resolve_home, store
 from tasks.tracking import log_phase_boundary
 
 INPUT_KINDS = ("evomerge-champion", "cognate-model")  # the pipeline's order: the latest phase's output
@@ -30,13 +30,7 @@ class QuietStar(BaseModel):
 
 
 def latest_model(home: str) -> ArtifactRef:
-    st = store(home)
-    for kind in INPUT_KINDS:
-        found = [m for m in st.list(kind) if "error" not in m]
-        if found:
-            return st.ref(found[-1]["id"])
-    raise ArtifactNotFound(f"quietstar needs a model and the store at {home} has none of the kinds "
-                           f"{', '.join(INPUT_KINDS)}: run `agent-forge run cognate` first, or pass model=<ArtifactRef>")
+    return latest_artifact(home, INPUT_KINDS, "quietstar needs a model")
 
 
 @flow(name="quietstar", persist_result=True)

@@ -8,7 +8,6 @@ inputs name what it was made from, so the packed model's lineage runs back to th
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -17,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from phases.bitnet import pipeline
 from phases.common.config import PipelineConfig
 from storage import ArtifactRef, Recipe
-from tasks.runtime import CACHED, producer, record_execution, store
+from tasks.runtime import CACHED, png_markdown, producer, record_execution, store
 
 BITNET_CODE_VERSION = "1"
 # What each artifact depends on (gate thresholds are read by the flow only, so changing one never recomputes)
@@ -91,7 +90,7 @@ def evaluate(config: PipelineConfig, model: ArtifactRef, staged: ArtifactRef, pa
     png = st.file(ref, pipeline.FIGURE)
     create_markdown_artifact(key="bitnet-report", description="BitNet: sparsity per layer, accuracy before/after",
                              markdown=summary_markdown(report)
-                             + f"\n\n![bitnet](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")
+                             + "\n\n" + png_markdown(png, "bitnet"))
     return ref
 
 

@@ -4,8 +4,6 @@ from its latest good checkpoint when the flow is retried, and a finished one com
 
 from __future__ import annotations
 
-import base64
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from phases.cognate import pipeline
 from phases.cognate.specialists import specialists
 from phases.common.config import PipelineConfig
 from storage import ArtifactRef, Recipe
-from tasks.runtime import CACHED, producer, record_execution, store
+from tasks.runtime import CACHED, png_markdown, record_execution, store, stored_with_checkpoints
 
 COGNATE_CODE_VERSION = "1"
 _GATE_ONLY = {"min_halting_spread", "min_ltm_spread", "min_latency_spread_ms", "gate_mode", "accuracy_examples"}
@@ -52,21 +50,11 @@ def _reporter(label: str, total_steps: int):
 
 
 def _trained_model(home: str, recipe: Recipe, label: str, journal: str, train: Callable[[Path, Path], dict]) -> ArtifactRef:
-    """The model artifact for ``recipe``: ``train(workdir, out)`` runs only when it is not stored yet,
-    checkpointing into a work directory named by the recipe, so a retried task resumes there."""
-    st = store(home)
-    work = Path(home) / "work" / recipe.kind / recipe.key
-
-    def build(out: Path) -> dict:
-        record_execution(home, journal)
-        return train(work, out) | {"telemetry": pipeline.telemetry_summary(out)}
-
-    ref = st.get_or_create(recipe, build, producer())
-    shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming; the artifact is whole
-    png = st.file(ref, "loss.png")
-    create_markdown_artifact(
-        key=f"cognate-{label}-loss", description=f"Cognate {label}: training and held-out loss",
-        markdown=f"![{label} loss](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")
+    """The model artifact for ``recipe``, trained (resumably) only when it is not stored yet."""
+    ref = stored_with_checkpoints(home, recipe, journal,
+                                  lambda work, out: train(work, out) | {"telemetry": pipeline.telemetry_summary(out)})
+    create_markdown_artifact(key=f"cognate-{label}-loss", description=f"Cognate {label}: training and held-out loss",
+                             markdown=png_markdown(store(home).file(ref, "loss.png"), f"{label} loss"))
     return ref
 
 

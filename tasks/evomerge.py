@@ -6,7 +6,6 @@ flow gets finished candidates back from Prefect's cache."""
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import threading
@@ -22,7 +21,7 @@ from phases.evomerge import pipeline
 from phases.evomerge.plots import fitness_curve
 from phases.evomerge.recipe import Genome, techniques
 from storage import ArtifactRef, Recipe
-from tasks.runtime import CACHED, producer, record_execution, store
+from tasks.runtime import CACHED, png_markdown, producer, record_execution, store
 
 EVOMERGE_CODE_VERSION = "2"
 _GATE_ONLY = {"min_fitness_ratio", "min_diversity", "gate_mode"}
@@ -126,10 +125,8 @@ def store_champion(config: PipelineConfig, champion: dict[str, Any], base: Artif
                                                           "recipe": genome.recipe(), **files}}
 
     ref = st.get_or_create(recipe, build, producer())
-    png = st.file(ref, "fitness.png")
-    create_markdown_artifact(
-        key="evomerge-fitness", description="EvoMerge: fitness per generation",
-        markdown=f"![fitness per generation](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")
+    create_markdown_artifact(key="evomerge-fitness", description="EvoMerge: fitness per generation",
+                             markdown=png_markdown(st.file(ref, "fitness.png"), "fitness per generation"))
     get_run_logger().info("champion %s stored as %s", genome.describe(), ref.id)
     return ref
 

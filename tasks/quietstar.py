@@ -4,8 +4,6 @@ data, curriculum) and checkpoint into a work directory named by the recipe, so a
 
 from __future__ import annotations
 
-import base64
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from phases.common.config import PipelineConfig
 from phases.quietstar import pipeline
 from storage import ArtifactRef, Recipe
-from tasks.runtime import CACHED, producer, record_execution, store
+from tasks.runtime import CACHED, png_markdown, record_execution, store, stored_with_checkpoints
 
 QUIETSTAR_CODE_VERSION = "1"
 _BAKE_FIELDS = {"bake_max_steps", "bake_batch_size", "bake_seq_len", "bake_lr", "bake_muon_lr", "bake_grokfast_alpha",
@@ -53,19 +51,9 @@ def _reporter(label: str) -> Callable[[dict[str, Any]], None]:
 
 
 def _stored(home: str, recipe: Recipe, label: str, journal: str, run: Callable[[Path, Path], dict]) -> ArtifactRef:
-    st = store(home)
-    work = Path(home) / "work" / recipe.kind / recipe.key
-
-    def build(out: Path) -> dict:
-        record_execution(home, journal)
-        return run(work, out)
-
-    ref = st.get_or_create(recipe, build, producer())
-    shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming; the artifact is whole
-    png = st.file(ref, "loss.png")
-    create_markdown_artifact(
-        key=f"quietstar-{label}-loss", description=f"Quiet-STaR {label}: training loss",
-        markdown=f"![{label} loss](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")
+    ref = stored_with_checkpoints(home, recipe, journal, run)
+    create_markdown_artifact(key=f"quietstar-{label}-loss", description=f"Quiet-STaR {label}: training loss",
+                             markdown=png_markdown(store(home).file(ref, "loss.png"), f"{label} loss"))
     return ref
 
 

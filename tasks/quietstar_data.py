@@ -26,7 +26,7 @@ from phases.quietstar import generation, local_generator
 from phases.quietstar.generation import BudgetExhausted, GenerationIncomplete, Ledger
 from phases.quietstar.openrouter import OpenRouterClient, OpenRouterError, Price, resolve_base_url
 from storage import ArtifactRef, Recipe
-from tasks.runtime import CACHED, producer, record_execution, store
+from tasks.runtime import CACHED, producer, record_execution, store, work_dir
 
 QUIETSTAR_DATA_CODE_VERSION = f"1.prompt{generation.PROMPT_VERSION}"
 
@@ -80,8 +80,9 @@ def generate_reasoning_data(config: PipelineConfig, curriculum: ArtifactRef, hom
     spend = {"budget_usd": q.data_budget_usd, "accept_partial": q.data_accept_partial} if openrouter else {}
     recipe = Recipe(kind="reasoning-data", inputs=(curriculum.id,), config=content | spend,
                     code_version=QUIETSTAR_DATA_CODE_VERSION)
-    work = Path(home) / "work" / "reasoning-data" / Recipe(
-        kind="reasoning-data", inputs=(curriculum.id,), config=content, code_version=QUIETSTAR_DATA_CODE_VERSION).key
+    # keyed by the content alone, so a raised budget resumes the same ledger
+    work = work_dir(home, Recipe(kind="reasoning-data", inputs=(curriculum.id,), config=content,
+                                 code_version=QUIETSTAR_DATA_CODE_VERSION))
 
     def build(out: Path) -> dict[str, Any]:
         record_execution(home, "quietstar-data")

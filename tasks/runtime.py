@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.runtime import flow_run, task_run
 
-from storage import ArtifactStore
+from storage import ArtifactNotFound, ArtifactRef, ArtifactStore, Recipe
 
 # Keyed by inputs and the task's source, never by run id: a retried parent gives its subflows new run
 # ids, and the finished work must still come back Cached (DESIGN.md, "Resume").
@@ -53,3 +56,38 @@ def read_journal(home: str) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def work_dir(home: str, recipe: Recipe) -> Path:
+    """Where a task checkpoints while it builds ``recipe``: named by the recipe, so a retry resumes there."""
+    return Path(home) / "work" / recipe.kind / recipe.key
+
+
+def stored_with_checkpoints(home: str, recipe: Recipe, journal: str, run: Callable[[Path, Path], dict]) -> ArtifactRef:
+    """The artifact for ``recipe``: ``run(workdir, out)`` runs only when it is not stored yet, checkpointing
+    into ``work_dir``, which is removed once the artifact is whole."""
+    work = work_dir(home, recipe)
+
+    def build(out: Path) -> dict:
+        record_execution(home, journal)
+        return run(work, out)
+
+    ref = store(home).get_or_create(recipe, build, producer())
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming; the artifact is whole
+    return ref
+
+
+def png_markdown(png: Path, alt: str) -> str:
+    """An inline PNG for a Prefect markdown artifact (the UI cannot reach files in the store)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"
+
+
+def latest_artifact(home: str, kinds: tuple[str, ...], purpose: str) -> ArtifactRef:
+    """The newest readable artifact of the first kind in ``kinds`` that the store holds."""
+    st = store(home)
+    for kind in kinds:
+        found = [m for m in st.list(kind) if "error" not in m]
+        if found:
+            return st.ref(found[-1]["id"])
+    raise ArtifactNotFound(f"{purpose} and the store at {home} has none of the kinds {', '.join(kinds)}: run "
+                           "`agent-forge run cognate` first, or pass model=<ArtifactRef>")
