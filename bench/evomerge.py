@@ -6,7 +6,8 @@
    run over a whole state dict through phases/evomerge/techniques.py on the same triple A, B, C and
    base of ``--size`` Cognate models (random base, each input = base + small random deltas: weight-space
    merging needs a shared ancestor, not training). Times are the best of up to ``--repeats`` runs
-   (fewer once 3 s are spent), with the ratio to linear. Two full candidates (``merge_genome`` from safetensors, combos 0 and 7 cover all six
+   (fewer once 3 s are spent), with the ratio to linear. Two full candidates
+   (``merge_genome`` from safetensors, combos 0 and 7 cover all six
    techniques) show what one merge of a candidate costs at that size.
 2. mergekit. The same shape saved as LlamaForCausalLM directories (mergekit cannot load Cognate),
    identical YAMLs for linear, slerp, task_arithmetic and ties (float32) run through mergekit's
@@ -214,9 +215,9 @@ def bench_techniques(cfg, repeats: int, workdir: Path, combos: list[int]) -> lis
             hf_io.save_pretrained(model, workdir / f"cognate_{name}")
             dirs[name] = workdir / f"cognate_{name}"
         genomes = generation_zero(L, runtime_from=0, seed=0)
-        print(f"  full candidate (merge_genome from safetensors, stage 1-2 per tensor + stage 3):")
+        print("  full candidate (merge_genome from safetensors, stage 1-2 per tensor + stage 3):")
         for combo in combos:
-            t, out = _timed(lambda: merge_genome(dirs["base"], [dirs[x] for x in "abc"], genomes[combo]), repeats)
+            t, out = _timed(lambda combo=combo: merge_genome(dirs["base"], [dirs[x] for x in "abc"], genomes[combo]), repeats)
             print(f"  combo {combo} {'+'.join(combo_techniques(combo)):<28}{_fmt_s(t):>10}{t / base_t:>8.2f}× linear"
                   f"   {len(out[0])} tensors, {out[1]['num_hidden_layers']} layers")
             del out
@@ -276,9 +277,9 @@ def mergekit_worker(spec_path: str) -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
-    import yaml
     from importlib.metadata import version
 
+    import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions

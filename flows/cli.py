@@ -75,18 +75,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from phases.cognate.trainer import GateCollapse
+    from phases.common.checkpoints import CheckpointError
     from phases.common.gates import GateFailed
     from phases.common.resources import PreflightError
     from phases.data.hub_download import DatasetUnavailable
-    from storage import ArtifactError
-
-    from phases.cognate.trainer import GateCollapse
-    from phases.common.checkpoints import CheckpointError
     from phases.evomerge.merge import MergeError
     from phases.quietstar.baking import BakingError
     from phases.quietstar.generation import GenerationIncomplete
     from phases.quietstar.openrouter import OpenRouterError
     from phases.quietstar.reinforce import ReinforceError
+    from storage import ArtifactError
 
     return (PreflightError, GateFailed, ArtifactError, DatasetUnavailable, CheckpointError, GateCollapse, MergeError,
             OpenRouterError, GenerationIncomplete, BakingError, ReinforceError)

@@ -25,7 +25,7 @@ import secrets
 import shutil
 import socket
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -308,7 +308,7 @@ class ArtifactStore:
             "producer": {
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
-                "created_at": datetime.now(timezone.utc).isoformat(),
+                "created_at": datetime.now(UTC).isoformat(),
                 **(producer or {}),
             },
             "metrics": _jsonable(metrics),

@@ -99,7 +99,6 @@ def store_champion(config: PipelineConfig, champion: dict[str, Any], base: Artif
     st = store(home)
     recipe = champion_recipe(config, base, list(inputs.values()), curriculum)
     genome = Genome.model_validate(champion)
-    names = list(inputs)
 
     def build(out: Path) -> dict[str, Any]:
         record_execution(home, "evomerge-champion")

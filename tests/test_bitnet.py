@@ -195,7 +195,7 @@ def test_packed_artifact_loads_with_from_pretrained_and_generates(packed_run):
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedBitLinear)}
     assert sorted(layers) == sorted(qc["quantized_modules"]) and layers
     # no full-precision copy of a quantized layer: its only weight is the uint8 packed buffer
-    for name, m in layers.items():
+    for m in layers.values():
         assert m.weight.dtype == torch.uint8 and m.weight.shape == (math.ceil(m.out_features / 4), m.in_features)
         assert not [p for p in m.parameters()]
     assert not any(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n in qc["quantized_modules"])

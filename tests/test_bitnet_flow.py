@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from test_bitnet import train_micro
 from transformers import AutoModelForCausalLM
 
 import phases.bitnet.packed  # noqa: F401  (registers the packed format with transformers)
@@ -13,7 +14,6 @@ from phases.bitnet.bitlinear import PackedBitLinear
 from phases.common.config import PipelineConfig
 from phases.data import tokenizer as bpe
 from storage import ArtifactNotFound, ArtifactStore, Recipe
-from test_bitnet import train_micro
 
 MICRO = {
     "model": {"n_layers": 2, "d_model": 48, "n_heads": 4, "seq_len": 48},

@@ -18,7 +18,6 @@ from phases.data import tokenizer as bpe
 from storage import ArtifactStore
 
 
-
 @pytest.fixture(scope="module")
 def flow_run(cognate_micro):
     return cognate_micro

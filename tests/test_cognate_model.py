@@ -38,9 +38,9 @@ def test_decode_cache_matches_full_forward_and_generate_is_greedy_forward():
     with torch.no_grad():
         full = model(x).logits
         out = model(x[:, :11], use_cache=True)
-        pieces, cache = [out.logits], out.past_key_values
+        pieces, cache = [out.logits], out.cache
         for i in range(11, 37):  # crosses chunk (4), window (8) and shard (16) boundaries
-            out = model(x[:, i:i + 1], past_key_values=cache, use_cache=True)
+            out = model(x[:, i:i + 1], cache=cache, use_cache=True)
             pieces.append(out.logits)
     assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-4)
 

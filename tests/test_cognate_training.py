@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_worker import setup as _setup
 
 from phases.cognate.trainer import TrainSettings, train
 from phases.common.checkpoints import CheckpointManager, RollbackLimitExceeded
-from train_worker import setup as _setup
 
 HERE = Path(__file__).parent
 

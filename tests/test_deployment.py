@@ -5,7 +5,6 @@ retried the way the UI's Retry button does it."""
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess

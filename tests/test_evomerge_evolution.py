@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import evomerge_fixtures
 import pytest
 
-import evomerge_fixtures
 from phases.evomerge import fitness as fit
 from phases.evomerge import pipeline
 from phases.evomerge.evolution import Evolution, EvolutionSettings

@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import COGNATE_MICRO  # noqa: E402
 
 from phases.common.config import PipelineConfig
 from storage import ArtifactStore
-
-from conftest import COGNATE_MICRO  # noqa: E402
 
 EVOMERGE_MICRO = {"generations": 3, "eval_rows": 3, "accuracy_problems": 6, "probe_rows": 1, "gate_mode": "lenient"}
 

@@ -6,14 +6,14 @@ import math
 import subprocess
 import sys
 
+import evomerge_fixtures
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import evomerge_fixtures
 from phases.evomerge import techniques as tq
 from phases.evomerge.merge import MergeError, merge_genome, save_merged
-from phases.evomerge.mergekit_yaml import export, run
+from phases.evomerge.mergekit_yaml import export
 from phases.evomerge.pipeline import build_model, load_model
 from phases.evomerge.recipe import Genome, generation_zero, techniques
 

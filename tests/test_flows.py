@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import wandb_records
+
 from phases.common.config import PipelineConfig
 from phases.common.gates import GateFailed
 from storage import ArtifactStore

@@ -18,8 +18,14 @@ from phases.data import tokenizer as bpe
 from phases.quietstar import generation, local_generator
 from phases.quietstar.generation import Ledger
 from phases.quietstar.openrouter import OpenRouterClient, OpenRouterError, Price, prompt_token_bound
-from phases.quietstar.tokens import SPECIAL_TOKENS, STRATEGIES, format_completion, parse_thinking, \
-    structure_tokens, validate
+from phases.quietstar.tokens import (
+    SPECIAL_TOKENS,
+    STRATEGIES,
+    format_completion,
+    parse_thinking,
+    structure_tokens,
+    validate,
+)
 
 KEY = "sk-or-v1-TESTKEY-0123456789abcdef-do-not-leak"
 PRICE = {"fake/model-a": Price(1.0, 2.0), "fake/model-b": Price(0.5, 1.0)}
@@ -251,16 +257,13 @@ def test_missing_price_is_an_error_before_spending(server, problems, tmp_path):
 def test_task_resumes_after_the_cap_and_never_leaks_the_key(prefect_harness, problems, server, home, monkeypatch,
                                                             caplog, capsys):
     from prefect import flow
+    from prefect.blocks.system import Secret
 
     from phases.common.config import PipelineConfig
     from phases.common.gates import GateReport
     from storage import ArtifactStore, Recipe
-    from tasks.quietstar_data import generate_reasoning_data
+    from tasks.quietstar_data import api_key, generate_reasoning_data
     from tasks.tracking import log_phase_boundary
-
-    from prefect.blocks.system import Secret
-
-    from tasks.quietstar_data import api_key
 
     monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)
     monkeypatch.setenv("OPENROUTER_BASE_URL", server.base_url)

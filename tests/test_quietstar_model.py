@@ -14,8 +14,15 @@ from phases.data import tokenizer as bpe
 from phases.quietstar.baking import add_thinking_tokens, encode
 from phases.quietstar.model import QuietStarForCausalLM, outside_thinking
 from phases.quietstar.pipeline import answerable, quietstar_from_baked
-from phases.quietstar.reinforce import RLSettings, anti_theater, reinforce, reinforce_loss, score, \
-    theater_problems, thought_spec
+from phases.quietstar.reinforce import (
+    RLSettings,
+    anti_theater,
+    reinforce,
+    reinforce_loss,
+    score,
+    theater_problems,
+    thought_spec,
+)
 from phases.quietstar.tokens import SPECIAL_TOKENS
 
 START, END = 48, 49

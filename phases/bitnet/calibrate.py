@@ -60,7 +60,7 @@ def calibrate(model: nn.Module, layers: dict[str, BitLinear], rows: torch.Tensor
             report[name] = {"out_scale": 1.0, "fitted": False, "why": why}
             continue
 
-        def rel_err(scale: float) -> float:
+        def rel_err(scale: float, s: dict = s) -> float:
             return max(0.0, s["tt"] - 2 * scale * s["tq"] + scale * scale * s["qq"]) ** 0.5 / s["tt"] ** 0.5
 
         layer.out_scale.fill_(c)

@@ -77,7 +77,8 @@ def latency_ms(model: CognateForCausalLM, prompt_ids: torch.Tensor, new_tokens: 
     return statistics.median(times[1:])  # the first call warms up
 
 
-def resolution_sensitivity(model: CognateForCausalLM, rows: torch.Tensor, chunks: Sequence[int] = (4, 8, 16, 32, 64)) -> dict[str, Any]:
+def resolution_sensitivity(model: CognateForCausalLM, rows: torch.Tensor,
+                           chunks: Sequence[int] = (4, 8, 16, 32, 64)) -> dict[str, Any]:
     saved = model.config.mem_chunk_size
     ppl = {}
     try:

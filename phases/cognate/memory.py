@@ -57,7 +57,8 @@ class MemoryState:
 
 
 def qk_project(q: torch.Tensor, k: torch.Tensor, m_persistent: torch.Tensor, norm_persistent: torch.Tensor,
-               A: torch.Tensor | None = None, nsum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               A: torch.Tensor | None = None, nsum: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q' for a span inside one shard, causally (token t sees keys ≤ t), with carried (A, nsum).
 
     q, k: (B, T, d). Returns (q', A_after, nsum_after)."""

@@ -88,7 +88,8 @@ class CognateLayer(nn.Module):
         p = self.attn_norm(self.persistent_memory)
         return p, self.k_proj(p), self.v_proj(p)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cfg: CognateConfig, slot: dict | None) -> tuple[torch.Tensor, LayerStats]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cfg: CognateConfig, slot: dict | None
+                ) -> tuple[torch.Tensor, LayerStats]:
         B, T, d = x.shape
         h = self.attn_norm(x)
         q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
@@ -140,7 +141,7 @@ class CognateLayer(nn.Module):
 class CognateOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: CognateCache | None = None
+    cache: CognateCache | None = None
     lm_loss: torch.Tensor | None = None
     ponder_loss: torch.Tensor | None = None
     halting_steps: torch.Tensor | None = None  # (B, T) N + R per position
@@ -264,14 +265,14 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
             setattr(self.config, k, v)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, past_key_values: CognateCache | None = None,
+                labels: torch.LongTensor | None = None, cache: CognateCache | None = None,
                 use_cache: bool | None = None, **kwargs) -> CognateOutput:
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("Cognate does not take padded batches: pack sequences or pass them one at a time")
-        if use_cache and past_key_values is None:
-            past_key_values = CognateCache()
+        if use_cache and cache is None:
+            cache = CognateCache()
         hidden, ponder, steps, (gate, pol_loss, polarized), (writes, chunks) = self.model(
-            input_ids, past_key_values if use_cache or past_key_values is not None else None)
+            input_ids, cache if use_cache or cache is not None else None)
         logits = self.lm_head(hidden)
         loss = lm_loss = ponder_loss = None
         if labels is not None:
@@ -282,7 +283,7 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
             ponder_loss = (ponder * valid).sum() / valid.sum().clamp_min(1)
             loss = lm_loss + self.config.ponder_cost * ponder_loss
         return CognateOutput(
-            loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None, lm_loss=lm_loss,
+            loss=loss, logits=logits, cache=cache if use_cache else None, lm_loss=lm_loss,
             ponder_loss=ponder_loss, halting_steps=ponder, halt_steps_int=steps, gate=gate,
             polarization_loss=pol_loss, gate_polarized=polarized,
             mem_write_fraction=(writes / chunks) if chunks else None,

@@ -113,7 +113,7 @@ def inference_memory_bytes(model, seq_len: int) -> int:
     weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in
                   [*model.parameters(), *model.buffers()]}.values())
     out = model(torch.zeros(1, seq_len, dtype=torch.long), use_cache=True)
-    return weights + _nbytes(out.past_key_values, set())
+    return weights + _nbytes(out.cache, set())
 
 
 @torch.no_grad()

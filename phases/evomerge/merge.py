@@ -133,7 +133,8 @@ def layer_plan(genome: Genome, n_layers: int) -> list[tq.LayerStep]:
         raise MergeError(str(e)) from e
 
 
-def merge_genome(base: str | Path, inputs: Iterable[str | Path], genome: Genome) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def merge_genome(base: str | Path, inputs: Iterable[str | Path], genome: Genome
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The merged state dict and config.json of ``genome`` applied to the three ``inputs`` over ``base``."""
     base_ck, input_cks = Checkpoint(base), [Checkpoint(p) for p in inputs]
     check_compatible({"base": base_ck, **{f"input {chr(65 + i)}": c for i, c in enumerate(input_cks)}})

@@ -90,7 +90,8 @@ def _run_doc(doc: dict[str, Any], resolve) -> InMemory:
         if len(densities) > 1:
             raise MergeError(f"{method}: per-model densities {sorted(densities)} are not supported; use one density")
         density = densities.pop() if densities else 1.0
-        kw = {"lam": float(params.get("lambda", 1.0)), "normalize": params.get("normalize", _NORMALIZE_DEFAULT.get(method, False))}
+        kw = {"lam": float(params.get("lambda", 1.0)),
+              "normalize": params.get("normalize", _NORMALIZE_DEFAULT.get(method, False))}
         base = every[base_name]
         for k in ref.keys():
             xs = [models[n].get(k) for n, _ in entries]

@@ -63,7 +63,7 @@ class Genome(BaseModel):
                 if k in data:
                     data[k] = round(float(data[k]), 6)
             if "path" in data:
-                data["path"] = tuple((int(s), int(l), round(float(c), 6)) for s, l, c in data["path"])
+                data["path"] = tuple((int(s), int(layer), round(float(c), 6)) for s, layer, c in data["path"])
         return data
 
     @field_validator("weights")
@@ -156,7 +156,7 @@ def mutate(g: Genome, rng: random.Random, sigma: float, n_layers: int, origin: s
     runtime_from = rng.randrange(N_INPUTS) if rng.random() < 0.1 else g.runtime_from
     return _with(g, {
         "weights": weights, "density": density, "blend": blend, "pattern": tuple(pattern),
-        "path": tuple((int(s), int(l), float(c)) for s, l, c in path), "runtime_from": runtime_from,
+        "path": tuple((int(s), int(layer), float(c)) for s, layer, c in path), "runtime_from": runtime_from,
         "seed": rng.getrandbits(31), "origin": origin,
     })
 

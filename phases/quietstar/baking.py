@@ -42,8 +42,15 @@ from phases.common.optim import MuonGrokfast, MuonGrokfastConfig
 from phases.common.telemetry import TelemetryWriter
 from phases.data.curriculum import check_answer
 from phases.quietstar.evaluate import generate_batched
-from phases.quietstar.tokens import CLOSING_TAGS, OPENING_TAGS, SPECIAL_TOKENS, THINK_END, THINK_START, \
-    final_answer, parse_thinking
+from phases.quietstar.tokens import (
+    CLOSING_TAGS,
+    OPENING_TAGS,
+    SPECIAL_TOKENS,
+    THINK_END,
+    THINK_START,
+    final_answer,
+    parse_thinking,
+)
 
 _MARKER = re.compile("|".join(re.escape(t) for t in (THINK_START, THINK_END, *OPENING_TAGS, *CLOSING_TAGS)))
 

@@ -31,8 +31,15 @@ from typing import Any
 
 from phases.data.curriculum import verify
 from phases.quietstar.openrouter import Budget, Completion, OpenRouterClient, Price, prompt_token_bound
-from phases.quietstar.tokens import STRATEGIES, STRATEGY_GLOSS, THINK_END, THINK_START, format_completion, \
-    parse_thinking, validate
+from phases.quietstar.tokens import (
+    STRATEGIES,
+    STRATEGY_GLOSS,
+    THINK_END,
+    THINK_START,
+    format_completion,
+    parse_thinking,
+    validate,
+)
 
 PROMPT_VERSION = "1"  # part of the dataset's recipe: a changed prompt is a different dataset
 CHECKABLE_TASKS = ("arithmetic", "word_problem", "kv_recall")

@@ -64,24 +64,24 @@ class QuietStarForCausalLM(CognateForCausalLM):
         self._thought_log: list | None = None  # (thought ids, rows that used it) per step, while showing
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, past_key_values: CognateCache | None = None,
+                labels: torch.LongTensor | None = None, cache: CognateCache | None = None,
                 use_cache: bool | None = None, thoughts: bool | None = None, **kwargs) -> CognateOutput:
         if not (self.config.thoughts_enabled if thoughts is None else thoughts):
             return super().forward(input_ids, attention_mask=attention_mask, labels=labels,
-                                   past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                                   cache=cache, use_cache=use_cache, **kwargs)
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("Cognate does not take padded batches: pack sequences or pass them one at a time")
         spec = self.config.inference_spec()
-        if use_cache or past_key_values is not None:
-            if past_key_values is None:
-                past_key_values = CognateCache()
-            was_open = getattr(past_key_values, "thought_open", None)
+        if use_cache or cache is not None:
+            if cache is None:
+                cache = CognateCache()
+            was_open = getattr(cache, "thought_open", None)
             outside = outside_thinking(input_ids, spec.start_id, spec.end_id, was_open)[:, -1]
-            past_key_values.thought_open = ~outside
-            hidden = self.model(input_ids, past_key_values)[0]
+            cache.thought_open = ~outside
+            hidden = self.model(input_ids, cache)[0]
             logits = self.lm_head(hidden)
             if bool(outside.any()):
-                thought_hidden, thought_logits = self._think(past_key_values, spec, input_ids.shape[0], outside)
+                thought_hidden, thought_logits = self._think(cache, spec, input_ids.shape[0], outside)
                 w = self.mixing(hidden[:, -1:], thought_hidden) * outside[:, None].to(hidden.dtype)
                 logits = torch.cat([logits[:, :-1], mix(logits[:, -1:], thought_logits, w)], 1)
             elif self._thought_log is not None:
@@ -95,7 +95,7 @@ class QuietStarForCausalLM(CognateForCausalLM):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return CognateOutput(loss=loss, lm_loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CognateOutput(loss=loss, lm_loss=loss, logits=logits, cache=cache if use_cache else None)
 
     def _think(self, cache: CognateCache, spec: ThoughtSpec, batch: int,
                used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

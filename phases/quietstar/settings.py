@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from phases.quietstar.tokens import STRATEGIES
 
-
 # data generation: five frontier models on OpenRouter (the seeds' count) and [prompt, completion] US$ per
 # million tokens. Prices are configuration, not measurements: they were list prices when written and
 # change; check openrouter.ai/models and keep them at or above the real figures.

@@ -524,9 +524,9 @@ def cached_sequential(model: CognateForCausalLM, input_ids: torch.Tensor, extens
     cache = CognateCache()
     out = torch.empty(B, K, S, E, model.config.vocab_size)
     for i in range(S):
-        model(input_ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+        model(input_ids[:, i:i + 1], cache=cache, use_cache=True)
         for k in range(K):
             c = clone_cache(cache)
             for j in range(E):
-                out[:, k, i, j] = model(extension[:, k, i, j:j + 1], past_key_values=c, use_cache=True).logits[:, 0]
+                out[:, k, i, j] = model(extension[:, k, i, j:j + 1], cache=c, use_cache=True).logits[:, 0]
     return out
