@@ -73,7 +73,7 @@ def _random_tiny(out: Path) -> Path:
     import torch
 
     from phases.cognate import CognateConfig, CognateForCausalLM
-    from phases.common.config import PipelineConfig
+    from phases.config import PipelineConfig
 
     cfg = PipelineConfig.from_preset("tiny")
     torch.manual_seed(0)

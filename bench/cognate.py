@@ -30,7 +30,7 @@ def _rss_mb() -> float:
 
 
 def _build(kind: str, preset: str):
-    from phases.common.config import PipelineConfig
+    from phases.config import PipelineConfig
 
     cfg = PipelineConfig.from_preset(preset)
     d, L, H, V = cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.tokenizer.vocab_size

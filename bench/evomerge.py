@@ -53,7 +53,7 @@ DENSITY = 0.5
 # ----------------------------------------------------------------------------- shared helpers
 
 def _shape(preset: str):
-    from phases.common.config import PipelineConfig
+    from phases.config import PipelineConfig
 
     return PipelineConfig.from_preset(preset)
 

@@ -24,8 +24,8 @@ import torch
 
 def _model(preset: str, path: str | None):
     from phases.cognate import CognateConfig, CognateForCausalLM
-    from phases.common.config import PipelineConfig
     from phases.common.hf_io import load_pretrained
+    from phases.config import PipelineConfig
 
     if path:
         return load_pretrained(CognateForCausalLM, path).eval()

@@ -11,12 +11,11 @@ from pydantic import BaseModel
 from flows.prepare import Prepared, prepare
 from phases.bitnet.gates import bitnet_gates
 from phases.bitnet.pipeline import FIGURE, REPORT
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from storage import ArtifactRef
 from tasks.bitnet import evaluate, finetune, quantize
-from tasks.gates import enforce_gates, publish_gates
+from tasks.gates import close_phase
 from tasks.runtime import latest_artifact, resolve_home, store
-from tasks.tracking import log_phase_boundary
 
 # the pipeline's order: the latest phase's output is what BitNet compresses
 INPUT_KINDS = ("quietstar-model", "evomerge-champion", "cognate-model")
@@ -51,13 +50,7 @@ def bitnet(config: PipelineConfig = PipelineConfig(), home: str | None = None, r
     st = store(home)
     report = st.read_json(report_ref, REPORT)
     gates = bitnet_gates(report, config.bitnet, config.bitnet.gate_mode or config.gates.mode)
-    publish_gates(gates)
-    log_phase_boundary(
-        "bitnet", run_group, home, config.tracking.wandb_mode, config.tracking.project,
-        config.model_dump(mode="json"),
-        {"report": report, "quantize": st.manifest(staged)["metrics"], "finetune": st.manifest(packed)["metrics"]},
-        gates, [packed, report_ref],
-        images={"bitnet/sparsity_accuracy": str(st.file(report_ref, FIGURE))},
-    )
-    enforce_gates(gates)
+    close_phase(gates, config, run_group, home,
+                {"report": report, "quantize": st.manifest(staged)["metrics"], "finetune": st.manifest(packed)["metrics"]},
+                [packed, report_ref], images={"bitnet/sparsity_accuracy": str(st.file(report_ref, FIGURE))})
     return BitNet(source=model, packed=packed, report=report_ref, gates_passed=gates.passed)

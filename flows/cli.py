@@ -46,7 +46,7 @@ def _load_flow(name: str):
 def cmd_run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from phases.common.config import PipelineConfig, deep_merge
+    from phases.config import PipelineConfig, deep_merge
 
     raw: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
     raw = deep_merge(raw, _overrides(args.set))

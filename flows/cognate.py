@@ -10,12 +10,11 @@ from pydantic import BaseModel
 from flows.prepare import Prepared, prepare
 from phases.cognate.gates import cognate_gates
 from phases.cognate.specialists import specialists
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from storage import ArtifactRef
 from tasks.cognate import evaluate_cognate, train_foundation, train_specialist
-from tasks.gates import enforce_gates, publish_gates
+from tasks.gates import close_phase
 from tasks.runtime import resolve_home, store
-from tasks.tracking import log_phase_boundary
 
 
 class Cognate(BaseModel):
@@ -42,13 +41,8 @@ def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
     st = store(home)
     training = {name: st.manifest(ref)["metrics"] for name, ref in models.items()}
     report = cognate_gates(evaluation, training, config.cognate, config.cognate.gate_mode or config.gates.mode)
-    publish_gates(report)
-    log_phase_boundary(
-        "cognate", run_group, home, config.tracking.wandb_mode, config.tracking.project,
-        config.model_dump(mode="json"),
-        {"evaluation": evaluation, "training": training, "base": st.manifest(base)["metrics"]},
-        report, [base, *models.values()],
-        images={f"loss/{name}": str(st.file(ref, "loss.png")) for name, ref in {"base": base, **models}.items()},
-    )
-    enforce_gates(report)
+    close_phase(report, config, run_group, home,
+                {"evaluation": evaluation, "training": training, "base": st.manifest(base)["metrics"]},
+                [base, *models.values()],
+                images={f"loss/{name}": str(st.file(ref, "loss.png")) for name, ref in {"base": base, **models}.items()})
     return Cognate(base=base, models=models, gates_passed=report.passed)

@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.prepare import Prepared, prepare
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from phases.evomerge import fitness as fit
 from phases.evomerge import pipeline
 from phases.evomerge.evolution import Evolution, EvolutionSettings
@@ -21,9 +21,8 @@ from phases.evomerge.gates import evomerge_gates
 from phases.evomerge.merge import Checkpoint
 from storage import ArtifactError, ArtifactRef, ArtifactStore
 from tasks.evomerge import champion_recipe, evaluate_candidate, measure_inputs, run_summary, store_champion
-from tasks.gates import enforce_gates, publish_gates
+from tasks.gates import close_phase
 from tasks.runtime import resolve_home, store, work_dir
-from tasks.tracking import log_phase_boundary
 
 SPECIALIST_ORDER = ("reasoning", "memory", "speed")
 
@@ -110,17 +109,11 @@ def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None,
         ref = existing
     metrics = st.manifest(ref)["metrics"]
     report = evomerge_gates(metrics["final"], metrics["run"], sec, sec.gate_mode or config.gates.mode)
-    publish_gates(report)
     final = metrics["final"]
     best_input = max(final["inputs"].values(), key=lambda m: m["fitness"])["fitness"]
     logger.info("champion %s: test fitness %.4f vs best input %.4f (×%.3f); %s", metrics["champion"]["techniques"],
                 final["champion"]["fitness"], best_input, final["champion"]["fitness"] / best_input,
                 metrics["run"]["stop_reason"])
-    log_phase_boundary(
-        "evomerge", run_group, home, config.tracking.wandb_mode, config.tracking.project,
-        config.model_dump(mode="json"), metrics, report, [ref],
-        images={"evomerge/fitness": str(st.file(ref, "fitness.png"))},
-    )
-    enforce_gates(report)
+    close_phase(report, config, run_group, home, metrics, [ref], images={"evomerge/fitness": str(st.file(ref, "fitness.png"))})
     return EvoMerge(champion=ref, inputs=models, base=base, stop_reason=metrics["run"]["stop_reason"],
                     generations=metrics["run"]["generations_run"], gates_passed=report.passed)

@@ -12,7 +12,7 @@ from flows.cognate import Cognate, cognate
 from flows.evomerge import EvoMerge, evomerge
 from flows.prepare import prepare
 from flows.quietstar import QuietStar, quietstar
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from tasks.runtime import resolve_home
 
 

@@ -6,14 +6,13 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from phases.data.gates import prepare_gates
 from storage import ArtifactRef
 from tasks.data import build_curriculum, download_hub_dataset, train_tokenizer
-from tasks.gates import enforce_gates, publish_gates
+from tasks.gates import close_phase
 from tasks.preflight import preflight
 from tasks.runtime import resolve_home, store
-from tasks.tracking import log_phase_boundary
 
 
 class Prepared(BaseModel):
@@ -48,12 +47,7 @@ def prepare(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
     cur_metrics, tok_metrics = st.manifest(curriculum)["metrics"], st.manifest(tokenizer)["metrics"]
     report = prepare_gates(cur_metrics, tok_metrics, len(config.data.hub_datasets), len(hub_refs),
                            config.data.offline_fallback, config.gates.mode)
-    publish_gates(report)
-    log_phase_boundary(
-        "prepare", run_group, home, config.tracking.wandb_mode, config.tracking.project,
-        config.model_dump(mode="json"),
-        {"curriculum": cur_metrics, "tokenizer": tok_metrics, "preflight": checked["needs"]},
-        report, [curriculum, *hub_refs, tokenizer],
-    )
-    enforce_gates(report)
+    close_phase(report, config, run_group, home,
+                {"curriculum": cur_metrics, "tokenizer": tok_metrics, "preflight": checked["needs"]},
+                [curriculum, *hub_refs, tokenizer])
     return Prepared(curriculum=curriculum, hub_datasets=hub_refs, tokenizer=tokenizer, strategy=checked["strategy"])

@@ -9,14 +9,13 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.prepare import Prepared, prepare
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from phases.quietstar.gates import quietstar_gates
 from storage import ArtifactRef
-from tasks.gates import enforce_gates, publish_gates
+from tasks.gates import close_phase
 from tasks.quietstar import bake, evaluate, reinforce
 from tasks.quietstar_data import generate_reasoning_data
 from tasks.runtime import latest_artifact, resolve_home, store
-from tasks.tracking import log_phase_boundary
 
 INPUT_KINDS = ("evomerge-champion", "cognate-model")  # the pipeline's order: the latest phase's output
 
@@ -52,13 +51,9 @@ def quietstar(config: PipelineConfig = PipelineConfig(), home: str | None = None
     baking, reinforcement = st.manifest(baked)["metrics"], st.manifest(reinforced)["metrics"]
     report = quietstar_gates(baking, reinforcement, evaluation, config.quietstar,
                              config.quietstar.gate_mode or config.gates.mode)
-    publish_gates(report)
-    log_phase_boundary(
-        "quietstar", run_group, home, config.tracking.wandb_mode, config.tracking.project,
-        config.model_dump(mode="json"),
-        {"data": st.manifest(data)["metrics"], "baking": baking, "reinforcement": reinforcement, "evaluation": evaluation},
-        report, [data, baked, reinforced],
-        images={"loss/baking": str(st.file(baked, "loss.png")), "loss/reinforce": str(st.file(reinforced, "loss.png"))},
-    )
-    enforce_gates(report)
+    close_phase(report, config, run_group, home,
+                {"data": st.manifest(data)["metrics"], "baking": baking, "reinforcement": reinforcement,
+                 "evaluation": evaluation},
+                [data, baked, reinforced],
+                images={"loss/baking": str(st.file(baked, "loss.png")), "loss/reinforce": str(st.file(reinforced, "loss.png"))})
     return QuietStar(input=model, data=data, baked=baked, model=reinforced, gates_passed=report.passed)

@@ -14,11 +14,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from phases.bitnet import pipeline
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from storage import ArtifactRef, Recipe
-from tasks.runtime import CACHED, png_markdown, producer, record_execution, store
+from tasks.code_version import code_version
+from tasks.runtime import png_markdown, producer, recipe_cache, record_execution, store
 
-BITNET_CODE_VERSION = "1"
 # What each artifact depends on (gate thresholds are read by the flow only, so changing one never recomputes)
 _QUANTIZE = {"group_drop_budget", "eval_rows", "calibration_rows", "calibrate", "accuracy_examples",
              "compression_target", "sparsity_target"}
@@ -32,12 +32,27 @@ def _recipe_config(config: PipelineConfig, fields: set[str]) -> dict[str, Any]:
             "seed": config.seed}
 
 
-@task(name="bitnet-quantize", cache_policy=CACHED, persist_result=True)
+def staged_recipe(config: PipelineConfig, model: ArtifactRef, curriculum: ArtifactRef, tokenizer: ArtifactRef) -> Recipe:
+    return Recipe(kind="bitnet-staged", inputs=(model.id, curriculum.id, tokenizer.id),
+                  config=_recipe_config(config, _QUANTIZE), code_version=code_version("phases.bitnet"))
+
+
+def packed_recipe(config: PipelineConfig, staged: ArtifactRef, model: ArtifactRef, curriculum: ArtifactRef) -> Recipe:
+    return Recipe(kind="bitnet-model", inputs=(staged.id, model.id, curriculum.id),
+                  config=_recipe_config(config, _FINETUNE), code_version=code_version("phases.bitnet"))
+
+
+def report_recipe(config: PipelineConfig, model: ArtifactRef, staged: ArtifactRef, packed: ArtifactRef,
+                  curriculum: ArtifactRef) -> Recipe:
+    return Recipe(kind="bitnet-report", inputs=(packed.id, model.id, staged.id, curriculum.id),
+                  config=_recipe_config(config, _EVALUATE), code_version=code_version("phases.bitnet"))
+
+
+@task(name="bitnet-quantize", cache_policy=recipe_cache(staged_recipe), persist_result=True)
 def quantize(config: PipelineConfig, model: ArtifactRef, curriculum: ArtifactRef, tokenizer: ArtifactRef,
              home: str) -> ArtifactRef:
     st = store(home)
-    recipe = Recipe(kind="bitnet-staged", inputs=(model.id, curriculum.id, tokenizer.id),
-                    config=_recipe_config(config, _QUANTIZE), code_version=BITNET_CODE_VERSION)
+    recipe = staged_recipe(config, model, curriculum, tokenizer)
 
     def build(out):
         record_execution(home, "bitnet-quantize")
@@ -54,12 +69,11 @@ def quantize(config: PipelineConfig, model: ArtifactRef, curriculum: ArtifactRef
     return ref
 
 
-@task(name="bitnet-finetune", cache_policy=CACHED, persist_result=True)
+@task(name="bitnet-finetune", cache_policy=recipe_cache(packed_recipe), persist_result=True)
 def finetune(config: PipelineConfig, staged: ArtifactRef, model: ArtifactRef, curriculum: ArtifactRef,
              home: str) -> ArtifactRef:
     st = store(home)
-    recipe = Recipe(kind="bitnet-model", inputs=(staged.id, model.id, curriculum.id),
-                    config=_recipe_config(config, _FINETUNE), code_version=BITNET_CODE_VERSION)
+    recipe = packed_recipe(config, staged, model, curriculum)
 
     def build(out):
         record_execution(home, "bitnet-finetune")
@@ -73,12 +87,11 @@ def finetune(config: PipelineConfig, staged: ArtifactRef, model: ArtifactRef, cu
     return ref
 
 
-@task(name="bitnet-evaluate", cache_policy=CACHED, persist_result=True)
+@task(name="bitnet-evaluate", cache_policy=recipe_cache(report_recipe), persist_result=True)
 def evaluate(config: PipelineConfig, model: ArtifactRef, staged: ArtifactRef, packed: ArtifactRef,
              curriculum: ArtifactRef, home: str) -> ArtifactRef:
     st = store(home)
-    recipe = Recipe(kind="bitnet-report", inputs=(packed.id, model.id, staged.id, curriculum.id),
-                    config=_recipe_config(config, _EVALUATE), code_version=BITNET_CODE_VERSION)
+    recipe = report_recipe(config, model, staged, packed, curriculum)
 
     def build(out):
         record_execution(home, "bitnet-evaluate")

@@ -13,11 +13,11 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from phases.cognate import pipeline
 from phases.cognate.specialists import specialists
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from storage import ArtifactRef, Recipe
-from tasks.runtime import CACHED, png_markdown, record_execution, store, stored_with_checkpoints
+from tasks.code_version import code_version
+from tasks.runtime import phase_cache, png_markdown, recipe_cache, record_execution, store, stored_with_checkpoints
 
-COGNATE_CODE_VERSION = "1"
 _GATE_ONLY = {"min_halting_spread", "min_ltm_spread", "min_latency_spread_ms", "gate_mode", "accuracy_examples"}
 
 
@@ -58,30 +58,40 @@ def _trained_model(home: str, recipe: Recipe, label: str, journal: str, train: C
     return ref
 
 
-@task(name="cognate-foundation", cache_policy=CACHED, persist_result=True)
+def foundation_recipe(config: PipelineConfig, curriculum: ArtifactRef, tokenizer: ArtifactRef, batch_size: int) -> Recipe:
+    return Recipe(kind="cognate-base", inputs=(curriculum.id, tokenizer.id),
+                  config=_training_config(config, batch_size), code_version=code_version("phases.cognate"))
+
+
+def specialist_recipe(name: str, config: PipelineConfig, base: ArtifactRef, curriculum: ArtifactRef,
+                      batch_size: int) -> Recipe:
+    return Recipe(kind="cognate-model", inputs=(base.id, curriculum.id),
+                  config=_training_config(config, batch_size) | {"specialist": name},
+                  code_version=code_version("phases.cognate"))
+
+
+@task(name="cognate-foundation", cache_policy=recipe_cache(foundation_recipe), persist_result=True)
 def train_foundation(config: PipelineConfig, curriculum: ArtifactRef, tokenizer: ArtifactRef, batch_size: int,
                      home: str) -> ArtifactRef:
     st = store(home)
-    recipe = Recipe(kind="cognate-base", inputs=(curriculum.id, tokenizer.id),
-                    config=_training_config(config, batch_size), code_version=COGNATE_CODE_VERSION)
+    recipe = foundation_recipe(config, curriculum, tokenizer, batch_size)
     return _trained_model(home, recipe, "base", "cognate-foundation", lambda work, out: pipeline.train_foundation(
         config.model, config.cognate, st.load(curriculum), st.load(tokenizer), batch_size, config.seed, work, out,
         _reporter("base", config.cognate.foundation_steps)))
 
 
-@task(name="cognate-specialist", cache_policy=CACHED, persist_result=True)
+@task(name="cognate-specialist", cache_policy=recipe_cache(specialist_recipe), persist_result=True)
 def train_specialist(name: str, config: PipelineConfig, base: ArtifactRef, curriculum: ArtifactRef, batch_size: int,
                      home: str) -> ArtifactRef:
     spec = {s.name: s for s in specialists()}[name]
     st = store(home)
-    recipe = Recipe(kind="cognate-model", inputs=(base.id, curriculum.id),
-                    config=_training_config(config, batch_size) | {"specialist": name}, code_version=COGNATE_CODE_VERSION)
+    recipe = specialist_recipe(name, config, base, curriculum, batch_size)
     return _trained_model(home, recipe, name, f"cognate-specialist:{name}", lambda work, out: pipeline.train_specialist(
         spec, st.load(base), config.cognate, config.model.seq_len, st.load(curriculum), batch_size, config.seed,
         work, out, _reporter(name, 2 * config.cognate.stage_steps)))
 
 
-@task(name="cognate-evaluate", cache_policy=CACHED, persist_result=True)
+@task(name="cognate-evaluate", cache_policy=phase_cache("phases.cognate"), persist_result=True)
 def evaluate_cognate(config: PipelineConfig, models: dict[str, ArtifactRef], curriculum: ArtifactRef,
                      home: str) -> dict[str, Any]:
     record_execution(home, "cognate-evaluate")

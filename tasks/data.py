@@ -10,18 +10,36 @@ from phases.common.config import DataConfig, TokenizerConfig
 from phases.data import curriculum, dataset_files, hub_download, hub_registry
 from phases.data import tokenizer as bpe
 from storage import ArtifactRef, Recipe
-from tasks.runtime import CACHED, producer, record_execution, store
+from tasks.code_version import code_version
+from tasks.runtime import producer, recipe_cache, record_execution, store
 
-DATA_CODE_VERSION = "1"
 
-
-@task(name="build-curriculum", cache_policy=CACHED, persist_result=True)
-def build_curriculum(data: DataConfig, home: str) -> ArtifactRef:
-    recipe = Recipe(
+def curriculum_recipe(data: DataConfig) -> Recipe:
+    return Recipe(
         kind="curriculum",
         config={"seed": data.seed, "train_per_stage": data.train_per_stage, "eval_per_stage": data.eval_per_stage},
-        code_version=DATA_CODE_VERSION,
+        code_version=code_version("phases.data"),
     )
+
+
+def hub_recipe(name: str, max_examples: int) -> Recipe:
+    ds = hub_registry.lookup(name)
+    return Recipe(
+        kind="hub-dataset",
+        config={"name": ds.name, "hub_id": ds.hub_id, "config": ds.config, "split": ds.split,
+                "revision": ds.revision, "max_examples": max_examples},
+        code_version=code_version("phases.data"),
+    )
+
+
+def tokenizer_recipe(tok: TokenizerConfig, corpora: list[ArtifactRef]) -> Recipe:
+    return Recipe(kind="tokenizer", inputs=tuple(r.id for r in corpora), config=tok.model_dump(mode="json"),
+                  code_version=code_version("phases.data"))
+
+
+@task(name="build-curriculum", cache_policy=recipe_cache(curriculum_recipe), persist_result=True)
+def build_curriculum(data: DataConfig, home: str) -> ArtifactRef:
+    recipe = curriculum_recipe(data)
 
     def build(out: Path) -> dict:
         record_execution(home, "build-curriculum")
@@ -43,15 +61,10 @@ def build_curriculum(data: DataConfig, home: str) -> ArtifactRef:
     return ref
 
 
-@task(name="download-hub-dataset", cache_policy=CACHED, persist_result=True)
+@task(name="download-hub-dataset", cache_policy=recipe_cache(hub_recipe), persist_result=True)
 def download_hub_dataset(name: str, max_examples: int, home: str) -> ArtifactRef:
     ds = hub_registry.lookup(name)
-    recipe = Recipe(
-        kind="hub-dataset",
-        config={"name": ds.name, "hub_id": ds.hub_id, "config": ds.config, "split": ds.split,
-                "revision": ds.revision, "max_examples": max_examples},
-        code_version=DATA_CODE_VERSION,
-    )
+    recipe = hub_recipe(name, max_examples)
 
     def build(out: Path) -> dict:
         record_execution(home, f"download-hub-dataset:{name}")
@@ -61,15 +74,10 @@ def download_hub_dataset(name: str, max_examples: int, home: str) -> ArtifactRef
     return store(home).get_or_create(recipe, build, producer())
 
 
-@task(name="train-tokenizer", cache_policy=CACHED, persist_result=True)
+@task(name="train-tokenizer", cache_policy=recipe_cache(tokenizer_recipe), persist_result=True)
 def train_tokenizer(tok: TokenizerConfig, corpora: list[ArtifactRef], home: str) -> ArtifactRef:
     st = store(home)
-    recipe = Recipe(
-        kind="tokenizer",
-        inputs=tuple(r.id for r in corpora),
-        config=tok.model_dump(mode="json"),
-        code_version=DATA_CODE_VERSION,
-    )
+    recipe = tokenizer_recipe(tok, corpora)
 
     def build(out: Path) -> dict:
         record_execution(home, "train-tokenizer")

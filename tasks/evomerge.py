@@ -15,15 +15,15 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from phases.evomerge import fitness as fit
 from phases.evomerge import pipeline
 from phases.evomerge.plots import fitness_curve
 from phases.evomerge.recipe import Genome, techniques
 from storage import ArtifactRef, Recipe
-from tasks.runtime import CACHED, png_markdown, producer, record_execution, store
+from tasks.code_version import code_version
+from tasks.runtime import phase_cache, png_markdown, producer, recipe_cache, record_execution, store
 
-EVOMERGE_CODE_VERSION = "2"
 _GATE_ONLY = {"min_fitness_ratio", "min_diversity", "gate_mode"}
 _EVAL_SETS: dict[tuple, fit.EvalSet] = {}
 _STRUCTURE_MEMO: dict[str, dict[str, float]] = {}  # speed and memory per model structure, per process
@@ -38,7 +38,7 @@ def search_config(config: PipelineConfig) -> dict[str, Any]:
 
 def champion_recipe(config: PipelineConfig, base: ArtifactRef, inputs: list[ArtifactRef], curriculum: ArtifactRef) -> Recipe:
     return Recipe(kind="evomerge-champion", inputs=(base.id, *(r.id for r in inputs), curriculum.id),
-                  config=search_config(config), code_version=EVOMERGE_CODE_VERSION)
+                  config=search_config(config), code_version=code_version("phases.evomerge"))
 
 
 def eval_set(home: str, curriculum: ArtifactRef, tokenizer_dir: Path, config: PipelineConfig, split: str) -> fit.EvalSet:
@@ -51,7 +51,7 @@ def eval_set(home: str, curriculum: ArtifactRef, tokenizer_dir: Path, config: Pi
         return _EVAL_SETS[key]
 
 
-@task(name="evomerge-measure-inputs", cache_policy=CACHED, persist_result=True)
+@task(name="evomerge-measure-inputs", cache_policy=phase_cache("phases.evomerge"), persist_result=True)
 def measure_inputs(config: PipelineConfig, inputs: list[ArtifactRef], curriculum: ArtifactRef, home: str) -> list[dict[str, Any]]:
     """The three input models on the validation split: the fitness reference and the runtime donor."""
     record_execution(home, "evomerge-measure-inputs")
@@ -62,7 +62,8 @@ def measure_inputs(config: PipelineConfig, inputs: list[ArtifactRef], curriculum
             for d in dirs]
 
 
-@task(name="evomerge-fitness", cache_policy=CACHED, persist_result=True, task_run_name="fitness-{label}")
+@task(name="evomerge-fitness", cache_policy=phase_cache("phases.evomerge"), persist_result=True,
+      task_run_name="fitness-{label}")
 def evaluate_candidate(genome: dict[str, Any], label: str, config: PipelineConfig, base: ArtifactRef,
                        inputs: list[ArtifactRef], curriculum: ArtifactRef, home: str) -> dict[str, Any]:
     """One recipe merged in memory and measured on the validation split."""
@@ -92,7 +93,12 @@ def _final_evaluation(model_dirs: dict[str, Path], data: fit.EvalSet, weights: d
     return out
 
 
-@task(name="evomerge-champion", cache_policy=CACHED, persist_result=True)
+def _champion_recipe(config: PipelineConfig, base: ArtifactRef, inputs: dict[str, ArtifactRef],
+                     curriculum: ArtifactRef) -> Recipe:
+    return champion_recipe(config, base, list(inputs.values()), curriculum)
+
+
+@task(name="evomerge-champion", cache_policy=recipe_cache(_champion_recipe), persist_result=True)
 def store_champion(config: PipelineConfig, champion: dict[str, Any], base: ArtifactRef, inputs: dict[str, ArtifactRef],
                    curriculum: ArtifactRef, state_dir: str, run: dict[str, Any], weights: dict[str, float],
                    home: str) -> ArtifactRef:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from phases.common.gates import GateReport
+from phases.config import PipelineConfig
+from storage import ArtifactRef
+from tasks.tracking import log_phase_boundary
 
 
 def publish_gates(report: GateReport) -> None:
@@ -25,3 +30,14 @@ def enforce_gates(report: GateReport) -> None:
 
 def publish_summary(key: str, markdown: str) -> None:
     create_markdown_artifact(key=key, markdown=markdown)
+
+
+def close_phase(report: GateReport, config: PipelineConfig, run_group: str, home: str, metrics: dict[str, Any],
+                outputs: list[ArtifactRef], images: dict[str, str] | None = None) -> None:
+    """How every phase ends: its gate table in the UI and the log, one W&B run at the boundary (config,
+    metrics, gates, outputs, images), then strict or lenient applied, so a strict failure comes after
+    everything a user needs to see why."""
+    publish_gates(report)
+    log_phase_boundary(report.phase, run_group, home, config.tracking.wandb_mode, config.tracking.project,
+                       config.model_dump(mode="json"), metrics, report, outputs, images=images)
+    enforce_gates(report)

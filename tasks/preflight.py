@@ -6,17 +6,18 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from phases.common import resources
-from phases.common.config import PipelineConfig
 from phases.common.sizing import GB
-from tasks.runtime import CACHED, record_execution
+from phases.config import PipelineConfig
+from tasks.runtime import record_execution
 
 
-# Cached like the work it guards: its strategy (the batch size picked from free memory) feeds later
-# tasks' inputs, so a retry must see the same answer or it would invalidate finished work. A new
-# config or home checks again.
-@task(name="preflight", cache_policy=CACHED, persist_result=True)
+# Never cached: a retry must look at the disk and memory it will run on. Its strategy still feeds later
+# tasks' recipes, so it depends only on the config and the machine's total memory, never on what
+# happens to be free: the same config on the same machine always gets the same batch size.
+@task(name="preflight", cache_policy=NO_CACHE)
 def preflight(config: PipelineConfig, home: str) -> dict[str, Any]:
     logger = get_run_logger()
     record_execution(home, "preflight")

@@ -11,12 +11,12 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from phases.quietstar import pipeline
 from storage import ArtifactRef, Recipe
-from tasks.runtime import CACHED, png_markdown, record_execution, store, stored_with_checkpoints
+from tasks.code_version import code_version
+from tasks.runtime import phase_cache, png_markdown, recipe_cache, record_execution, store, stored_with_checkpoints
 
-QUIETSTAR_CODE_VERSION = "1"
 _BAKE_FIELDS = {"bake_max_steps", "bake_batch_size", "bake_seq_len", "bake_lr", "bake_muon_lr", "bake_grokfast_alpha",
                 "bake_grokfast_lambda", "bake_kl_weight", "bake_eval_every", "bake_target", "bake_heldout_fraction",
                 "bake_heldout_examples", "embed_init_noise"}
@@ -57,29 +57,37 @@ def _stored(home: str, recipe: Recipe, label: str, journal: str, run: Callable[[
     return ref
 
 
-@task(name="quietstar-bake", cache_policy=CACHED, persist_result=True)
+def baked_recipe(config: PipelineConfig, model: ArtifactRef, data: ArtifactRef) -> Recipe:
+    return Recipe(kind="quietstar-baked", inputs=(model.id, data.id),
+                  config=_section(config, _BAKE_FIELDS) | {"seq_len": config.model.seq_len},
+                  code_version=code_version("phases.quietstar"))
+
+
+def reinforced_recipe(config: PipelineConfig, baked: ArtifactRef, curriculum: ArtifactRef) -> Recipe:
+    return Recipe(kind="quietstar-model", inputs=(baked.id, curriculum.id),
+                  config=_section(config, _RL_FIELDS) | {"model": config.model.model_dump(mode="json")},
+                  code_version=code_version("phases.quietstar"))
+
+
+@task(name="quietstar-bake", cache_policy=recipe_cache(baked_recipe), persist_result=True)
 def bake(config: PipelineConfig, model: ArtifactRef, data: ArtifactRef, home: str) -> ArtifactRef:
     st = store(home)
-    recipe = Recipe(kind="quietstar-baked", inputs=(model.id, data.id),
-                    config=_section(config, _BAKE_FIELDS) | {"seq_len": config.model.seq_len},
-                    code_version=QUIETSTAR_CODE_VERSION)
+    recipe = baked_recipe(config, model, data)
     return _stored(home, recipe, "baking", "quietstar-bake", lambda work, out: pipeline.bake_model(
         st.load(model), st.load(data), config.quietstar, config.model.seq_len, config.seed, work, out,
         _reporter("baking")))
 
 
-@task(name="quietstar-reinforce", cache_policy=CACHED, persist_result=True)
+@task(name="quietstar-reinforce", cache_policy=recipe_cache(reinforced_recipe), persist_result=True)
 def reinforce(config: PipelineConfig, baked: ArtifactRef, curriculum: ArtifactRef, home: str) -> ArtifactRef:
     st = store(home)
-    recipe = Recipe(kind="quietstar-model", inputs=(baked.id, curriculum.id),
-                    config=_section(config, _RL_FIELDS) | {"model": config.model.model_dump(mode="json")},
-                    code_version=QUIETSTAR_CODE_VERSION)
+    recipe = reinforced_recipe(config, baked, curriculum)
     return _stored(home, recipe, "reinforce", "quietstar-reinforce", lambda work, out: pipeline.reinforce_model(
         st.load(baked), st.load(curriculum), config.quietstar, config.model, config.seed, work, out,
         _reporter("reinforce")))
 
 
-@task(name="quietstar-evaluate", cache_policy=CACHED, persist_result=True)
+@task(name="quietstar-evaluate", cache_policy=phase_cache("phases.quietstar"), persist_result=True)
 def evaluate(config: PipelineConfig, baked: ArtifactRef, model: ArtifactRef, curriculum: ArtifactRef,
              home: str) -> dict[str, Any]:
     record_execution(home, "quietstar-evaluate")

@@ -17,29 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import SecretStr
 
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from phases.data import dataset_files
 from phases.quietstar import generation, local_generator
 from phases.quietstar.generation import BudgetExhausted, GenerationIncomplete, Ledger
 from phases.quietstar.openrouter import OpenRouterClient, OpenRouterError, Price, resolve_base_url
 from storage import ArtifactRef, Recipe
-from tasks.runtime import CACHED, producer, record_execution, store, work_dir
+from tasks.code_version import code_version
+from tasks.runtime import producer, recipe_cache, record_execution, store, work_dir
 
-QUIETSTAR_DATA_CODE_VERSION = f"1.prompt{generation.PROMPT_VERSION}"
+# The paid-for ledger is named by the content and the prompt's own version, not the whole package's
+# code version: a change elsewhere in phases/quietstar must never make a rerun buy the examples again.
+LEDGER_VERSION = f"1.prompt{generation.PROMPT_VERSION}"  # the value ledgers were first named with
 
 
 def _section(config: PipelineConfig | dict[str, Any]):
     return (config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)).quietstar
-
-
-def _endpoint(context: Any, parameters: dict[str, Any]) -> str:
-    """The effective endpoint joins the cache key: $OPENROUTER_BASE_URL is not a task input, and data
-    from a test server must not be returned for a run aimed at OpenRouter."""
-    q = _section(parameters["config"])
-    return resolve_base_url(q.openrouter_base_url) if q.data_source == "openrouter" else "local"
 
 
 def content_config(config: PipelineConfig, base_url: str | None) -> dict[str, Any]:
@@ -69,20 +64,33 @@ def api_key(block_name: str) -> SecretStr:
     return SecretStr(str(secret))
 
 
-@task(name="quietstar-data", cache_policy=CACHED + CacheKeyFnPolicy(cache_key_fn=_endpoint), persist_result=True)
+def _base_url(config: PipelineConfig) -> str | None:
+    """The effective endpoint ($OPENROUTER_BASE_URL is not a task input): data from a test server must
+    never be returned for a run aimed at OpenRouter."""
+    q = config.quietstar
+    return resolve_base_url(q.openrouter_base_url) if q.data_source == "openrouter" else None
+
+
+def reasoning_data_recipe(config: PipelineConfig, curriculum: ArtifactRef) -> Recipe:
+    q = config.quietstar
+    spend = {"budget_usd": q.data_budget_usd, "accept_partial": q.data_accept_partial} \
+        if q.data_source == "openrouter" else {}
+    return Recipe(kind="reasoning-data", inputs=(curriculum.id,), config=content_config(config, _base_url(config)) | spend,
+                  code_version=code_version("phases.quietstar"))
+
+
+@task(name="quietstar-data", cache_policy=recipe_cache(reasoning_data_recipe), persist_result=True)
 def generate_reasoning_data(config: PipelineConfig, curriculum: ArtifactRef, home: str) -> ArtifactRef:
     logger = get_run_logger()
     st = store(home)
     q = config.quietstar
     openrouter = q.data_source == "openrouter"
-    base_url = resolve_base_url(q.openrouter_base_url) if openrouter else None
+    base_url = _base_url(config)
     content = content_config(config, base_url)
-    spend = {"budget_usd": q.data_budget_usd, "accept_partial": q.data_accept_partial} if openrouter else {}
-    recipe = Recipe(kind="reasoning-data", inputs=(curriculum.id,), config=content | spend,
-                    code_version=QUIETSTAR_DATA_CODE_VERSION)
+    recipe = reasoning_data_recipe(config, curriculum)
     # keyed by the content alone, so a raised budget resumes the same ledger
     work = work_dir(home, Recipe(kind="reasoning-data", inputs=(curriculum.id,), config=content,
-                                 code_version=QUIETSTAR_DATA_CODE_VERSION))
+                                 code_version=LEDGER_VERSION))
 
     def build(out: Path) -> dict[str, Any]:
         record_execution(home, "quietstar-data")

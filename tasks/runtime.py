@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -11,15 +13,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
 from prefect.runtime import flow_run, task_run
 
 from storage import ArtifactNotFound, ArtifactRef, ArtifactStore, Recipe
+from tasks.code_version import code_version
 
-# Keyed by inputs and the task's source, never by run id: a retried parent gives its subflows new run
-# ids, and the finished work must still come back Cached (DESIGN.md, "Resume").
-CACHED = INPUTS + TASK_SOURCE
 JOURNAL = "executions.jsonl"
+
+
+def _home_tag(home: str) -> str:
+    return hashlib.sha256(resolve_home(home).encode()).hexdigest()[:12]
+
+
+def recipe_cache(recipe: Callable[..., Recipe]) -> CachePolicy:
+    """Prefect's cache key for a task that builds one store artifact: that artifact's recipe key (plus
+    the store it lives in), computed by ``recipe`` from the task's own parameters. Prefect and the store
+    then agree on what "the same work" is: new inputs, config or code give a new key in both, and a
+    retried parent (new run ids) still gets finished work back Cached."""
+    wanted = list(inspect.signature(recipe).parameters)
+
+    def key(_context: Any, parameters: dict[str, Any]) -> str:
+        r = recipe(**{name: parameters[name] for name in wanted})
+        return f"{r.kind}-{r.key}-{_home_tag(parameters['home'])}"
+
+    return CacheKeyFnPolicy(cache_key_fn=key)
+
+
+def phase_cache(package: str) -> CachePolicy:
+    """For a task whose result is not a store artifact (an evaluation, a measurement): its inputs, its
+    own source, and the code version of ``package`` (what the result is computed by)."""
+    return INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=lambda _c, _p: code_version(package))
 
 
 def resolve_home(home: str | None) -> str:

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from phases.common.gates import GateReport
 from storage import ArtifactRef
-from tasks.runtime import CACHED, record_execution, store
+from tasks.runtime import record_execution, store
 
 
 def wandb_mode(configured: str) -> str:
@@ -28,7 +29,8 @@ def wandb_mode(configured: str) -> str:
 
 
 # The pipeline run (group) is not part of the key: the same outputs need not be logged twice.
-@task(name="wandb-phase-boundary", cache_policy=CACHED - "run_group", persist_result=True)
+# Keyed by what is logged, never by the run group: a retried parent must not log a finished phase twice.
+@task(name="wandb-phase-boundary", cache_policy=INPUTS + TASK_SOURCE - "run_group", persist_result=True)
 def log_phase_boundary(
     phase: str,
     run_group: str,

@@ -47,7 +47,7 @@ COGNATE_MICRO = {
 def cognate_micro(prefect_harness, tmp_path_factory):
     """(config, home, Cognate result) of the cognate flow run once, for real, on COGNATE_MICRO."""
     from flows.cognate import cognate
-    from phases.common.config import PipelineConfig
+    from phases.config import PipelineConfig
 
     home = tmp_path_factory.mktemp("cognate-home")
     config = PipelineConfig.from_preset("tiny", **COGNATE_MICRO)

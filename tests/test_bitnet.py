@@ -22,7 +22,7 @@ from phases.bitnet.settings import BitNetSection
 from phases.cognate import CognateForCausalLM
 from phases.cognate import pipeline as cognate_pipeline
 from phases.cognate.data import Batches, pack
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from phases.data import curriculum, dataset_files
 from phases.data import tokenizer as bpe
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import phases.bitnet.packed  # noqa: F401  (registers the packed format with transformers)
 from phases.bitnet.bitlinear import PackedBitLinear
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from phases.data import tokenizer as bpe
 from storage import ArtifactNotFound, ArtifactStore, Recipe
 

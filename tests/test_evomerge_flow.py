@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import COGNATE_MICRO  # noqa: E402
 
-from phases.common.config import PipelineConfig
+from phases.config import PipelineConfig
 from storage import ArtifactStore
 
 EVOMERGE_MICRO = {"generations": 3, "eval_rows": 3, "accuracy_problems": 6, "probe_rows": 1, "gate_mode": "lenient"}

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import wandb_records
 
-from phases.common.config import PipelineConfig
 from phases.common.gates import GateFailed
+from phases.config import PipelineConfig
 from storage import ArtifactStore
 from tasks.runtime import read_journal
 

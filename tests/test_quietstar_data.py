@@ -259,8 +259,8 @@ def test_task_resumes_after_the_cap_and_never_leaks_the_key(prefect_harness, pro
     from prefect import flow
     from prefect.blocks.system import Secret
 
-    from phases.common.config import PipelineConfig
     from phases.common.gates import GateReport
+    from phases.config import PipelineConfig
     from storage import ArtifactStore, Recipe
     from tasks.quietstar_data import api_key, generate_reasoning_data
     from tasks.tracking import log_phase_boundary

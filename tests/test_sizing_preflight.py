@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from phases.common import resources
-from phases.common.config import ModelShape, PipelineConfig
+from phases.common.config import ModelShape
 from phases.common.sizing import GB, MB, categorize, model_size, strategy_for, training_memory_bytes
+from phases.config import PipelineConfig
 
 SHAPE = ModelShape(n_layers=2, d_model=64, n_heads=4, seq_len=64)
 

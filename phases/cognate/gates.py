@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from phases.common.config import CognateSection
+from phases.cognate.settings import CognateSection
 from phases.common.gates import GateReport
 
 

@@ -19,9 +19,10 @@ from phases.cognate.configuration import CognateConfig
 from phases.cognate.data import Batches, mixed_texts, pack
 from phases.cognate.modeling import CognateForCausalLM
 from phases.cognate.plots import loss_curve
+from phases.cognate.settings import CognateSection
 from phases.cognate.specialists import Specialist, runtime_for
 from phases.cognate.trainer import TrainResult, TrainSettings, heldout_stats, niah, train
-from phases.common.config import CognateSection, ModelShape
+from phases.common.config import ModelShape
 from phases.common.hf_io import build, load_pretrained, save_pretrained
 from phases.common.optim import MuonGrokfastConfig
 from phases.common.telemetry import perplexity

@@ -6,10 +6,12 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from phases.common.config import PipelineConfig
+if TYPE_CHECKING:  # phases/common sits below the phase packages that PipelineConfig assembles
+    from phases.config import PipelineConfig
 from phases.common.sizing import GB, MB, Strategy, estimate_params, model_size, strategy_for
 
 
@@ -23,6 +25,7 @@ class Resources:
     free_disk_bytes: int
     free_memory_bytes: int
     memory_kind: str  # "VRAM" or "RAM"
+    total_memory_bytes: int | None = None  # what the strategy is sized against; None: the free memory
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -36,15 +39,23 @@ def free_disk(path: Path) -> int:
     return shutil.disk_usage(p).free
 
 
-def free_ram() -> int:
+def _meminfo(field: str) -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def free_ram() -> int:
+    return _meminfo("MemAvailable") or os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def total_ram() -> int:
+    return _meminfo("MemTotal") or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def pick_device(preference: str) -> str:
@@ -58,9 +69,9 @@ def pick_device(preference: str) -> str:
 def probe(home: Path, preference: str) -> Resources:
     device = pick_device(preference)
     if device == "cuda":
-        free, _total = torch.cuda.mem_get_info()
-        return Resources(device, free_disk(home), int(free), "VRAM")
-    return Resources(device, free_disk(home), free_ram(), "RAM")
+        free, total = torch.cuda.mem_get_info()
+        return Resources(device, free_disk(home), int(free), "VRAM", int(total))
+    return Resources(device, free_disk(home), free_ram(), "RAM", total_ram())
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,8 @@ _CHECKPOINTS_KEPT, _PHASE1_MODELS, _POPULATION = 5, 3, 8
 def estimate_needs(config: PipelineConfig, res: Resources) -> Needs:
     params = estimate_params(config.model, config.tokenizer.vocab_size)
     size = model_size(params)
-    strategy = strategy_for(size, config.model, res.free_memory_bytes, config.preflight.memory_headroom)
+    sized_against = res.total_memory_bytes if res.total_memory_bytes is not None else res.free_memory_bytes
+    strategy = strategy_for(size, config.model, sized_against, config.preflight.memory_headroom)
     weights = params * 4
     # A checkpoint holds weights and two optimizer moments; finished models hold weights only.
     checkpoints = _PHASE1_MODELS * _CHECKPOINTS_KEPT * weights * 3

@@ -1,0 +1,53 @@
+"""Phase 1 Cognate settings: a section of PipelineConfig. Every field has a default (the tiny preset's
+value) so a partial section validates against Prefect's parameter schema; TINY and SMALL hold the
+presets' overrides."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from phases.common.config import Strict
+
+
+class CognateSection(Strict):
+    """Phase 1 training and gate targets. Shapes come from ``model``; these are the rest."""
+
+    act_max_steps: int = Field(default=3, ge=1, description="TRM recursion bound T_max of the shared base")
+    window_size: int = Field(default=64, ge=1, description="sliding attention window (tokens)")
+    n_persistent: int = Field(default=8, ge=1, description="persistent memory tokens per layer")
+    shard_length: int = Field(default=2048, ge=1, description="memory resets every this many tokens")
+    chunk_start: int = Field(default=32, ge=1, description="C_start of the memory chunk-size schedule")
+    foundation_steps: int = Field(default=120, ge=1, description="steps of the shared foundation stage")
+    stage_steps: int = Field(default=50, ge=1, description="steps per later stage, per specialist")
+    batch_size: int | None = Field(default=None, ge=1, description="empty: the size-adaptive strategy's")
+    muon_lr: float = Field(default=0.02, gt=0)
+    adam_lr: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    grokfast_alpha: float = Field(default=0.98, ge=0, lt=1)
+    grokfast_lambda: float = Field(default=0.3, ge=0)
+    polarization_weight: float = Field(default=0.2, ge=0)
+    eval_every: int = Field(default=20, ge=1, description="held-out check + checkpoint every this many steps")
+    niah_every: int = Field(default=25, ge=1)
+    eval_rows: int = Field(default=16, ge=1, description="held-out rows for the spike detector and PPL")
+    accuracy_examples: int = Field(default=60, ge=1, description="held-out problems decoded per model")
+    min_halting_spread: float = Field(default=2.0, description="diversity gate: max - min of mean halting steps")
+    min_ltm_spread: float = Field(default=0.3, description="diversity gate: max - min of LTM usage")
+    min_latency_spread_ms: float = Field(default=10.0, description="diversity gate: max - min latency")
+    gate_mode: Literal["strict", "lenient"] | None = Field(
+        default=None, description="Cognate's gates; empty: the pipeline's gates.mode")
+
+
+# T_max 3 gives the specialists 4 / 3 / 1 recursion steps
+TINY: dict[str, Any] = {
+    "act_max_steps": 3, "window_size": 64, "foundation_steps": 120, "stage_steps": 50, "batch_size": 8,
+    "min_halting_spread": 2.0,
+    # a 1M-parameter model after ~4 CPU-minutes cannot beat the majority baseline: its gates are shown
+    # (FAIL where they fail) but do not stop the demo
+    "gate_mode": "lenient",
+}
+SMALL: dict[str, Any] = {
+    "act_max_steps": 6, "window_size": 256, "foundation_steps": 3000, "stage_steps": 2000, "eval_every": 100,
+    "niah_every": 1000, "eval_rows": 64, "accuracy_examples": 300, "adam_lr": 1e-3, "min_halting_spread": 2.0,
+}
