@@ -17,9 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's phases/, and the per-position reference
 
 
 def _model(preset: str, path: str | None):
@@ -62,8 +67,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from thought_references import cached_sequential
+
     from phases.quietstar.model import QuietStarForCausalLM, quietstar_config
-    from phases.quietstar.thoughts import ThoughtSpec, cached_sequential, parallel_thoughts
+    from phases.quietstar.thoughts import ThoughtSpec, parallel_thoughts
 
     base = _model(args.preset, args.model)
     V = base.config.vocab_size

@@ -156,3 +156,32 @@ def test_padded_batches_are_refused_not_silently_wrong():
     x = torch.randint(0, 300, (2, 8))
     with pytest.raises(ValueError, match="padded"):
         model(x, attention_mask=torch.tensor([[1] * 8, [0] * 2 + [1] * 6]))
+
+
+def test_base_model_returns_named_fields_and_layers_take_any_attention_function():
+    from phases.cognate.modeling import CognateModelOutput
+
+    model = _model()
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        out = model.model(x)
+    assert isinstance(out, CognateModelOutput)
+    assert out.last_hidden_state.shape == (2, 12, 64)
+    assert out.ponder.shape == out.steps.shape == out.gate.shape == (2, 12)
+    assert out.polarization_loss.shape == () and isinstance(out.gate_polarized, float)
+    assert out.mem_chunks == 2 * 3 * 2 * 3 and 0 <= out.mem_writes <= out.mem_chunks  # layers x steps x rows x chunks
+    assert torch.equal(model.lm_head(out.last_hidden_state), model(x).logits)
+
+    def eager(q, k, v, mask):  # the attention written out: what a new attention function replaces
+        scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
+
+    layer, h = model.model.layers[0], torch.randn(2, 12, 64)
+    _, q, k, v = layer.project(h)
+    kp, vp = layer.persistent_keys()
+    positions = torch.arange(12)
+    heads = layer.rotary_heads(q, k, v, positions, model.config.rope_theta)
+    with torch.no_grad():
+        a = layer.attend(*heads, kp, vp, positions, model.config)
+        b = layer.attend(*heads, kp, vp, positions, model.config, attention=eager)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

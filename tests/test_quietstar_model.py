@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from thought_references import cached_sequential, sliced_reference
 
+import phases.quietstar.thought_memory as thought_memory
 import phases.quietstar.thoughts as T
 from phases.cognate import CognateConfig, CognateForCausalLM
 from phases.data import curriculum
@@ -59,7 +61,7 @@ def test_parallel_thoughts_equal_the_per_position_reference(chunk, shard, window
     spec = T.ThoughtSpec(count=2, length=length, n_true=n_true, start_id=START, end_id=END)
     with torch.no_grad():
         tp = T.parallel_thoughts(model, x, spec, generator=torch.Generator().manual_seed(0), keep_ext_logits=True)
-        reference = T.sliced_reference(model, x, tp.extension)  # x[:i+1] + extension through the plain model
+        reference = sliced_reference(model, x, tp.extension)  # x[:i+1] + extension through the plain model
         assert torch.equal(tp.base_logits, model(x).logits)
     assert tp.extension.shape == (batch, 2, 11, spec.extension)
     assert (tp.extension[..., 0] == START).all() and (tp.extension[..., length + 1] == END).all()
@@ -74,8 +76,8 @@ def test_memory_inside_a_thought_is_checked_not_ignored(monkeypatch):
     spec = T.ThoughtSpec(count=1, length=4, n_true=2, start_id=START, end_id=END, greedy=True)
     with torch.no_grad():
         tp = T.parallel_thoughts(model, x, spec, keep_ext_logits=True)
-        reference = T.sliced_reference(model, x, tp.extension)
-        monkeypatch.setattr(T, "_memory_events", lambda *a, **k: None)
+        reference = sliced_reference(model, x, tp.extension)
+        monkeypatch.setattr(thought_memory, "memory_events", lambda *a, **k: None)
         frozen = T.parallel_thoughts(model, x, spec, forced=tp.thoughts, keep_ext_logits=True)
     assert (tp.ext_logits - reference).abs().max() < 1e-5
     assert (frozen.ext_logits - reference).abs().max() > 1e-2
@@ -106,7 +108,7 @@ def test_batched_decoding_of_thoughts_matches_the_parallel_pass():
     spec = T.ThoughtSpec(count=2, length=3, n_true=2, start_id=START, end_id=END)
     with torch.no_grad():
         tp = T.parallel_thoughts(model, x, spec, generator=torch.Generator().manual_seed(1), keep_ext_logits=True)
-        torch.testing.assert_close(T.cached_sequential(model, x, tp.extension), tp.ext_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cached_sequential(model, x, tp.extension), tp.ext_logits, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ the wrapper model

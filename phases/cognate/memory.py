@@ -44,16 +44,23 @@ class MemoryState:
     chunks: int = 0
 
     @classmethod
-    def empty(cls, batch: int, d: int, device, dtype) -> MemoryState:
+    def empty(cls, batch: int, d: int, device, dtype, pos: int = 0) -> MemoryState:
         z = torch.zeros(batch, d, d, device=device, dtype=dtype)
         e = torch.zeros(batch, 0, d, device=device, dtype=dtype)
-        return cls(W=z, S=z.clone(), A=z.clone(), nsum=torch.zeros(batch, device=device, dtype=dtype), buf_k=e, buf_v=e)
+        return cls(W=z, S=z.clone(), A=z.clone(), nsum=torch.zeros(batch, device=device, dtype=dtype), buf_k=e, buf_v=e,
+                   pos=pos)
 
     def reset(self) -> None:
         """Shard boundary: the memory starts again from the persistent values."""
         self.W, self.S, self.A = torch.zeros_like(self.W), torch.zeros_like(self.S), torch.zeros_like(self.A)
         self.nsum = torch.zeros_like(self.nsum)
         self.buf_k, self.buf_v = self.buf_k[:, :0], self.buf_v[:, :0]
+
+
+def persistent_qk(persistent_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M_persistent, norm_persistent) from the persistent tokens' keys (P, d), L2-normalised."""
+    kpn = F.normalize(persistent_keys, dim=-1)
+    return kpn.T @ kpn, kpn.pow(2).sum()
 
 
 def qk_project(q: torch.Tensor, k: torch.Tensor, m_persistent: torch.Tensor, norm_persistent: torch.Tensor,

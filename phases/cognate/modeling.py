@@ -2,7 +2,7 @@
 
     x ─ embed ─┬─▶ [ core ]──▶ h_1 ─▶ [ core ]──▶ h_2 … h_T      T ≤ act_max_steps (TRM recursion)
                └── e is injected again before every step: core(h_{t-1} + e)
-    core = N × MAG layer:
+    core = N × MAG layer (CognateLayer.forward: project, attend, remember, mix):
         a = sliding-window causal attention over [persistent tokens ; last `window` tokens]
         m = neural long-term memory read (memory.py), written per chunk
         g = σ(W_g x)                     the MAG gate, per channel
@@ -14,12 +14,16 @@
 ``layer_scales`` (set by EvoMerge's data-flow-space merges) multiplies each layer's input by a constant.
 Every step is computed for every position (halting decides each position's output, not the compute),
 so a position's state never depends on whether a later position halted, and the decode cache is one
-(keys, values, memory state) per recursion step and layer.
+(keys, values, memory state) per recursion step and layer. The recursion and halting are
+CognateModel.recurse, which takes the layer step as a function: Quiet-STaR's thoughts run it with
+their own attention and memory (phases/quietstar/thoughts.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +32,42 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from phases.cognate.configuration import RUNTIME_KEYS, CognateConfig
-from phases.cognate.memory import MemoryState, NeuralMemory
+from phases.cognate.memory import MemoryState, NeuralMemory, persistent_qk
 
 
-def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary position embedding on (B, H, T, hd), rotate-half convention."""
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding on (..., T, hd), rotate-half convention."""
     hd = x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
     ang = positions.to(torch.float32)[:, None] * inv[None]  # (T, hd/2)
     cos, sin = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype), torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(..., T, d) -> (..., H, T, d / H)."""
+    return x.unflatten(-1, (n_heads, x.shape[-1] // n_heads)).transpose(-3, -2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(..., H, T, hd) -> (..., T, H·hd)."""
+    return x.transpose(-3, -2).flatten(-2)
+
+
+def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int, n_persistent: int) -> torch.Tensor:
+    """(T_q, P + T_k) bool: the persistent tokens always, a key at most ``window − 1`` positions back."""
+    rel = query_pos[:, None] - key_pos[None, :]
+    persistent = torch.ones(len(query_pos), n_persistent, dtype=torch.bool, device=query_pos.device)
+    return torch.cat([persistent, (rel >= 0) & (rel < window)], 1)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q (B, H, T, hd), k and v (B, H, P + T_k, hd), boolean mask (T, P + T_k) -> (B, H, T, hd)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+AttentionFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class CognateCache:
@@ -65,6 +94,10 @@ class LayerStats:
 
 
 class CognateLayer(nn.Module):
+    """One MAG layer: ``forward`` is project -> attend -> remember -> mix. Each step is public, so a
+    caller that sees tokens differently (Quiet-STaR's thoughts) reuses the arithmetic and swaps the part
+    that differs."""
+
     def __init__(self, cfg: CognateConfig):
         super().__init__()
         d, ff = cfg.hidden_size, cfg.intermediate_size
@@ -80,24 +113,27 @@ class CognateLayer(nn.Module):
         self.up_proj = nn.Linear(d, 2 * ff, bias=False)
         self.down_proj = nn.Linear(ff, d, bias=False)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-
-    def persistent_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        p = self.attn_norm(self.persistent_memory)
-        return p, self.k_proj(p), self.v_proj(p)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cfg: CognateConfig, slot: dict | None
-                ) -> tuple[torch.Tensor, LayerStats]:
-        B, T, d = x.shape
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h, q, k, v): the normed input and its projections, shared by attention, memory and gate."""
         h = self.attn_norm(x)
-        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
-        _, kp, vp = self.persistent_keys()
+        return h, self.q_proj(h), self.k_proj(h), self.v_proj(h)
 
-        # --- sliding-window causal attention, persistent tokens always visible (no position)
-        qh, kh, vh = self._heads(q), self._heads(k), self._heads(v)
-        qh, kh = _rope(qh, positions, cfg.rope_theta), _rope(kh, positions, cfg.rope_theta)
+    def persistent_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of the persistent tokens, (P, d) each."""
+        p = self.attn_norm(self.persistent_memory)
+        return self.k_proj(p), self.v_proj(p)
+
+    def rotary_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     theta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split into heads; RoPE on queries and keys at ``positions`` (the last token axis)."""
+        qh, kh, vh = (split_heads(t, self.n_heads) for t in (q, k, v))
+        return rope(qh, positions, theta), rope(kh, positions, theta), vh
+
+    def attend(self, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor,
+               positions: torch.Tensor, cfg: CognateConfig, slot: dict | None = None,
+               attention: AttentionFunction = sdpa_attention) -> torch.Tensor:
+        """Sliding-window causal attention over [persistent tokens ; last ``window_size`` tokens]. The
+        persistent tokens carry no position. ``slot`` holds the window between decode calls."""
         key_pos = positions
         if slot is not None and "k" in slot:
             kh, vh = torch.cat([slot["k"], kh], 2), torch.cat([slot["v"], vh], 2)
@@ -105,36 +141,67 @@ class CognateLayer(nn.Module):
         if slot is not None:  # keep only what a future token can still see
             cut = max(0, kh.shape[2] - (cfg.window_size - 1))
             slot["k"], slot["v"], slot["pos"] = kh[:, :, cut:], vh[:, :, cut:], key_pos[cut:]
-        rel = positions[:, None] - key_pos[None, :]
-        mask = (rel >= 0) & (rel < cfg.window_size)
-        mask = torch.cat([torch.ones(T, kp.shape[0], dtype=torch.bool, device=x.device), mask], 1)
-        kph = kp.view(1, -1, self.n_heads, self.head_dim).transpose(1, 2).expand(B, -1, -1, -1)
-        vph = vp.view(1, -1, self.n_heads, self.head_dim).transpose(1, 2).expand(B, -1, -1, -1)
-        attn = F.scaled_dot_product_attention(qh, torch.cat([kph, kh], 2), torch.cat([vph, vh], 2), attn_mask=mask)
-        a = self.o_proj(attn.transpose(1, 2).reshape(B, T, d))
+        B = qh.shape[0]
+        kph, vph = (split_heads(t, self.n_heads).expand(B, -1, -1, -1) for t in (kp, vp))
+        mask = window_mask(positions, key_pos, cfg.window_size, kp.shape[0])
+        out = attention(qh, torch.cat([kph, kh], 2), torch.cat([vph, vh], 2), mask)
+        return self.o_proj(merge_heads(out))
 
-        # --- long-term memory, Q-K projection seeded by the persistent tokens' keys
-        kpn = F.normalize(kp, dim=-1)
-        m_persistent, norm_persistent = kpn.T @ kpn, kpn.pow(2).sum()
-        state = slot.get("mem") if slot is not None else None
-        if state is None:
-            state = MemoryState.empty(B, d, x.device, x.dtype)
-            state.pos = int(positions[0])
-        y = self.memory(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, m_persistent, norm_persistent, state,
-                        chunk=cfg.mem_chunk_size, shard=cfg.shard_length, lr_scale=cfg.mem_lr_scale,
-                        decay_scale=cfg.mem_decay_scale, surprise_threshold=cfg.surprise_threshold)
-        if slot is not None:
-            slot["mem"] = state
+    def remember(self, qn: torch.Tensor, kn: torch.Tensor, v: torch.Tensor, seed: tuple[torch.Tensor, torch.Tensor],
+                 cfg: CognateConfig, state: MemoryState) -> torch.Tensor:
+        """Read the long-term memory and write this span into it (``state`` is updated in place). qn, kn
+        L2-normalised; ``seed`` = persistent_qk(persistent keys), which the Q-K projection starts from."""
+        return self.memory(qn, kn, v, *seed, state, chunk=cfg.mem_chunk_size, shard=cfg.shard_length,
+                           lr_scale=cfg.mem_lr_scale, decay_scale=cfg.mem_decay_scale,
+                           surprise_threshold=cfg.surprise_threshold)
+
+    def mix(self, x: torch.Tensor, h: torch.Tensor, a: torch.Tensor, y: torch.Tensor,
+            gate_bias: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x + g ⊙ a + (1 − g) ⊙ mem_out(y), then the SwiGLU MLP; returns (x, g). Elementwise per token."""
         m = self.mem_out(self.mem_norm(y))
-
-        g = torch.sigmoid(self.gate_proj(h) + cfg.gate_bias)
+        g = torch.sigmoid(self.gate_proj(h) + gate_bias)
         x = x + g * a + (1 - g) * m
         up, gate = self.up_proj(self.mlp_norm(x)).chunk(2, dim=-1)
-        x = x + self.down_proj(F.silu(gate) * up)
+        return x + self.down_proj(F.silu(gate) * up), g
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cfg: CognateConfig, slot: dict | None = None
+                ) -> tuple[torch.Tensor, LayerStats]:
+        h, q, k, v = self.project(x)
+        kp, vp = self.persistent_keys()
+        a = self.attend(*self.rotary_heads(q, k, v, positions, cfg.rope_theta), kp, vp, positions, cfg, slot)
+        if slot is not None and "mem" in slot:
+            state = slot["mem"]
+        else:
+            state = MemoryState.empty(x.shape[0], x.shape[-1], x.device, x.dtype, pos=int(positions[0]))
+        y = self.remember(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, persistent_qk(kp), cfg, state)
+        if slot is not None:
+            slot["mem"] = state
+        x, g = self.mix(x, h, a, y, cfg.gate_bias)
         stats = LayerStats(gate=g.mean(-1), polarization_loss=(4 * g * (1 - g)).mean(),
                            polarized=((g < 0.1) | (g > 0.9)).float().mean().detach(),
                            mem_writes=state.writes, mem_chunks=state.chunks)
         return x, stats
+
+
+LayerStep = Callable[[int, int, CognateLayer, torch.Tensor], torch.Tensor]
+
+
+class Pondered(NamedTuple):
+    hidden: torch.Tensor  # (..., d) Σ_t w_t norm(h_t), the ACT mixture
+    ponder: torch.Tensor  # (...) N + R per token
+    steps: torch.Tensor  # (...) steps that contributed
+
+
+@dataclass
+class CognateModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None  # (B, T, d) the ACT mixture, the LM head's input
+    ponder: torch.Tensor | None = None  # (B, T) N + R per position
+    steps: torch.Tensor | None = None  # (B, T) steps that contributed
+    gate: torch.Tensor | None = None  # (B, T) mean MAG gate over layers, steps and channels
+    polarization_loss: torch.Tensor | None = None
+    gate_polarized: float | None = None
+    mem_writes: int | None = None  # chunks written, over layers and steps
+    mem_chunks: int | None = None  # chunks completed
 
 
 @dataclass
@@ -196,29 +263,20 @@ class CognateModel(CognatePreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def forward(self, input_ids: torch.LongTensor, cache: CognateCache | None = None):
+    def recurse(self, e: torch.Tensor, layer_step: LayerStep) -> Pondered:
+        """The TRM recursion and Graves ACT halting over tokens of any leading shape: e (..., d) is the
+        embedded input; ``layer_step(t, li, layer, h) -> h`` runs layer ``li`` at recursion step ``t``."""
         cfg = self.config
-        B, T = input_ids.shape
-        start = cache.seen_tokens if cache is not None else 0
-        positions = torch.arange(start, start + T, device=input_ids.device)
-        e = self.embed_tokens(input_ids)
-        h = torch.zeros_like(e)
-        out = torch.zeros_like(e)
-        cum = torch.zeros(B, T, device=e.device, dtype=e.dtype)
-        running = torch.ones(B, T, dtype=torch.bool, device=e.device)
-        ponder = torch.zeros_like(cum)
-        steps = torch.zeros_like(cum)
-        gate_sum, pol_loss, polarized, n_stats, writes, chunks = 0.0, 0.0, 0.0, 0, 0, 0
+        h, out = torch.zeros_like(e), torch.zeros_like(e)
+        cum = torch.zeros(e.shape[:-1], device=e.device, dtype=e.dtype)
+        running = torch.ones(e.shape[:-1], dtype=torch.bool, device=e.device)
+        ponder, steps = torch.zeros_like(cum), torch.zeros_like(cum)
         for t in range(cfg.act_max_steps):
             h = h + e
             for li, layer in enumerate(self.layers):
                 if cfg.layer_scales is not None:
                     h = h * cfg.layer_scales[li]
-                h, stats = layer(h, positions, cfg, cache.slot(t, li) if cache is not None else None)
-                gate_sum = gate_sum + stats.gate
-                pol_loss, polarized = pol_loss + stats.polarization_loss, polarized + stats.polarized
-                n_stats += 1
-                writes, chunks = writes + stats.mem_writes, chunks + stats.mem_chunks
+                h = layer_step(t, li, layer, h)
             hn = self.norm(h)
             p = torch.sigmoid(self.halt_head(hn) + cfg.halt_bias).squeeze(-1)
             last = t == cfg.act_max_steps - 1
@@ -229,10 +287,28 @@ class CognateModel(CognatePreTrainedModel):
             ponder = torch.where(halt_now, steps + (1 - cum), ponder)  # N + R (Graves)
             cum = cum + torch.where(running & ~halt_now, p, torch.zeros_like(p))
             running = running & ~halt_now
+        return Pondered(hidden=out, ponder=ponder, steps=steps)
+
+    def forward(self, input_ids: torch.LongTensor, cache: CognateCache | None = None) -> CognateModelOutput:
+        T = input_ids.shape[1]
+        start = cache.seen_tokens if cache is not None else 0
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        stats: list[LayerStats] = []
+
+        def layer_step(t: int, li: int, layer: CognateLayer, h: torch.Tensor) -> torch.Tensor:
+            h, layer_stats = layer(h, positions, self.config, cache.slot(t, li) if cache is not None else None)
+            stats.append(layer_stats)
+            return h
+
+        act = self.recurse(self.embed_tokens(input_ids), layer_step)
         if cache is not None:
             cache.seen_tokens += T
-        gate_stats = (gate_sum / n_stats, pol_loss / n_stats, float(polarized / n_stats))
-        return out, ponder, steps, gate_stats, (writes, chunks)
+        n = len(stats)
+        return CognateModelOutput(
+            last_hidden_state=act.hidden, ponder=act.ponder, steps=act.steps,
+            gate=sum(s.gate for s in stats) / n, polarization_loss=sum(s.polarization_loss for s in stats) / n,
+            gate_polarized=float(sum(s.polarized for s in stats) / n),
+            mem_writes=sum(s.mem_writes for s in stats), mem_chunks=sum(s.mem_chunks for s in stats))
 
 
 class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
@@ -271,20 +347,19 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
             raise ValueError("Cognate does not take padded batches: pack sequences or pass them one at a time")
         if use_cache and cache is None:
             cache = CognateCache()
-        hidden, ponder, steps, (gate, pol_loss, polarized), (writes, chunks) = self.model(
-            input_ids, cache if use_cache or cache is not None else None)
-        logits = self.lm_head(hidden)
+        out = self.model(input_ids, cache if use_cache or cache is not None else None)
+        logits = self.lm_head(out.last_hidden_state)
         loss = lm_loss = ponder_loss = None
         if labels is not None:
             shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
             lm_loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                       ignore_index=-100)
-            valid = (labels != -100).to(ponder.dtype)
-            ponder_loss = (ponder * valid).sum() / valid.sum().clamp_min(1)
+            valid = (labels != -100).to(out.ponder.dtype)
+            ponder_loss = (out.ponder * valid).sum() / valid.sum().clamp_min(1)
             loss = lm_loss + self.config.ponder_cost * ponder_loss
         return CognateOutput(
             loss=loss, logits=logits, cache=cache if use_cache else None, lm_loss=lm_loss,
-            ponder_loss=ponder_loss, halting_steps=ponder, halt_steps_int=steps, gate=gate,
-            polarization_loss=pol_loss, gate_polarized=polarized,
-            mem_write_fraction=(writes / chunks) if chunks else None,
+            ponder_loss=ponder_loss, halting_steps=out.ponder, halt_steps_int=out.steps, gate=out.gate,
+            polarization_loss=out.polarization_loss, gate_polarized=out.gate_polarized,
+            mem_write_fraction=(out.mem_writes / out.mem_chunks) if out.mem_chunks else None,
         )

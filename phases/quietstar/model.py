@@ -78,7 +78,7 @@ class QuietStarForCausalLM(CognateForCausalLM):
             was_open = getattr(cache, "thought_open", None)
             outside = outside_thinking(input_ids, spec.start_id, spec.end_id, was_open)[:, -1]
             cache.thought_open = ~outside
-            hidden = self.model(input_ids, cache)[0]
+            hidden = self.model(input_ids, cache).last_hidden_state
             logits = self.lm_head(hidden)
             if bool(outside.any()):
                 thought_hidden, thought_logits = self._think(cache, spec, input_ids.shape[0], outside)
@@ -106,17 +106,17 @@ class QuietStarForCausalLM(CognateForCausalLM):
         tok = torch.full((batch, 1), spec.start_id, dtype=torch.long, device=device)
         seen = [tok]
         banned = torch.tensor(spec.banned, dtype=torch.long, device=device) if spec.banned else None
-        hidden = self.model(tok, c)[0]
+        hidden = self.model(tok, c).last_hidden_state
         for _ in range(spec.length):
             logits = self.lm_head(hidden)
             if banned is not None:
                 logits = logits.index_fill(-1, banned, float("-inf"))
             tok = logits.argmax(-1)
             seen.append(tok)
-            hidden = self.model(tok, c)[0]
+            hidden = self.model(tok, c).last_hidden_state
         tok = torch.full((batch, 1), spec.end_id, dtype=torch.long, device=device)
         seen.append(tok)
-        hidden = self.model(tok, c)[0]
+        hidden = self.model(tok, c).last_hidden_state
         if self._thought_log is not None:
             self._thought_log.append((torch.cat(seen, 1), used))
         return hidden, self.lm_head(hidden)
