@@ -14,7 +14,8 @@
    ``run_merge`` (the function behind ``mergekit-yaml``, in a subprocess with ``--mergekit-path`` on
    PYTHONPATH, so mergekit never enters the project's environment) and through our
    ``mergekit_yaml.run`` (``agent-forge merge``). Both times include reading inputs and writing the
-   output; mergekit's import time is reported apart. The issue's bound is max abs diff ≤ 1e-6.
+   output; mergekit's import time is reported apart. Ours and mergekit's
+   outputs agree when their max abs diff is ≤ 1e-6.
 3. One generation at ``--gen-size`` (tiny: d=192, 2 layers, seq 128): curriculum, BPE, a random
    base and three specialists (base + deltas, the specialists' runtime settings), then the 8
    generation-0 candidates, each timed as merge (``merge_genome``), build (``pipeline.build_model``)

@@ -79,7 +79,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# tiny: CPU, CI and the README demo. small: the seeds' shape (8 layers) for one ~6 GB GPU.
+# tiny: CPU, CI and the README demo. small: the planned ~25M-parameter shape (8 layers) for one ~6 GB GPU.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "preset": "tiny",

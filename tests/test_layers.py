@@ -1,4 +1,5 @@
-"""The import rules of DESIGN.md: flows -> tasks -> phases, storage; phases never import Prefect."""
+"""Imports go one way, flows -> tasks -> phases, storage, so each layer stays testable alone; phases never
+import Prefect."""
 
 import ast
 from pathlib import Path

@@ -1,7 +1,7 @@
 """Which layers of a Cognate model become ternary, and staged quantization, layer group by layer group.
 
-BitLinear replaces every linear layer but the LM head; the embeddings, the LM head and the norms stay FP16, as the
-seeds specify. In a Cognate (or a Quiet-STaR Cognate) that means:
+BitLinear replaces every linear layer but the LM head; the embeddings, the LM head and the norms stay FP16, which keeps
+5-15% of the parameters at full precision. In a Cognate (or a Quiet-STaR Cognate) that means:
 - ``embed_tokens`` / ``lm_head`` (tied) and every RMSNorm: FP16, untouched.
 - ``persistent_memory`` (n_persistent × d): learned tokens, read like embeddings (keys and values are projected
   from them): FP16.
@@ -18,7 +18,7 @@ seeds specify. In a Cognate (or a Quiet-STaR Cognate) that means:
   ternary costs too much: ``halt_head`` (d → 1, the ACT halting logit) and Quiet-STaR's mixing head (2d → d → 1,
   the weight of the post-thought prediction; at 7% of a tiny model's weights, keeping it FP16 would cost the 6x).
 
-Staged quantization (the seeds' mitigation for an accuracy drop > 10%): groups are quantized one after another,
+Staged quantization (so that the accuracy drop stays under 10%): groups are quantized one after another,
 each checked on held-out data against the model before it; a group that costs more than its budget goes back to
 full precision (FP16 in the packed artifact) and the report says which and by how much.
 """

@@ -1,9 +1,9 @@
 """Phase 4 BitNet settings: a section of PipelineConfig. Every field has a default (the tiny preset's value) so a
 partial section validates against Prefect's parameter schema; SMALL holds the small preset's overrides.
 
-Fine-tuning optimiser: the seeds name Phase 4's fine-tuning "with Grokfast" (Muon × Grokfast) but give no numbers
-for it; their one supervised fine-tuning preset (Phase 3 baking: lr 1e-4, λ 0.2) sets AdamW's rate and Grokfast's
-λ here. Muon's rate is per orthogonalised update, not comparable with AdamW's, so it has its own field.
+Fine-tuning optimiser: Muon × Grokfast, with no numbers of its own for Phase 4; the one supervised fine-tuning
+preset (Phase 3 baking: lr 1e-4, λ 0.2) sets AdamW's rate and Grokfast's λ here. Muon's rate is per
+orthogonalised update, not comparable with AdamW's, so it has its own field.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class BitNetSection(BaseModel):
     speed_tokens: int = Field(default=8, ge=1, description="tokens decoded per timed generation")
     speed_repeats: int = Field(default=2, ge=1)
     max_accuracy_drop: float = Field(default=0.10, ge=0, description="gate: relative drop in held-out accuracy")
-    min_speedup: float = Field(default=2.0, gt=0, description="gate: packed vs FP32 decode tokens/s (seeds: 2x)")
+    min_speedup: float = Field(default=2.0, gt=0, description="gate: packed vs FP32 decode tokens/s (target: 2x)")
     compression_target: float | None = Field(default=None, gt=0, description="empty: the size-adaptive strategy's")
     sparsity_target: float | None = Field(default=None, ge=0, le=1, description="empty: the size-adaptive strategy's")
     # tiny: on CPU the packed model decodes slower than FP32 (PyTorch has no 2-bit kernels; unpacking costs more

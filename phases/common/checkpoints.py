@@ -1,4 +1,5 @@
-"""Training checkpoints with auto-rollback (seed 001, D2-4 and D2-8).
+"""Training checkpoints with auto-rollback, the failsafe when perplexity spikes (proactive gradient clipping,
+phases.common.stability, is the first defence).
 
 - The last ``keep_last`` (5) checkpoints are kept: weights as safetensors, optimizer state as a
   tensor-only torch file loaded with ``weights_only=True``, metadata as JSON.

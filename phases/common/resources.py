@@ -83,7 +83,7 @@ class Needs:
     strategy: Strategy
 
 
-# Checkpoints kept per model (seed 001: keep the last 5), models trained at once in Phase 1, and the
+# Checkpoints kept per model (the last 5, enough to roll back past a damaged one), models trained at once in Phase 1, and the
 # EvoMerge population held on disk.
 _CHECKPOINTS_KEPT, _PHASE1_MODELS, _POPULATION = 5, 3, 8
 

@@ -1,8 +1,8 @@
 """Model-size detection and the size-adaptive strategy table.
 
-The seeds do not know the final model size until runtime, so every phase asks here. Categories go by
+The final model size is not known until runtime, so every phase asks here. Categories go by
 parameter count (tiny < 50M, small < 500M, medium < 2B, large); the Quiet-STaR thought budget goes by
-size in MB (< 100 MB, < 500 MB, < 2 GB, larger), as the seeds' tables do.
+size in MB (< 100 MB, < 500 MB, < 2 GB, larger).
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ GB = 1024**3
 
 _CATEGORY_LIMITS: list[tuple[int, Category]] = [(50_000_000, "tiny"), (500_000_000, "small"), (2_000_000_000, "medium")]
 
-# Seeds (004, "Size-Adaptive Targets"): compression 6/8/10/12x, sparsity 25/35/40/45%, batch 32 -> 8.
+# Compression 6/8/10/12x: the FP16 embeddings are 15-20% of a tiny model's parameters and 2-5% of a large
+# one's, so larger models compress further. Sparsity 25/35/40/45%, conservative to aggressive. Batch 32 -> 8.
 _COMPRESSION = {"tiny": 6.0, "small": 8.0, "medium": 10.0, "large": 12.0}
 _SPARSITY = {"tiny": 0.25, "small": 0.35, "medium": 0.40, "large": 0.45}
 _BASE_BATCH = {"tiny": 32, "small": 16, "medium": 8, "large": 8}
-# Thought count x length by size in MB (seeds: 8x20, 6x15, 4x12, 4x10).
+# Thought count x length by size in MB: 8x20, 6x15, 4x12, 4x10 (fewer, shorter thoughts as models grow).
 _THOUGHTS: list[tuple[float, tuple[int, int]]] = [(100, (8, 20)), (500, (6, 15)), (2048, (4, 12))]
 _THOUGHTS_LARGEST = (4, 10)
-# EvoMerge fitness (perplexity, accuracy, speed, memory): the seeds' base 0.4/0.3/0.2/0.1. Ours: as
+# EvoMerge fitness (perplexity, accuracy, speed, memory): base weights 0.4/0.3/0.2/0.1. Ours: as
 # models grow, their speed and memory decide whether they fit the target device, so weight moves there.
 _FITNESS = {
     "tiny": (0.4, 0.3, 0.2, 0.1),

@@ -1,4 +1,5 @@
-"""Proactive gradient clipping on a shrinking chunk-size schedule (seed 000, D4-2 to D4-6).
+"""Proactive gradient clipping on a shrinking chunk-size schedule: clipping before trouble is cheap, a rollback
+(checkpoint I/O, lost steps) is the last resort, and more than 3 of them mean training is unstable.
 
   chunk size   C_L(t) = max(1, ⌊C_start · γ^t⌋),  γ = 0.9993
   clip norm    κ(C_L) = κ_base · √(32 / C_L),      κ_base = 0.5 at the reference C_L = 32

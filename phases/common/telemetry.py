@@ -1,6 +1,7 @@
-"""Training telemetry: a JSONL line per step (seed 001, D2-7) and PPL-delta spike detection (D2-3).
+"""Training telemetry: a JSONL line per step (append-only, readable by any tool, a field may be null when not
+measured) and PPL-delta spike detection against the EMA, so the threshold scales with the training stage.
 
-  delta = (ppl − ema_ppl) / ema_ppl,  spike when delta > 5%
+  delta = (ppl − ema_ppl) / ema_ppl,  spike when delta > 5%  (2% gives false alarms, 10% misses real spikes)
 A NaN or infinite loss is always a spike: it must never pass as an ordinary step.
 """
 

@@ -1,6 +1,7 @@
-"""The seeds' 16 Hugging Face Hub datasets: where each lives and how a row maps onto our schema.
+"""The 16 Hugging Face Hub datasets of the planned Phase 1 curriculum: where each lives and how a row maps onto
+our schema.
 
-Ids are the current canonical ones. Where the seeds' id moved or no longer loads with datasets >= 4
+Ids are the current canonical ones. Where the dataset's original short id moved or no longer loads with datasets >= 4
 (loading scripts are gone), the entry says so in ``note`` and points at a Parquet copy:
   gsm8k -> openai/gsm8k, mbpp -> google-research-datasets/mbpp, ai2_arc -> allenai/ai2_arc,
   hotpot_qa -> hotpotqa/hotpot_qa, drop -> ucinlp/drop, hellaswag -> Rowan/hellaswag,
@@ -142,28 +143,28 @@ class HubDataset:
 REGISTRY: dict[str, HubDataset] = {
     d.name: d
     for d in [
-        HubDataset("gsm8k", "openai/gsm8k", "main", "train", "reasoning", _gsm8k, note="seeds' id 'gsm8k' moved"),
+        HubDataset("gsm8k", "openai/gsm8k", "main", "train", "reasoning", _gsm8k, note="original id 'gsm8k' moved"),
         HubDataset("svamp", "ChilleD/SVAMP", None, "train", "reasoning", _svamp),
         HubDataset("asdiv", "MU-NLPC/Calc-asdiv_a", "default", "test", "reasoning", _asdiv,
                    note="only a test split exists"),
         HubDataset("mbpp", "google-research-datasets/mbpp", "full", "train", "advanced", _mbpp,
-                   note="seeds' id 'mbpp' moved"),
+                   note="original id 'mbpp' moved"),
         HubDataset("arc_easy", "allenai/ai2_arc", "ARC-Easy", "train", "foundation", _arc,
-                   note="seeds' id 'ai2_arc' moved"),
+                   note="original id 'ai2_arc' moved"),
         HubDataset("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "train", "reasoning", _arc,
-                   note="seeds' id 'ai2_arc' moved"),
+                   note="original id 'ai2_arc' moved"),
         HubDataset("hotpot_qa", "hotpotqa/hotpot_qa", "distractor", "train", "advanced", _hotpot,
-                   note="seeds' id 'hotpot_qa' moved"),
-        HubDataset("drop", "ucinlp/drop", None, "train", "advanced", _drop, note="seeds' id 'drop' moved"),
+                   note="original id 'hotpot_qa' moved"),
+        HubDataset("drop", "ucinlp/drop", None, "train", "advanced", _drop, note="original id 'drop' moved"),
         HubDataset("strategy_qa", "wics/strategy-qa", "strategyQA", "test", "advanced", _strategyqa,
                    revision="refs/convert/parquet", note="loading script; read from the Parquet branch"),
         HubDataset("piqa", "ybisk/piqa", None, "train", "foundation", _piqa, revision="refs/convert/parquet",
-                   note="seeds' id 'piqa' is a loading script; read from the Parquet branch"),
+                   note="original id 'piqa' is a loading script; read from the Parquet branch"),
         HubDataset("hellaswag", "Rowan/hellaswag", None, "train", "reasoning", _hellaswag,
-                   note="seeds' id 'hellaswag' moved"),
-        HubDataset("boolq", "google/boolq", None, "train", "foundation", _boolq, note="seeds' id 'boolq' moved"),
+                   note="original id 'hellaswag' moved"),
+        HubDataset("boolq", "google/boolq", None, "train", "foundation", _boolq, note="original id 'boolq' moved"),
         HubDataset("wikitext", "Salesforce/wikitext", "wikitext-103-raw-v1", "train", "foundation", _plain_text,
-                   note="seeds' id 'wikitext' moved; a config is required"),
+                   note="original id 'wikitext' moved; a config is required"),
         HubDataset("fineweb_edu", "HuggingFaceFW/fineweb-edu", "sample-10BT", "train", "foundation", _plain_text,
                    streaming=True, note="tens of GB: streamed, first rows kept"),
         HubDataset("openwebtext", "Skylion007/openwebtext", None, "train", "foundation", _plain_text,

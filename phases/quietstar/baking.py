@@ -1,6 +1,6 @@
 """Prompt baking (Quiet-STaR step 1): the 12 thinking tokens join the vocabulary, then supervised
-fine-tuning on the reasoning data bakes the structure in, with Muon × Grokfast (seeds' baking preset:
-lr 1e-4, Grokfast λ 0.2, KL 0).
+fine-tuning on the reasoning data bakes the structure in, with Muon × Grokfast (the supervised
+preset: lr 1e-4, Grokfast λ 0.2, KL 0).
 
 New embedding rows (the LM head is tied, so these are also the output rows): each token starts at the
 mean of the embeddings of the BPE pieces its text had before it was added (``[thinking]`` ← mean of
@@ -176,7 +176,7 @@ class BakeSettings:
     seq_len: int = 128
     optim: MuonGrokfastConfig = field(default_factory=lambda: MuonGrokfastConfig(
         muon_lr=0.02, adam_lr=1e-4, weight_decay=0.0, grokfast_alpha=0.98, grokfast_lambda=0.2))
-    kl_weight: float = 0.0  # seeds' baking preset: no KL to the input model
+    kl_weight: float = 0.0  # baking preset: no KL to the input model
     clip_norm: float = 1.0
     final_lr_fraction: float = 0.1  # linear decay to this share of the rates by max_steps
     eval_every: int = 20

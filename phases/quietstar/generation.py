@@ -1,7 +1,7 @@
 """Reasoning data for prompt baking: the plan, the prompts, an append-only ledger, the OpenRouter run,
 validation, deduplication and the dataset's summary.
 
-The plan is models × strategies × examples per pair (the seeds: 5 × 10 × 500 = 25,000). Every example
+The plan is models × strategies × examples per pair (planned: 5 × 10 × 500 = 25,000). Every example
 is keyed ``model|strategy|index`` and draws a problem from the curriculum's training split (checkable
 answers; the held-out splits stay unseen for Quiet-STaR's accuracy gate), so a completion is kept only
 if its final answer is the curriculum's.

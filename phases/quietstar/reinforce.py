@@ -8,14 +8,14 @@ Per batch of rows x (B, S), with K thoughts of L tokens after every position (th
     policy     L_π  = −mean_{i,k} (r_{i,k} − r̄_i) · Σ_j log π(t_{i,k,j})   (r detached)
     talk NLL   L_nll = −mean log p_mix(x_{i+1+s} | …),  p_mix from base + w·(talk − base)   (mixing.py)
     KL         L_kl = mean_i KL(p_θ(·|x_≤i) ‖ p_baked(·|x_≤i))   on the direct (no-thought) predictions
-    loss       L_nll + L_π + β·L_kl          β: the seeds' RL preset 0.1
+    loss       L_nll + L_π + β·L_kl          β: 0.1, the RL preset's weight against drift
 
 p_talk is the prediction right after ``[/endthinking]`` before mixing: the reward scores the thought
 itself, so it is informative from the first step (with the mixed prediction it would be 0 while w = 0).
 The KL acts on the direct predictions: it keeps the language model near the baked one without taxing
 the influence thoughts gain through the mixing head (which the anti-theater checks require).
 
-Anti-theater (seeds 004: "divergence < 0.3, ablation < 0.02, correlation < 0.5" is theatre), on
+Anti-theater (empty reasoning shows as divergence < 0.3, ablation < 0.02, correlation < 0.5), on
 held-out curriculum problems (``text`` = prompt + answer), answer positions = the positions predicting
 the answer's tokens, the thought after each position greedy:
 - divergence: mean total-variation distance ½·Σ|p_mix − p_direct| over answer positions;

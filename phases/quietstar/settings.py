@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from phases.quietstar.tokens import STRATEGIES
 
-# data generation: five frontier models on OpenRouter (the seeds' count) and [prompt, completion] US$ per
+# data generation: five frontier models on OpenRouter (the planned count) and [prompt, completion] US$ per
 # million tokens. Prices are configuration, not measurements: they were list prices when written and
 # change; check openrouter.ai/models and keep them at or above the real figures.
 OPENROUTER_PRICES: dict[str, tuple[float, float]] = {
@@ -24,7 +24,7 @@ OPENROUTER_PRICES: dict[str, tuple[float, float]] = {
 class QuietStarSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # data generation (section 1 of the issue: phases/quietstar/{generation,local_generator,openrouter}.py) ----
+    # data generation (phases/quietstar/{generation,local_generator,openrouter}.py) ----
     data_source: Literal["local", "openrouter"] = Field(
         default="local", description="local: thoughts written offline from the curriculum's problems; openrouter: "
         "frontier models (key: $OPENROUTER_API_KEY or the Prefect Secret block openrouter_key_block)")
@@ -69,15 +69,15 @@ class QuietStarSection(BaseModel):
     # ---- end of data generation
 
     # baking (section 2: phases/quietstar/baking.py). Tiny defaults train a 1M-parameter model for a few dozen
-    # steps, so they use a larger step than the seeds' preset (lr 1e-4, Grokfast λ 0.2, KL 0), which SMALL sets.
+    # steps, so they use a larger step than the baking preset (lr 1e-4, Grokfast λ 0.2, KL 0), which SMALL sets.
     bake_max_steps: int = Field(default=60, ge=1, description="upper bound; baking stops once converged")
     bake_batch_size: int = Field(default=8, ge=1)
     bake_seq_len: int | None = Field(default=None, ge=16, description="empty: model.seq_len")
-    bake_lr: float = Field(default=3e-3, gt=0, description="AdamW (embeddings, norms, gains); seeds: 1e-4")
+    bake_lr: float = Field(default=3e-3, gt=0, description="AdamW (embeddings, norms, gains); baking preset: 1e-4")
     bake_muon_lr: float = Field(default=0.02, gt=0, description="Muon (hidden matrices)")
     bake_grokfast_alpha: float = Field(default=0.98, ge=0, lt=1)
-    bake_grokfast_lambda: float = Field(default=0.2, ge=0, description="seeds' baking preset: 0.2")
-    bake_kl_weight: float = Field(default=0.0, ge=0, description="KL to the input model; seeds' baking preset: 0")
+    bake_grokfast_lambda: float = Field(default=0.2, ge=0, description="baking preset: 0.2")
+    bake_kl_weight: float = Field(default=0.0, ge=0, description="KL to the input model; baking preset: 0")
     bake_eval_every: int = Field(default=30, ge=1, description="held-out structure check (and checkpoint) interval")
     bake_target: float = Field(default=0.85, gt=0, le=1, description="convergence gate on held-out structure accuracy")
     bake_heldout_fraction: float = Field(default=0.1, gt=0, lt=1, description="problems held out of baking")
@@ -85,19 +85,19 @@ class QuietStarSection(BaseModel):
     embed_init_noise: float = Field(default=0.02, ge=0, description="new token rows: text-mean + this x embedding std")
 
     # reinforcement (section 3: phases/quietstar/{thoughts,mixing,reinforce}.py). Thought count x length come
-    # from the size-adaptive strategy (seeds: 8x20 ... 4x10); the caps keep CPU runs short.
+    # from the size-adaptive strategy (8x20 ... 4x10); the caps keep CPU runs short.
     thought_count_cap: int | None = Field(default=2, ge=2, description="empty: the strategy's thought_count")
     thought_length_cap: int | None = Field(default=8, ge=1, description="empty: the strategy's thought_length")
     n_true: int = Field(default=4, ge=1, description="true tokens after a thought whose log-likelihood is the reward")
     rl_steps: int = Field(default=6, ge=1)
     rl_batch_size: int = Field(default=2, ge=1)
     rl_seq_len: int = Field(default=32, ge=8, description="rows end right after a training problem's answer")
-    rl_lr: float = Field(default=5e-4, gt=0, description="AdamW part; seeds' RL preset: 5e-4")
+    rl_lr: float = Field(default=5e-4, gt=0, description="AdamW part; RL preset: 5e-4")
     rl_muon_lr: float = Field(default=0.002, gt=0, description="Muon part (hidden matrices)")
     rl_mixing_lr: float = Field(default=1e-3, gt=0, description="AdamW for the mixing head")
     rl_grokfast_alpha: float = Field(default=0.98, ge=0, lt=1)
-    rl_grokfast_lambda: float = Field(default=0.1, ge=0, description="seeds' RL preset: 0.1")
-    rl_kl_weight: float = Field(default=0.1, ge=0, description="KL to the baked model; seeds' RL preset: 0.1")
+    rl_grokfast_lambda: float = Field(default=0.1, ge=0, description="RL preset: 0.1")
+    rl_kl_weight: float = Field(default=0.1, ge=0, description="KL to the baked model, against drift; RL preset: 0.1")
     rl_temperature: float = Field(default=1.0, gt=0, description="thought sampling temperature")
     theater_check_every: int = Field(default=6, ge=1, description="anti-theater check interval (and at the end)")
     theater_max_retries: int = Field(
@@ -109,20 +109,20 @@ class QuietStarSection(BaseModel):
     min_correlation: float = Field(default=0.5, description="anti-theater: corr(thought quality, correctness) >")
     eval_problems: int = Field(default=12, ge=1, description="curriculum test problems for the accuracy gate")
     eval_max_new_tokens: int = Field(default=160, ge=1, description="room for a written thinking block + answer")
-    min_accuracy_delta: float = Field(default=0.03, description="accuracy after RL - after baking (seeds: +3 points)")
-    max_latency_ms_per_token: float = Field(default=200.0, gt=0, description="seeds: < 200 ms with thoughts")
+    min_accuracy_delta: float = Field(default=0.03, description="accuracy after RL - after baking (target: +3 points)")
+    max_latency_ms_per_token: float = Field(default=200.0, gt=0, description="target: < 200 ms with thoughts")
     gate_mode: Literal["strict", "lenient"] | None = Field(
         default="lenient", description="Quiet-STaR's gates; empty: the pipeline's gates.mode. Tiny: lenient (a "
         "1M-parameter model after a few CPU-minutes is not expected to pass; the table shows FAIL where it fails)")
 
 
 SMALL: dict[str, Any] = {
-    # data generation: the seeds' plan, 5 models x 10 strategies x 500 (25,000 examples; seeds: ~$100-200)
+    # data generation: 5 models x 10 strategies x 500 (25,000 examples, estimated at ~$100-200)
     "data_examples_per_pair": 500, "data_max_prompt_chars": 1200, "data_budget_usd": 200.0, "data_max_tokens": 600,
-    # baking: the seeds' preset (lr 1e-4, Grokfast λ 0.2, KL 0) over the 25,000 examples
+    # baking: the supervised preset (lr 1e-4, Grokfast λ 0.2, KL 0) over the 25,000 examples
     "bake_max_steps": 3000, "bake_batch_size": 16, "bake_lr": 1e-4, "bake_muon_lr": 0.002, "bake_eval_every": 250,
     "bake_heldout_examples": 64,
-    # reinforcement: the seeds' preset (lr 5e-4, Grokfast λ 0.1, KL 0.1), the strategy's thought count x length
+    # reinforcement: the RL preset (lr 5e-4, Grokfast λ 0.1, KL 0.1 against drift), the strategy's thought count x length
     "thought_count_cap": None, "thought_length_cap": None, "rl_steps": 1000, "rl_batch_size": 4, "rl_seq_len": 128,
     "theater_check_every": 250, "theater_max_retries": 3, "theater_problems": 64, "eval_problems": 300,
     "eval_max_new_tokens": 256, "gate_mode": None,

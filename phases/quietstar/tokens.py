@@ -4,12 +4,12 @@ Layout of one completion (what follows a problem's prompt)::
 
     [thinking]<step>17 + 5 = 22</step><doubt>did 5 leave or arrive? it arrived</doubt>[/endthinking] 22
 
-The seeds (004, "Phase 3 token structure (CORRECTED)") count **12 special tokens**: the outer pair
-``[thinking]`` / ``[/endthinking]`` and the ten strategy tags ``<step> … <uncertain>``; the issue also asks
-for each strategy tag to be closed. Twelve tokens cannot hold 2 + 10 + 10 distinct markers, so:
+The thinking structure has **12 special tokens** (not 16, and not ``<think>``): the outer pair
+``[thinking]`` / ``[/endthinking]`` and the ten strategy tags ``<step> … <uncertain>``; each strategy tag is
+also closed (``<step>…</step>``). Twelve tokens cannot hold 2 + 10 + 10 distinct markers, so:
 
 * the 12 tokens added to the tokenizer (``SPECIAL_TOKENS``) are the 2 outer markers and the 10 OPENING tags,
-  which is what the seeds' "vocabulary 50,257 -> 50,269" counts;
+  so a GPT-2 vocabulary of 50,257 grows to 50,269;
 * closing tags (``</step>`` …) are plain text: the BPE splits each into a few ordinary tokens. A byte-level
   BPE never merges across an added token's boundary, and ``</step>`` does not contain ``<step>``, so the two
   never collide. Which strategy a closer ends is already fixed by its opener (tags do not nest), so a
@@ -35,7 +35,7 @@ from phases.data.curriculum import check_answer
 THINK_START = "[thinking]"
 THINK_END = "[/endthinking]"
 
-# Seeds' order; a short gloss of each is what the OpenRouter prompt shows the writing model.
+# The planned order; a short gloss of each is what the OpenRouter prompt shows the writing model.
 STRATEGY_GLOSS: dict[str, str] = {
     "step": "break the problem into steps and work each one",
     "mece": "split the problem into mutually exclusive, collectively exhaustive parts",
@@ -62,7 +62,7 @@ _ANSWER_PREFIX = re.compile(r"^(?:final\s+answer|answer)\s*[:=]\s*", re.IGNORECA
 
 
 def added_tokens(closing_as_tokens: bool = False) -> list[str]:
-    """Tokens to add to a tokenizer: the seeds' 12, or 22 with the closers as tokens too."""
+    """Tokens to add to a tokenizer: the 12 markers, or 22 with the closers as tokens too."""
     return SPECIAL_TOKENS + (list(CLOSING_TAGS) if closing_as_tokens else [])
 
 
