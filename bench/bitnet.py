@@ -80,7 +80,7 @@ def _random_tiny(out: Path) -> Path:
     CognateForCausalLM(CognateConfig(
         vocab_size=cfg.tokenizer.vocab_size, hidden_size=cfg.model.d_model, num_hidden_layers=cfg.model.n_layers,
         num_attention_heads=cfg.model.n_heads, window_size=cfg.cognate.window_size,
-        act_max_steps=cfg.cognate.act_max_steps, mem_chunk_size=cfg.cognate.chunk_start)).save_pretrained(out)
+        act_max_steps=cfg.cognate.act_max_steps, mem_chunk_size=cfg.cognate.train.chunk_start)).save_pretrained(out)
     return out
 
 

@@ -39,7 +39,7 @@ def _build(kind: str, preset: str):
 
         return CognateForCausalLM(CognateConfig(vocab_size=V, hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
                                                 window_size=cfg.cognate.window_size, act_max_steps=cfg.cognate.act_max_steps,
-                                                mem_chunk_size=cfg.cognate.chunk_start)), cfg
+                                                mem_chunk_size=cfg.cognate.train.chunk_start)), cfg
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 

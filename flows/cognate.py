@@ -30,7 +30,7 @@ def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
     run_group = run_group or str(flow_run.id)
     if prepared is None:
         prepared = prepare(config, home, run_group)
-    batch_size = config.cognate.batch_size or prepared.strategy["batch_size"]
+    batch_size = config.cognate.train.batch_size or prepared.strategy["batch_size"]
 
     base = train_foundation(config, prepared.curriculum, prepared.tokenizer, batch_size, home)
     futures = {s.name: train_specialist.submit(s.name, config, base, prepared.curriculum, batch_size, home)
@@ -40,7 +40,7 @@ def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
 
     st = store(home)
     training = {name: st.manifest(ref)["metrics"] for name, ref in models.items()}
-    report = cognate_gates(evaluation, training, config.cognate, config.cognate.gate_mode or config.gates.mode)
+    report = cognate_gates(evaluation, training, config.cognate, config.cognate.gates.mode or config.gates.mode)
     close_phase(report, config, run_group, home,
                 {"evaluation": evaluation, "training": training, "base": st.manifest(base)["metrics"]},
                 [base, *models.values()],

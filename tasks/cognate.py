@@ -18,12 +18,11 @@ from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
 from tasks.runtime import phase_cache, png_markdown, recipe_cache, record_execution, store, stored_with_checkpoints
 
-_GATE_ONLY = {"min_halting_spread", "min_ltm_spread", "min_latency_spread_ms", "gate_mode", "accuracy_examples"}
-
 
 def _training_config(config: PipelineConfig, batch_size: int) -> dict[str, Any]:
-    """What determines the weights (gate thresholds do not, so changing one never retrains)."""
-    sec = config.cognate.model_dump(mode="json", exclude=_GATE_ONLY)
+    """What determines the weights: the whole section but its evaluation and gate blocks, which are read
+    after training (changing one never retrains)."""
+    sec = config.cognate.model_dump(mode="json", exclude={"eval", "gates"})
     return {"model": config.model.model_dump(mode="json"), "cognate": sec, "seed": config.seed, "batch_size": batch_size}
 
 
@@ -77,7 +76,7 @@ def train_foundation(config: PipelineConfig, curriculum: ArtifactRef, tokenizer:
     recipe = foundation_recipe(config, curriculum, tokenizer, batch_size)
     return _trained_model(home, recipe, "base", "cognate-foundation", lambda work, out: pipeline.train_foundation(
         config.model, config.cognate, st.load(curriculum), st.load(tokenizer), batch_size, config.seed, work, out,
-        _reporter("base", config.cognate.foundation_steps)))
+        _reporter("base", config.cognate.train.foundation_steps)))
 
 
 @task(name="cognate-specialist", cache_policy=recipe_cache(specialist_recipe), persist_result=True)
@@ -88,7 +87,7 @@ def train_specialist(name: str, config: PipelineConfig, base: ArtifactRef, curri
     recipe = specialist_recipe(name, config, base, curriculum, batch_size)
     return _trained_model(home, recipe, name, f"cognate-specialist:{name}", lambda work, out: pipeline.train_specialist(
         spec, st.load(base), config.cognate, config.model.seq_len, st.load(curriculum), batch_size, config.seed,
-        work, out, _reporter(name, 2 * config.cognate.stage_steps)))
+        work, out, _reporter(name, 2 * config.cognate.train.stage_steps)))
 
 
 @task(name="cognate-evaluate", cache_policy=phase_cache("phases.cognate"), persist_result=True)

@@ -38,8 +38,10 @@ COGNATE_MICRO = {
     "data": {"train_per_stage": 400, "eval_per_stage": 20},
     "tokenizer": {"vocab_size": 400},
     "gates": {"mode": "lenient"},
-    "cognate": {"foundation_steps": 40, "stage_steps": 8, "batch_size": 4, "eval_every": 5, "niah_every": 5,
-                "eval_rows": 4, "accuracy_examples": 6, "window_size": 16, "gate_mode": "lenient"},
+    "cognate": {"window_size": 16,
+                "train": {"foundation_steps": 40, "stage_steps": 8, "batch_size": 4, "eval_every": 5, "niah_every": 5,
+                          "eval_rows": 4},
+                "eval": {"accuracy_examples": 6}, "gates": {"mode": "lenient"}},
 }
 
 

@@ -13,10 +13,18 @@ import pytest
 import torch
 from train_worker import setup as _setup
 
-from phases.cognate.trainer import TrainSettings, train
+from phases.cognate.settings import CognateTraining
+from phases.cognate.trainer import train
 from phases.common.checkpoints import CheckpointManager, RollbackLimitExceeded
+from phases.common.optim import MuonGrokfastConfig
 
 HERE = Path(__file__).parent
+
+def _settings(**kw) -> CognateTraining:
+    """The trainer settings these tests were tuned with: a light polarization warm-up and the
+    optimizer block's class defaults."""
+    return CognateTraining(**({"polarization_weight": 0.02, "optim": MuonGrokfastConfig().model_dump()} | kw))
+
 
 
 def _nan_on_calls(calls: set[int]):
@@ -31,7 +39,7 @@ def _nan_on_calls(calls: set[int]):
 
 def test_forced_spikes_roll_back_and_the_fourth_fails_clearly(tmp_path):
     model, batches, ev = _setup()
-    result = train(model, batches, ev, TrainSettings(steps=24, eval_every=3), tmp_path / "ok",
+    result = train(model, batches, ev, _settings(eval_every=3), tmp_path / "ok", 24,
                    loss_hook=_nan_on_calls({5, 12, 20}))
     assert result.rollbacks == 3 and result.spikes == 3 and result.final_step == 24
     events = [json.loads(x) for x in Path(result.telemetry).read_text().splitlines()]
@@ -39,13 +47,13 @@ def test_forced_spikes_roll_back_and_the_fourth_fails_clearly(tmp_path):
 
     model, batches, ev = _setup()
     with pytest.raises(RollbackLimitExceeded, match="3 rollbacks"):
-        train(model, batches, ev, TrainSettings(steps=40, eval_every=3), tmp_path / "bad",
+        train(model, batches, ev, _settings(eval_every=3), tmp_path / "bad", 40,
               loss_hook=_nan_on_calls({5, 12, 20, 28}))
 
 
 def test_nan_never_reaches_a_checkpoint_and_is_never_stepped(tmp_path):
     model, batches, ev = _setup()
-    train(model, batches, ev, TrainSettings(steps=15, eval_every=3), tmp_path, loss_hook=_nan_on_calls({4, 9}))
+    train(model, batches, ev, _settings(eval_every=3), tmp_path, 15, loss_hook=_nan_on_calls({4, 9}))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     ckpts = CheckpointManager(tmp_path / "checkpoints")
     assert ckpts.steps()

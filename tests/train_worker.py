@@ -9,7 +9,16 @@ from pathlib import Path
 import torch
 
 from phases.cognate import CognateConfig, CognateForCausalLM
-from phases.cognate.trainer import TrainSettings, train
+from phases.cognate.settings import CognateTraining
+from phases.cognate.trainer import train
+from phases.common.optim import MuonGrokfastConfig
+
+
+def _settings(**kw) -> CognateTraining:
+    """The trainer settings these tests were tuned with: a light polarization warm-up and the
+    optimizer block's class defaults."""
+    return CognateTraining(**({"polarization_weight": 0.02, "optim": MuonGrokfastConfig().model_dump()} | kw))
+
 
 
 def setup():
@@ -30,6 +39,6 @@ if __name__ == "__main__":
         time.sleep(sleep)  # gives the test time to kill us mid-run
         return loss
 
-    result = train(model, batches, eval_rows, TrainSettings(steps=steps, eval_every=2, niah_every=5), workdir,
+    result = train(model, batches, eval_rows, _settings(eval_every=2, niah_every=5), workdir, steps,
                    loss_hook=slow)
     print(json.dumps(result.as_dict() | {"weight_sum": float(sum(p.double().sum() for p in model.parameters()))}))

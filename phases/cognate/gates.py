@@ -27,11 +27,11 @@ def cognate_gates(evaluation: dict[str, Any], training: dict[str, dict[str, Any]
     r.add("gate_polarization", "lowest share of MAG gate values < 0.1 or > 0.9 at the end of training",
           min(s["gate_polarized"] for t in training.values() for s in t["stages"].values()), ">=", 0.2)
     r.add("diversity_halting", "spread (max - min) of mean ACT halting steps", evaluation["diversity"]["halting_steps"],
-          ">", sec.min_halting_spread)
+          ">", sec.gates.min_halting_spread)
     r.add("diversity_ltm", "spread of LTM usage (1 - mean MAG gate)", evaluation["diversity"]["ltm_usage"],
-          ">", sec.min_ltm_spread)
+          ">", sec.gates.min_ltm_spread)
     r.add("diversity_latency", "spread of 16-token generation latency (ms)", evaluation["diversity"]["latency_ms"],
-          ">", sec.min_latency_spread_ms)
+          ">", sec.gates.min_latency_spread_ms)
     r.add("resolution_cv", "largest CV of held-out PPL across memory chunk sizes 4..64",
           max(m["resolution"]["cv"] for m in models.values()), "<", 0.10)
     r.add("accuracy_over_majority", "lowest held-out accuracy minus the majority-answer baseline",

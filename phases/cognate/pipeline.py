@@ -21,10 +21,9 @@ from phases.cognate.modeling import CognateForCausalLM
 from phases.cognate.plots import loss_curve
 from phases.cognate.settings import CognateSection
 from phases.cognate.specialists import Specialist, runtime_for
-from phases.cognate.trainer import TrainResult, TrainSettings, heldout_stats, niah, train
+from phases.cognate.trainer import TrainResult, heldout_stats, niah, train
 from phases.common.config import ModelShape
 from phases.common.hf_io import build, load_pretrained, save_pretrained
-from phases.common.optim import MuonGrokfastConfig
 from phases.common.telemetry import perplexity
 from phases.data import dataset_files
 from phases.data import tokenizer as bpe
@@ -36,7 +35,7 @@ def model_config(shape: ModelShape, sec: CognateSection, tokenizer: PreTrainedTo
     return CognateConfig(
         vocab_size=len(tokenizer), hidden_size=shape.d_model, num_hidden_layers=shape.n_layers,
         num_attention_heads=shape.n_heads, n_persistent=sec.n_persistent, window_size=sec.window_size,
-        mem_chunk_size=sec.chunk_start, shard_length=sec.shard_length, act_max_steps=sec.act_max_steps,
+        mem_chunk_size=sec.train.chunk_start, shard_length=sec.shard_length, act_max_steps=sec.act_max_steps,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
     )
 
@@ -49,23 +48,14 @@ def stage_rows(splits, split: str, stage: str | None) -> list[dict]:
     return [r for r in splits[split] if stage is None or r["stage"] == stage]
 
 
-def settings_for(sec: CognateSection, steps: int, step_offset: int) -> TrainSettings:
-    return TrainSettings(
-        steps=steps, step_offset=step_offset, c_start=sec.chunk_start, eval_every=sec.eval_every,
-        niah_every=sec.niah_every, polarization_weight=sec.polarization_weight,
-        optim=MuonGrokfastConfig(muon_lr=sec.muon_lr, adam_lr=sec.adam_lr, weight_decay=sec.weight_decay,
-                                 grokfast_alpha=sec.grokfast_alpha, grokfast_lambda=sec.grokfast_lambda),
-    )
-
-
 def train_stage(model: CognateForCausalLM, splits, tokenizer, stage: str, sec: CognateSection, seq_len: int,
                 batch_size: int, seed: int, workdir: Path, steps: int, step_offset: int,
                 mix: dict[str, float] | None, on_progress: Progress | None) -> TrainResult:
     rows = pack(mixed_texts(stage_rows(splits, "train", stage), mix, seed), tokenizer, seq_len)
-    eval_rows = pack([r["text"] for r in stage_rows(splits, "validation", stage)], tokenizer, seq_len)[: sec.eval_rows]
+    eval_rows = pack([r["text"] for r in stage_rows(splits, "validation", stage)], tokenizer, seq_len)[: sec.train.eval_rows]
     progress = (lambda rec: on_progress(rec | {"stage": stage})) if on_progress else None
-    return train(model, Batches(rows, batch_size, seed), eval_rows, settings_for(sec, steps, step_offset),
-                 workdir, on_progress=progress)
+    return train(model, Batches(rows, batch_size, seed), eval_rows, sec.train, workdir, steps, step_offset,
+                 on_progress=progress)
 
 
 def _finish(model: CognateForCausalLM, tokenizer, results: dict[str, TrainResult], out: Path) -> dict[str, Any]:
@@ -93,7 +83,7 @@ def train_foundation(shape: ModelShape, sec: CognateSection, curriculum_dir: Pat
     torch.manual_seed(seed)
     model = build(CognateForCausalLM, model_config(shape, sec, tokenizer))
     result = train_stage(model, splits, tokenizer, "foundation", sec, shape.seq_len, batch_size, seed,
-                         workdir / "foundation", sec.foundation_steps, 0, None, on_progress)
+                         workdir / "foundation", sec.train.foundation_steps, 0, None, on_progress)
     return _finish(model, tokenizer, {"foundation": result}, out)
 
 
@@ -104,11 +94,11 @@ def train_specialist(spec: Specialist, base_dir: Path, sec: CognateSection, seq_
     splits, tokenizer = load_inputs(curriculum_dir, base_dir)
     model = load_pretrained(CognateForCausalLM, base_dir)
     model.set_runtime(**runtime_for(spec, sec.act_max_steps))
-    results, offset = {}, sec.foundation_steps
+    results, offset = {}, sec.train.foundation_steps
     for i, stage in enumerate(("reasoning", "advanced")):
         results[stage] = train_stage(model, splits, tokenizer, stage, sec, seq_len, batch_size, seed + spec.seed_offset + i,
-                                     workdir / stage, sec.stage_steps, offset, spec.mix, on_progress)
-        offset += sec.stage_steps
+                                     workdir / stage, sec.train.stage_steps, offset, spec.mix, on_progress)
+        offset += sec.train.stage_steps
     return _finish(model, tokenizer, results, out) | {"specialist": spec.name}
 
 
@@ -120,7 +110,7 @@ def evaluate_models(model_dirs: dict[str, Path], curriculum_dir: Path, sec: Cogn
     tokenizer = bpe.load(any_dir)
     test_rows = pack([r["text"] for r in test], tokenizer, seq_len)
     problems = evaluate.answerable(test)
-    problems = problems[:: max(1, len(problems) // sec.accuracy_examples)][: sec.accuracy_examples]
+    problems = problems[:: max(1, len(problems) // sec.eval.accuracy_examples)][: sec.eval.accuracy_examples]
     prompt = torch.tensor([tokenizer.encode(problems[0]["prompt"], add_special_tokens=False)])
     baseline = evaluate.majority_baseline(list(splits["train"]), problems)
     per_model: dict[str, Any] = {}

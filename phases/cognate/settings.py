@@ -9,45 +9,72 @@ from typing import Any, Literal
 from pydantic import Field
 
 from phases.common.config import Strict
+from phases.common.optim import MuonGrokfastConfig
+
+
+class CognateOptim(MuonGrokfastConfig):
+    adam_lr: float = Field(default=3e-3, gt=0, description="AdamW, for embeddings, head, norms, gains, biases")
+    grokfast_lambda: float = Field(default=0.3, ge=0, description="amplification of the slow gradient")
+
+
+class CognateTraining(Strict):
+    """What the trainer reads: steps, schedule, checks, rollback and the optimizer. All of it shapes the
+    weights, so all of it is in the models' recipe."""
+
+    foundation_steps: int = Field(default=120, ge=1, description="steps of the shared foundation stage")
+    stage_steps: int = Field(default=50, ge=1, description="steps per later stage, per specialist")
+    batch_size: int | None = Field(default=None, ge=1, description="empty: the size-adaptive strategy's")
+    chunk_start: int = Field(default=32, ge=1, description="C_start of the memory chunk-size schedule")
+    eval_every: int = Field(default=20, ge=1, description="held-out check + checkpoint every this many steps")
+    niah_every: int = Field(default=25, ge=1)
+    eval_rows: int = Field(default=16, ge=1, description="held-out rows for the spike detector and PPL")
+    polarization_weight: float = Field(default=0.2, ge=0, description="gate polarization loss, reached at half the steps")
+    keep_last: int = Field(default=5, ge=2, description="checkpoints kept; rollback goes to the second-most-recent")
+    max_rollbacks: int = Field(default=3, ge=0, description="a rollback past this many fails the training clearly")
+    spike_threshold: float = Field(default=0.05, gt=0, description="held-out perplexity jump (fraction) that rolls back")
+    gate_collapse_limit: float = Field(default=0.02, gt=0, lt=0.5, description="mean gate this close to 0 or 1 ...")
+    gate_collapse_patience: int = Field(default=20, ge=1, description="... for this many steps in a row fails fast")
+    optim: CognateOptim = Field(default_factory=CognateOptim)
+
+
+class CognateEvaluation(Strict):
+    accuracy_examples: int = Field(default=60, ge=1, description="held-out problems decoded per model")
+
+
+class CognateGates(Strict):
+    min_halting_spread: float = Field(default=2.0, description="diversity gate: max - min of mean halting steps")
+    min_ltm_spread: float = Field(default=0.3, description="diversity gate: max - min of LTM usage")
+    min_latency_spread_ms: float = Field(default=10.0, description="diversity gate: max - min latency")
+    mode: Literal["strict", "lenient"] | None = Field(
+        default=None, description="Cognate's gates; empty: the pipeline's gates.mode")
 
 
 class CognateSection(Strict):
-    """Phase 1 training and gate targets. Shapes come from ``model``; these are the rest."""
+    """Phase 1. Shapes come from ``model``; the architecture's other settings are here, then one block
+    per step: ``train`` (the recipe of every Cognate model), ``eval`` and ``gates`` (read after training,
+    so changing them never retrains)."""
 
     act_max_steps: int = Field(default=3, ge=1, description="TRM recursion bound T_max of the shared base")
     window_size: int = Field(default=64, ge=1, description="sliding attention window (tokens)")
     n_persistent: int = Field(default=8, ge=1, description="persistent memory tokens per layer")
     shard_length: int = Field(default=2048, ge=1, description="memory resets every this many tokens")
-    chunk_start: int = Field(default=32, ge=1, description="C_start of the memory chunk-size schedule")
-    foundation_steps: int = Field(default=120, ge=1, description="steps of the shared foundation stage")
-    stage_steps: int = Field(default=50, ge=1, description="steps per later stage, per specialist")
-    batch_size: int | None = Field(default=None, ge=1, description="empty: the size-adaptive strategy's")
-    muon_lr: float = Field(default=0.02, gt=0)
-    adam_lr: float = Field(default=3e-3, gt=0)
-    weight_decay: float = Field(default=0.01, ge=0)
-    grokfast_alpha: float = Field(default=0.98, ge=0, lt=1)
-    grokfast_lambda: float = Field(default=0.3, ge=0)
-    polarization_weight: float = Field(default=0.2, ge=0)
-    eval_every: int = Field(default=20, ge=1, description="held-out check + checkpoint every this many steps")
-    niah_every: int = Field(default=25, ge=1)
-    eval_rows: int = Field(default=16, ge=1, description="held-out rows for the spike detector and PPL")
-    accuracy_examples: int = Field(default=60, ge=1, description="held-out problems decoded per model")
-    min_halting_spread: float = Field(default=2.0, description="diversity gate: max - min of mean halting steps")
-    min_ltm_spread: float = Field(default=0.3, description="diversity gate: max - min of LTM usage")
-    min_latency_spread_ms: float = Field(default=10.0, description="diversity gate: max - min latency")
-    gate_mode: Literal["strict", "lenient"] | None = Field(
-        default=None, description="Cognate's gates; empty: the pipeline's gates.mode")
+    train: CognateTraining = Field(default_factory=CognateTraining)
+    eval: CognateEvaluation = Field(default_factory=CognateEvaluation)
+    gates: CognateGates = Field(default_factory=CognateGates)
 
 
 # T_max 3 gives the specialists 4 / 3 / 1 recursion steps
 TINY: dict[str, Any] = {
-    "act_max_steps": 3, "window_size": 64, "foundation_steps": 120, "stage_steps": 50, "batch_size": 8,
-    "min_halting_spread": 2.0,
+    "act_max_steps": 3, "window_size": 64,
+    "train": {"foundation_steps": 120, "stage_steps": 50, "batch_size": 8},
     # a 1M-parameter model after ~4 CPU-minutes cannot beat the majority baseline: its gates are shown
     # (FAIL where they fail) but do not stop the demo
-    "gate_mode": "lenient",
+    "gates": {"min_halting_spread": 2.0, "mode": "lenient"},
 }
 SMALL: dict[str, Any] = {
-    "act_max_steps": 6, "window_size": 256, "foundation_steps": 3000, "stage_steps": 2000, "eval_every": 100,
-    "niah_every": 1000, "eval_rows": 64, "accuracy_examples": 300, "adam_lr": 1e-3, "min_halting_spread": 2.0,
+    "act_max_steps": 6, "window_size": 256,
+    "train": {"foundation_steps": 3000, "stage_steps": 2000, "eval_every": 100, "niah_every": 1000, "eval_rows": 64,
+              "optim": {"adam_lr": 1e-3}},
+    "eval": {"accuracy_examples": 300},
+    "gates": {"min_halting_spread": 2.0},
 }

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,30 +27,15 @@ import torch
 
 from phases.cognate.memory import niah_probe
 from phases.cognate.modeling import CognateForCausalLM
+from phases.cognate.settings import CognateTraining
 from phases.common.checkpoints import CheckpointManager
-from phases.common.optim import MuonGrokfast, MuonGrokfastConfig
+from phases.common.optim import MuonGrokfast
 from phases.common.stability import ProactiveClipper
 from phases.common.telemetry import PPLDelta, TelemetryWriter, perplexity
 
 
 class GateCollapse(RuntimeError):
     """The MAG gate shut one branch for good: training would go on with half a model."""
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    steps: int
-    step_offset: int = 0  # global step at which this stage starts (the chunk schedule runs across stages)
-    optim: MuonGrokfastConfig = field(default_factory=MuonGrokfastConfig)
-    c_start: int = 32
-    eval_every: int = 20
-    niah_every: int = 25
-    keep_last: int = 5
-    max_rollbacks: int = 3
-    spike_threshold: float = 0.05
-    polarization_weight: float = 0.02  # reached after half the steps (linear warm-up from 0)
-    gate_collapse_limit: float = 0.02  # mean gate this close to 0 or 1 ...
-    gate_collapse_patience: int = 20  # ... for this many steps in a row fails fast
 
 
 @dataclass
@@ -107,19 +92,22 @@ def train(
     model: CognateForCausalLM,
     batches: Callable[[int], torch.Tensor],
     eval_rows: torch.Tensor,
-    settings: TrainSettings,
+    settings: CognateTraining,
     workdir: Path,
+    steps: int,
+    step_offset: int = 0,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``settings.steps`` steps; resumable from ``workdir``.
+    """Train ``model`` in place for ``steps`` steps; resumable from ``workdir``. ``step_offset`` is the global
+    step this stage starts at: the chunk-size schedule runs across stages.
 
     ``loss_hook(step, loss) -> loss`` lets tests inject spikes (NaN, huge) into the real loop."""
     workdir = Path(workdir)
     ckpts = CheckpointManager(workdir / "checkpoints", settings.keep_last, settings.max_rollbacks)
     telemetry = TelemetryWriter(workdir / "telemetry.jsonl")
     opt = MuonGrokfast(model, settings.optim)
-    clipper = ProactiveClipper(settings.c_start)
+    clipper = ProactiveClipper(settings.chunk_start)
     detector = PPLDelta(settings.spike_threshold, ema_decay=0.5)  # evals are sparse: track recent ones
     batch_ppl = PPLDelta(settings.spike_threshold)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -157,14 +145,14 @@ def train(
     niah_seconds, spikes, steps_run, collapse_run = 0.0, 0, 0, 0
     last_eval = math.nan
     t_start = time.perf_counter()
-    while step <= settings.steps:
-        g_step = settings.step_offset + step
+    while step <= steps:
+        g_step = step_offset + step
         chunk = clipper.chunk_size(g_step)
         model.set_runtime(mem_chunk_size=chunk)
         # after a rollback, draw fresh batches: replaying the same ones would replay the same spike
         x = batches(step + 7919 * ckpts.rollback_count)
         out = model(x, labels=x)
-        pol_w = settings.polarization_weight * min(1.0, step / max(1, settings.steps // 2))
+        pol_w = settings.polarization_weight * min(1.0, step / max(1, steps // 2))
         loss = out.loss + pol_w * out.polarization_loss
         if loss_hook is not None:
             loss = loss_hook(step, loss)
@@ -204,7 +192,7 @@ def train(
                       lr=settings.optim.muon_lr, ponder=out.ponder_loss.item(), halting_steps=out.halting_steps.mean().item(),
                       gate_mean=gate_mean, gate_polarized=out.gate_polarized, mem_write_fraction=out.mem_write_fraction, **clip)
 
-        if step % settings.eval_every == 0 or step == settings.steps:
+        if step % settings.eval_every == 0 or step == steps:
             last_eval = eval_loss(model, eval_rows)
             e_delta, spike = detector.update(last_eval)
             record.update(eval_loss=last_eval, eval_ppl_delta=e_delta, is_spike=spike)
@@ -216,14 +204,14 @@ def train(
             save(step, last_eval)
         telemetry.write(**record)
         if on_progress is not None:
-            on_progress(record | {"total_steps": settings.steps})
+            on_progress(record | {"total_steps": steps})
         step += 1
 
     train_seconds = time.perf_counter() - t_start
     if math.isnan(last_eval):
         last_eval = eval_loss(model, eval_rows)
     return TrainResult(
-        steps_run=steps_run, final_step=settings.steps, resumed_from=resumed_from, rollbacks=ckpts.rollback_count,
+        steps_run=steps_run, final_step=steps, resumed_from=resumed_from, rollbacks=ckpts.rollback_count,
         spikes=spikes, eval_loss=last_eval, niah=niah_scores, niah_seconds=niah_seconds,
         train_seconds=train_seconds, gate_polarized=last["gate_polarized"], ltm_usage=last["ltm_usage"],
         telemetry=str(telemetry.path),

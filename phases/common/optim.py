@@ -6,20 +6,23 @@ the LM head, norms, gains or biases: those go to AdamW, as Muon's authors recomm
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from pydantic import ConfigDict, Field
 
+from phases.common.config import Strict
 from phases.common.grokfast import GrokfastEMA
 
 
-@dataclass(frozen=True)
-class MuonGrokfastConfig:
-    muon_lr: float = 0.02
-    adam_lr: float = 3e-4
-    weight_decay: float = 0.01
-    grokfast_alpha: float = 0.98
-    grokfast_lambda: float = 2.0
+class MuonGrokfastConfig(Strict):
+    """The optimizer block every training step nests (``cognate.train.optim``, ``quietstar.bake.optim``, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    muon_lr: float = Field(default=0.02, gt=0, description="Muon, for hidden 2-D weight matrices")
+    adam_lr: float = Field(default=3e-4, gt=0, description="AdamW, for embeddings, head, norms, gains, biases")
+    weight_decay: float = Field(default=0.01, ge=0)
+    grokfast_alpha: float = Field(default=0.98, ge=0, lt=1, description="EMA decay of the gradient filter")
+    grokfast_lambda: float = Field(default=2.0, ge=0, description="amplification of the slow gradient")
 
 
 def is_muon_param(name: str, p: torch.nn.Parameter) -> bool:
@@ -30,7 +33,8 @@ def is_muon_param(name: str, p: torch.nn.Parameter) -> bool:
 class MuonGrokfast:
     """One step(): Grokfast filter on all gradients, then Muon and AdamW steps."""
 
-    def __init__(self, model: torch.nn.Module, cfg: MuonGrokfastConfig = MuonGrokfastConfig()):
+    def __init__(self, model: torch.nn.Module, cfg: MuonGrokfastConfig | None = None):
+        cfg = cfg or MuonGrokfastConfig()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         muon = [p for n, p in named if is_muon_param(n, p)]
         other = [p for n, p in named if not is_muon_param(n, p)]
