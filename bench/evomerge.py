@@ -420,8 +420,8 @@ def bench_mergekit(cfg, workdir: Path, mergekit_path: str | None, threads: int |
 
 def bench_generation(cfg, workdir: Path) -> dict:
     from phases.cognate import CognateForCausalLM
-    from phases.cognate.pipeline import model_config
     from phases.cognate.specialists import runtime_for, specialists
+    from phases.cognate.steps import model_config
     from phases.common import hf_io
     from phases.common.sizing import model_size, strategy_for
     from phases.data import curriculum, dataset_files

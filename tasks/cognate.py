@@ -11,7 +11,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-from phases.cognate import pipeline
+from phases.cognate import steps
 from phases.cognate.specialists import specialists
 from phases.config import PipelineConfig
 from storage import ArtifactRef, Recipe
@@ -51,7 +51,7 @@ def _reporter(label: str, total_steps: int):
 def _trained_model(home: str, recipe: Recipe, label: str, journal: str, train: Callable[[Path, Path], dict]) -> ArtifactRef:
     """The model artifact for ``recipe``, trained (resumably) only when it is not stored yet."""
     ref = stored_with_checkpoints(home, recipe, journal,
-                                  lambda work, out: train(work, out) | {"telemetry": pipeline.telemetry_summary(out)})
+                                  lambda work, out: train(work, out) | {"telemetry": steps.telemetry_summary(out)})
     create_markdown_artifact(key=f"cognate-{label}-loss", description=f"Cognate {label}: training and held-out loss",
                              markdown=png_markdown(store(home).file(ref, "loss.png"), f"{label} loss"))
     return ref
@@ -74,7 +74,7 @@ def train_foundation(config: PipelineConfig, curriculum: ArtifactRef, tokenizer:
                      home: str) -> ArtifactRef:
     st = store(home)
     recipe = foundation_recipe(config, curriculum, tokenizer, batch_size)
-    return _trained_model(home, recipe, "base", "cognate-foundation", lambda work, out: pipeline.train_foundation(
+    return _trained_model(home, recipe, "base", "cognate-foundation", lambda work, out: steps.train_foundation(
         config.model, config.cognate, st.load(curriculum), st.load(tokenizer), batch_size, config.seed, work, out,
         _reporter("base", config.cognate.train.foundation_steps)))
 
@@ -85,7 +85,7 @@ def train_specialist(name: str, config: PipelineConfig, base: ArtifactRef, curri
     spec = {s.name: s for s in specialists()}[name]
     st = store(home)
     recipe = specialist_recipe(name, config, base, curriculum, batch_size)
-    return _trained_model(home, recipe, name, f"cognate-specialist:{name}", lambda work, out: pipeline.train_specialist(
+    return _trained_model(home, recipe, name, f"cognate-specialist:{name}", lambda work, out: steps.train_specialist(
         spec, st.load(base), config.cognate, config.model.seq_len, st.load(curriculum), batch_size, config.seed,
         work, out, _reporter(name, 2 * config.cognate.train.stage_steps)))
 
@@ -95,7 +95,7 @@ def evaluate_cognate(config: PipelineConfig, models: dict[str, ArtifactRef], cur
                      home: str) -> dict[str, Any]:
     record_execution(home, "cognate-evaluate")
     st = store(home)
-    evaluation = pipeline.evaluate_models({n: st.load(r) for n, r in models.items()}, st.load(curriculum),
+    evaluation = steps.evaluate_models({n: st.load(r) for n, r in models.items()}, st.load(curriculum),
                                           config.cognate, config.model.seq_len)
     get_run_logger().info("cognate evaluation: diversity %s, majority baseline %.3f",
                           evaluation["diversity"], evaluation["majority_baseline"])

@@ -20,7 +20,7 @@ from phases.bitnet.packed import load_packed, save_packed
 from phases.bitnet.quantizer import fake_quant_activations, fake_quant_weight, quantize_activations, ternarize
 from phases.bitnet.settings import BitNetSection
 from phases.cognate import CognateForCausalLM
-from phases.cognate import pipeline as cognate_pipeline
+from phases.cognate import steps as cognate_steps
 from phases.cognate.data import Batches, pack
 from phases.config import PipelineConfig
 from phases.data import curriculum, dataset_files
@@ -134,7 +134,7 @@ def train_micro(config: PipelineConfig, cur, tok, out, steps: int = 120, seed: i
     are beside the point here), saved with its tokenizer."""
     tokenizer = bpe.load(tok)
     torch.manual_seed(seed)
-    model = CognateForCausalLM(cognate_pipeline.model_config(config.model, config.cognate, tokenizer))
+    model = CognateForCausalLM(cognate_steps.model_config(config.model, config.cognate, tokenizer))
     rows = pack([r["text"] for r in dataset_files.load_splits(cur)["train"]], tokenizer, config.model.seq_len)
     batches = Batches(rows, 8, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

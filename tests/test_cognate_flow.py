@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import phases.cognate  # noqa: F401
-from phases.cognate import pipeline
+from phases.cognate import steps
 from phases.cognate.data import pack
 from phases.cognate.trainer import eval_loss
 from phases.data import dataset_files
@@ -96,7 +96,7 @@ def test_specialists_are_merge_ready_where_independent_models_are_not(flow_run, 
     independent = []
     for seed in (1, 2):
         out = tmp_path / f"indep-{seed}"
-        pipeline.train_foundation(config.model, config.cognate, cur_path, tok_path, 4, seed, tmp_path / f"w{seed}", out)
+        steps.train_foundation(config.model, config.cognate, cur_path, tok_path, 4, seed, tmp_path / f"w{seed}", out)
         independent.append(load(out))
     indep_ends = [eval_loss(m, test_rows) for m in independent]
     indep = eval_loss(_interpolate(*independent), test_rows)
