@@ -82,8 +82,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from phases.data.hub_download import DatasetUnavailable
     from phases.evomerge.merge import MergeError
     from phases.quietstar.baking import BakingError
-    from phases.quietstar.generation import GenerationIncomplete
-    from phases.quietstar.openrouter import OpenRouterError
+    from phases.quietstar.reasoning_data.generation import GenerationIncomplete
+    from phases.quietstar.reasoning_data.openrouter import OpenRouterError
     from phases.quietstar.reinforce import ReinforceError
     from storage import ArtifactError
 

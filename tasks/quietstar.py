@@ -12,23 +12,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from phases.config import PipelineConfig
-from phases.quietstar import pipeline
+from phases.quietstar import steps
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
 from tasks.runtime import phase_cache, png_markdown, recipe_cache, record_execution, store, stored_with_checkpoints
-
-_BAKE_FIELDS = {"bake_max_steps", "bake_batch_size", "bake_seq_len", "bake_lr", "bake_muon_lr", "bake_grokfast_alpha",
-                "bake_grokfast_lambda", "bake_kl_weight", "bake_eval_every", "bake_target", "bake_heldout_fraction",
-                "bake_heldout_examples", "embed_init_noise"}
-_RL_FIELDS = {"thought_count_cap", "thought_length_cap", "n_true", "rl_steps", "rl_batch_size", "rl_seq_len", "rl_lr",
-              "rl_muon_lr", "rl_mixing_lr", "rl_grokfast_alpha", "rl_grokfast_lambda", "rl_kl_weight", "rl_temperature",
-              "theater_check_every", "theater_max_retries", "theater_problems", "theater_eval_thoughts",
-              "min_divergence", "min_ablation", "min_correlation"}
-
-
-def _section(config: PipelineConfig, fields: set[str]) -> dict[str, Any]:
-    """What determines the weights (gate thresholds of later steps do not, so changing one never retrains)."""
-    return config.quietstar.model_dump(mode="json", include=fields) | {"seed": config.seed}
 
 
 def _reporter(label: str) -> Callable[[dict[str, Any]], None]:
@@ -57,15 +44,20 @@ def _stored(home: str, recipe: Recipe, label: str, journal: str, run: Callable[[
     return ref
 
 
+# A recipe's config is the whole block its step reads (every field is in the key by construction) and
+# what else reaches that step; the data, evaluation and gate blocks do not shape the weights, so changing
+# them never retrains.
 def baked_recipe(config: PipelineConfig, model: ArtifactRef, data: ArtifactRef) -> Recipe:
     return Recipe(kind="quietstar-baked", inputs=(model.id, data.id),
-                  config=_section(config, _BAKE_FIELDS) | {"seq_len": config.model.seq_len},
+                  config={"bake": config.quietstar.bake.model_dump(mode="json"), "seq_len": config.model.seq_len,
+                          "seed": config.seed},
                   code_version=code_version("phases.quietstar"))
 
 
 def reinforced_recipe(config: PipelineConfig, baked: ArtifactRef, curriculum: ArtifactRef) -> Recipe:
     return Recipe(kind="quietstar-model", inputs=(baked.id, curriculum.id),
-                  config=_section(config, _RL_FIELDS) | {"model": config.model.model_dump(mode="json")},
+                  config={"rl": config.quietstar.rl.model_dump(mode="json"), "model": config.model.model_dump(mode="json"),
+                          "seed": config.seed},
                   code_version=code_version("phases.quietstar"))
 
 
@@ -73,8 +65,8 @@ def reinforced_recipe(config: PipelineConfig, baked: ArtifactRef, curriculum: Ar
 def bake(config: PipelineConfig, model: ArtifactRef, data: ArtifactRef, home: str) -> ArtifactRef:
     st = store(home)
     recipe = baked_recipe(config, model, data)
-    return _stored(home, recipe, "baking", "quietstar-bake", lambda work, out: pipeline.bake_model(
-        st.load(model), st.load(data), config.quietstar, config.model.seq_len, config.seed, work, out,
+    return _stored(home, recipe, "baking", "quietstar-bake", lambda work, out: steps.bake_model(
+        st.load(model), st.load(data), config.quietstar.bake, config.model.seq_len, config.seed, work, out,
         _reporter("baking")))
 
 
@@ -82,8 +74,8 @@ def bake(config: PipelineConfig, model: ArtifactRef, data: ArtifactRef, home: st
 def reinforce(config: PipelineConfig, baked: ArtifactRef, curriculum: ArtifactRef, home: str) -> ArtifactRef:
     st = store(home)
     recipe = reinforced_recipe(config, baked, curriculum)
-    return _stored(home, recipe, "reinforce", "quietstar-reinforce", lambda work, out: pipeline.reinforce_model(
-        st.load(baked), st.load(curriculum), config.quietstar, config.model, config.seed, work, out,
+    return _stored(home, recipe, "reinforce", "quietstar-reinforce", lambda work, out: steps.reinforce_model(
+        st.load(baked), st.load(curriculum), config.quietstar.rl, config.model, config.seed, work, out,
         _reporter("reinforce")))
 
 
@@ -92,7 +84,7 @@ def evaluate(config: PipelineConfig, baked: ArtifactRef, model: ArtifactRef, cur
              home: str) -> dict[str, Any]:
     record_execution(home, "quietstar-evaluate")
     st = store(home)
-    result = pipeline.evaluate(st.load(baked), st.load(model), st.load(curriculum), config.quietstar)
+    result = steps.evaluate(st.load(baked), st.load(model), st.load(curriculum), config.quietstar.eval)
     get_run_logger().info("quietstar evaluation: accuracy baked %.3f, reinforced %.3f (delta %+.3f); latency %.1f ms/token "
                           "with thoughts, %.1f without", result["accuracy_baked"]["accuracy"],
                           result["accuracy_reinforced"]["accuracy"], result["accuracy_delta"],

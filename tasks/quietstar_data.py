@@ -21,9 +21,9 @@ from pydantic import SecretStr
 
 from phases.config import PipelineConfig
 from phases.data import dataset_files
-from phases.quietstar import generation, local_generator
-from phases.quietstar.generation import BudgetExhausted, GenerationIncomplete, Ledger
-from phases.quietstar.openrouter import OpenRouterClient, OpenRouterError, Price, resolve_base_url
+from phases.quietstar.reasoning_data import generation, local
+from phases.quietstar.reasoning_data.generation import BudgetExhausted, GenerationIncomplete, Ledger
+from phases.quietstar.reasoning_data.openrouter import OpenRouterClient, OpenRouterError, Price, resolve_base_url
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
 from tasks.runtime import producer, recipe_cache, record_execution, store, work_dir
@@ -33,18 +33,14 @@ from tasks.runtime import producer, recipe_cache, record_execution, store, work_
 LEDGER_VERSION = f"1.prompt{generation.PROMPT_VERSION}"  # the value ledgers were first named with
 
 
-def _section(config: PipelineConfig | dict[str, Any]):
-    return (config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)).quietstar
-
-
 def content_config(config: PipelineConfig, base_url: str | None) -> dict[str, Any]:
-    """What determines the examples (and so names the ledger's work directory)."""
-    q = config.quietstar
-    content = {"source": q.data_source, "strategies": q.data_strategies, "examples_per_pair": q.data_examples_per_pair,
-               "max_prompt_chars": q.data_max_prompt_chars, "seed": config.seed}
-    if q.data_source == "openrouter":
-        content |= {"models": q.data_models, "max_tokens": q.data_max_tokens, "temperature": q.data_temperature,
-                    "base_url": base_url}
+    """What determines the examples (and so names the ledger's work directory). Its keys and values must
+    stay as they are: a changed dict names a new directory, and a rerun would buy the examples again."""
+    q = config.quietstar.data
+    content = {"source": q.source, "strategies": q.strategies, "examples_per_pair": q.examples_per_pair,
+               "max_prompt_chars": q.max_prompt_chars, "seed": config.seed}
+    if q.source == "openrouter":
+        content |= {"models": q.models, "max_tokens": q.max_tokens, "temperature": q.temperature, "base_url": base_url}
     return content
 
 
@@ -60,21 +56,20 @@ def api_key(block_name: str) -> SecretStr:
     except Exception as e:  # a missing block is a ValueError; no key text can be in it
         raise OpenRouterError(
             f"no OpenRouter API key: set OPENROUTER_API_KEY, or create a Prefect Secret block named {block_name!r} "
-            f"(lookup failed: {type(e).__name__}), or use quietstar.data_source=local") from None
+            f"(lookup failed: {type(e).__name__}), or use quietstar.data.source=local") from None
     return SecretStr(str(secret))
 
 
 def _base_url(config: PipelineConfig) -> str | None:
     """The effective endpoint ($OPENROUTER_BASE_URL is not a task input): data from a test server must
     never be returned for a run aimed at OpenRouter."""
-    q = config.quietstar
-    return resolve_base_url(q.openrouter_base_url) if q.data_source == "openrouter" else None
+    q = config.quietstar.data
+    return resolve_base_url(q.openrouter_base_url) if q.source == "openrouter" else None
 
 
 def reasoning_data_recipe(config: PipelineConfig, curriculum: ArtifactRef) -> Recipe:
-    q = config.quietstar
-    spend = {"budget_usd": q.data_budget_usd, "accept_partial": q.data_accept_partial} \
-        if q.data_source == "openrouter" else {}
+    q = config.quietstar.data
+    spend = {"budget_usd": q.budget_usd, "accept_partial": q.accept_partial} if q.source == "openrouter" else {}
     return Recipe(kind="reasoning-data", inputs=(curriculum.id,), config=content_config(config, _base_url(config)) | spend,
                   code_version=code_version("phases.quietstar"))
 
@@ -83,8 +78,8 @@ def reasoning_data_recipe(config: PipelineConfig, curriculum: ArtifactRef) -> Re
 def generate_reasoning_data(config: PipelineConfig, curriculum: ArtifactRef, home: str) -> ArtifactRef:
     logger = get_run_logger()
     st = store(home)
-    q = config.quietstar
-    openrouter = q.data_source == "openrouter"
+    q = config.quietstar.data
+    openrouter = q.source == "openrouter"
     base_url = _base_url(config)
     content = content_config(config, base_url)
     recipe = reasoning_data_recipe(config, curriculum)
@@ -95,12 +90,11 @@ def generate_reasoning_data(config: PipelineConfig, curriculum: ArtifactRef, hom
     def build(out: Path) -> dict[str, Any]:
         record_execution(home, "quietstar-data")
         rows = dataset_files.load_splits(st.load(curriculum))["train"]
-        problems = generation.checkable_problems(rows, q.data_max_prompt_chars)
+        problems = generation.checkable_problems(rows, q.max_prompt_chars)
         if openrouter:
             examples, rejects, summary = _from_openrouter(config, problems, base_url, work, logger)
         else:
-            examples, rejects, summary = local_generator.generate(problems, q.data_strategies,
-                                                                  q.data_examples_per_pair, config.seed)
+            examples, rejects, summary = local.generate(problems, q.strategies, q.examples_per_pair, config.seed)
         if not examples:
             raise GenerationIncomplete(
                 f"no example passed validation; rejects by reason: {summary['rejects_by_reason']}")
@@ -113,46 +107,46 @@ def generate_reasoning_data(config: PipelineConfig, curriculum: ArtifactRef, hom
 
 
 def _from_openrouter(config: PipelineConfig, problems: list[dict[str, Any]], base_url: str, work: Path, logger):
-    q = config.quietstar
-    jobs = generation.plan(q.data_models, q.data_strategies, q.data_examples_per_pair, problems, config.seed)
+    q = config.quietstar.data
+    jobs = generation.plan(q.models, q.strategies, q.examples_per_pair, problems, config.seed)
     ledger = Ledger(work / "ledger.jsonl")
-    prices = {m: Price(*q.data_prices[m]) for m in q.data_models}
+    prices = {m: Price(*q.prices[m]) for m in q.models}
     done = ledger.done_keys()
     pending = [j for j in jobs if j.key not in done]
-    est = generation.estimate(pending, prices, q.data_max_tokens)
+    est = generation.estimate(pending, prices, q.max_tokens)
     spent = ledger.spent_usd()
     logger.info("dry run: %d of %d planned requests still to make; worst case $%.4f (%s); already spent $%.4f of "
                 "the $%.2f cap", len(pending), len(jobs), est["worst_case_usd"],
-                ", ".join(f"{m} ${c:.4f}" for m, c in est["per_model_usd"].items()), spent, q.data_budget_usd)
-    if spent + est["worst_case_usd"] > q.data_budget_usd:
+                ", ".join(f"{m} ${c:.4f}" for m, c in est["per_model_usd"].items()), spent, q.budget_usd)
+    if spent + est["worst_case_usd"] > q.budget_usd:
         logger.warning("the worst case passes the cap: the run stops at $%.2f unless completions stay shorter than "
-                       "data_max_tokens", q.data_budget_usd)
+                       "data.max_tokens", q.budget_usd)
     step = max(1, len(pending) // 10)
 
     def progress(finished: int, total: int) -> None:
         if finished % step == 0 or finished == total:
             logger.info("reasoning data: %d/%d requests finished", finished, total)
 
-    with OpenRouterClient(api_key(q.openrouter_key_block), base_url, timeout_s=q.data_timeout_s,
-                          max_retries=q.data_max_retries, backoff_s=q.data_backoff_s,
-                          backoff_max_s=q.data_backoff_max_s, max_concurrency=q.data_max_concurrency,
+    with OpenRouterClient(api_key(q.openrouter_key_block), base_url, timeout_s=q.timeout_s,
+                          max_retries=q.max_retries, backoff_s=q.backoff_s,
+                          backoff_max_s=q.backoff_max_s, max_concurrency=q.max_concurrency,
                           seed=config.seed) as client:
-        report = generation.run_openrouter(client, jobs, ledger, prices, q.data_budget_usd, q.data_max_tokens,
-                                           q.data_temperature, progress)
+        report = generation.run_openrouter(client, jobs, ledger, prices, q.budget_usd, q.max_tokens,
+                                           q.temperature, progress)
         sent = client.requests_sent
     examples, rejects, summary = generation.assemble(ledger.records, jobs,
-                                                     generation.source_label("openrouter", q.data_models),
-                                                     q.data_budget_usd)
+                                                     generation.source_label("openrouter", q.models),
+                                                     q.budget_usd)
     summary |= {"requests_this_run": sent, "worst_case_estimate_usd": round(est["worst_case_usd"], 6)}
     if report.over_bound:
-        raise OpenRouterError(f"{report.over_bound} responses cost more than data_prices allow for; the run stopped "
-                              f"at ${summary['spent_usd']:.4f}: raise the prices for {q.data_models} and rerun")
+        raise OpenRouterError(f"{report.over_bound} responses cost more than data.prices allow for; the run stopped "
+                              f"at ${summary['spent_usd']:.4f}: raise the prices for {q.models} and rerun")
     if not summary["complete"]:
         where = f"{len(jobs) - summary['pending']} finished examples are kept in {ledger.path}"
-        if report.stopped_by_budget and not q.data_accept_partial:
-            raise BudgetExhausted(f"the ${q.data_budget_usd:.4f} budget stopped the run with {summary['pending']} of "
+        if report.stopped_by_budget and not q.accept_partial:
+            raise BudgetExhausted(f"the ${q.budget_usd:.4f} budget stopped the run with {summary['pending']} of "
                                   f"{len(jobs)} examples to go (spent ${summary['spent_usd']:.4f}); {where}. Raise "
-                                  "quietstar.data_budget_usd to resume, or set data_accept_partial to keep what exists")
+                                  "quietstar.data.budget_usd to resume, or set quietstar.data.accept_partial to keep what exists")
         if report.api_down:
             raise GenerationIncomplete(f"OpenRouter at {base_url} looks down: {generation.DEAD_API_AFTER} examples "
                                        f"in a row failed after retries (last: {report.api_down}); {where}; rerun "
@@ -160,6 +154,6 @@ def _from_openrouter(config: PipelineConfig, problems: list[dict[str, Any]], bas
         if not report.stopped_by_budget:
             raise GenerationIncomplete(f"{summary['pending']} examples still failed after retries "
                                        f"({summary['failures_by_reason']}); {where}; rerun to resume")
-        logger.warning("budget reached: storing %d examples, %d still pending (data_accept_partial)",
+        logger.warning("budget reached: storing %d examples, %d still pending (data.accept_partial)",
                        summary["accepted"], summary["pending"])
     return examples, rejects, summary

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from phases.quietstar.openrouter import prompt_token_bound
+from phases.quietstar.reasoning_data.openrouter import prompt_token_bound
 
 
 class FakeOpenRouter:

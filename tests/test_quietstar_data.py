@@ -15,9 +15,9 @@ from fake_openrouter import FakeOpenRouter
 
 from phases.data import curriculum, dataset_files
 from phases.data import tokenizer as bpe
-from phases.quietstar import generation, local_generator
-from phases.quietstar.generation import Ledger
-from phases.quietstar.openrouter import OpenRouterClient, OpenRouterError, Price, prompt_token_bound
+from phases.quietstar.reasoning_data import generation, local
+from phases.quietstar.reasoning_data.generation import Ledger
+from phases.quietstar.reasoning_data.openrouter import OpenRouterClient, OpenRouterError, Price, prompt_token_bound
 from phases.quietstar.tokens import (
     SPECIAL_TOKENS,
     STRATEGIES,
@@ -112,7 +112,7 @@ def test_duplicates_are_kept_once_and_counted(problems):
 
 
 def test_heldout_split_keeps_each_problem_on_one_side(problems):
-    examples, _, _ = local_generator.generate(problems, list(STRATEGIES), 20, seed=0)
+    examples, _, _ = local.generate(problems, list(STRATEGIES), 20, seed=0)
     train, held = generation.heldout_split(examples, 0.2, seed=0)
     assert len(train) + len(held) == len(examples) and 0.1 < len(held) / len(examples) < 0.3
     assert not {e["problem_id"] for e in train} & {e["problem_id"] for e in held}
@@ -121,9 +121,9 @@ def test_heldout_split_keeps_each_problem_on_one_side(problems):
 
 # ----------------------------------------------------------------------------- local generator
 def test_local_generator_is_deterministic_true_and_checkable(problems):
-    a = local_generator.generate(problems, list(STRATEGIES), 6, seed=11)
-    assert a == local_generator.generate(problems, list(STRATEGIES), 6, seed=11)
-    assert a[0] != local_generator.generate(problems, list(STRATEGIES), 6, seed=12)[0]
+    a = local.generate(problems, list(STRATEGIES), 6, seed=11)
+    assert a == local.generate(problems, list(STRATEGIES), 6, seed=11)
+    assert a[0] != local.generate(problems, list(STRATEGIES), 6, seed=12)[0]
     examples, rejects, summary = a
     assert summary["source"] == "local" and summary["accepted"] == 60 and not rejects
     assert summary["per_strategy"] == {s: 6 for s in STRATEGIES}
@@ -274,9 +274,9 @@ def test_task_resumes_after_the_cap_and_never_leaks_the_key(prefect_harness, pro
     splits = curriculum.generate(train_per_stage=120, eval_per_stage=5, seed=3)
     cur = st.get_or_create(Recipe(kind="curriculum", config={"test": 1}),
                            lambda out: {"rows": dataset_files.save_splits(splits, out)})
-    quiet = {"data_source": "openrouter", "data_models": list(PRICE), "data_strategies": ["step", "bayesian"],
-             "data_examples_per_pair": 2, "data_prices": {m: list(p) for m, p in PRICE.items()},
-             "data_max_tokens": 64, "data_backoff_s": 0.01, "data_timeout_s": 5.0, "data_max_concurrency": 1}
+    data = {"source": "openrouter", "models": list(PRICE), "strategies": ["step", "bayesian"],
+            "examples_per_pair": 2, "prices": {m: list(p) for m, p in PRICE.items()},
+            "max_tokens": 64, "backoff_s": 0.01, "timeout_s": 5.0, "max_concurrency": 1}
     jobs = generation.plan(list(PRICE), ["step", "bayesian"], 2, generation.checkable_problems(splits["train"], 240), 0)
     small_cap = sum(sorted(_bound(j) for j in jobs)[:3])
 
@@ -286,11 +286,11 @@ def test_task_resumes_after_the_cap_and_never_leaks_the_key(prefect_harness, pro
 
     server.script, server.retry_after = ["429", "malformed"], "0"  # the wait itself is tested above
     with caplog.at_level(logging.DEBUG):
-        with pytest.raises(generation.BudgetExhausted, match="Raise quietstar.data_budget_usd"):
-            make(PipelineConfig.from_preset("tiny", quietstar=quiet | {"data_budget_usd": small_cap}), str(home))
+        with pytest.raises(generation.BudgetExhausted, match=r"Raise quietstar\.data\.budget_usd"):
+            make(PipelineConfig.from_preset("tiny", quietstar={"data": data | {"budget_usd": small_cap}}), str(home))
         first = len(server.requests)
         monkeypatch.setenv("OPENROUTER_API_KEY", KEY)
-        config = PipelineConfig.from_preset("tiny", quietstar=quiet | {"data_budget_usd": 5.0})
+        config = PipelineConfig.from_preset("tiny", quietstar={"data": data | {"budget_usd": 5.0}})
         ref = make(config, str(home))
     assert len(set(server.asked())) == len(jobs) and len(server.requests) == len(jobs) + 1  # one 429 retry
     assert first < len(server.requests)

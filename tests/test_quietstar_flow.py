@@ -24,11 +24,13 @@ MICRO = {
     "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "seq_len": 64},
     "data": {"train_per_stage": 100, "eval_per_stage": 10},
     "tokenizer": {"vocab_size": 400},
-    "quietstar": {"data_examples_per_pair": 6, "bake_max_steps": 6, "bake_batch_size": 4, "bake_eval_every": 3,
-                  "bake_heldout_examples": 3, "bake_heldout_fraction": 0.2, "thought_count_cap": 2,
-                  "thought_length_cap": 2, "n_true": 2, "rl_steps": 2, "rl_batch_size": 2, "rl_seq_len": 16,
-                  "theater_check_every": 1, "theater_max_retries": 1, "theater_problems": 2, "theater_eval_thoughts": 2,
-                  "eval_problems": 3, "eval_max_new_tokens": 16},
+    "quietstar": {"data": {"examples_per_pair": 6},
+                  "bake": {"max_steps": 6, "batch_size": 4, "eval_every": 3, "heldout_examples": 3,
+                           "heldout_fraction": 0.2},
+                  "rl": {"thought_count_cap": 2, "thought_length_cap": 2, "n_true": 2, "steps": 2, "batch_size": 2,
+                         "seq_len": 16,
+                         "theater": {"check_every": 1, "max_retries": 1, "problems": 2, "eval_thoughts": 2}},
+                  "eval": {"problems": 3, "max_new_tokens": 16}},
 }
 
 
@@ -93,7 +95,7 @@ def test_flow_stores_baked_and_reinforced_models_with_lineage(flow_run):
     assert model["metrics"]["thought_budget"] == {"strategy_count": 8, "strategy_length": 20, "count": 2, "length": 2}
     # the micro run fails its anti-theater check: one rollback with KL doubled, then the gate fails
     rl = model["metrics"]["reinforce"]
-    assert len(rl["rollbacks"]) == 1 and rl["kl_weight_final"] == pytest.approx(2 * config.quietstar.rl_kl_weight)
+    assert len(rl["rollbacks"]) == 1 and rl["kl_weight_final"] == pytest.approx(2 * config.quietstar.rl.kl_weight)
 
     path = st.load(result.model)
     loaded = AutoModelForCausalLM.from_pretrained(path).eval()

@@ -15,9 +15,7 @@ from phases.data import curriculum
 from phases.data import tokenizer as bpe
 from phases.quietstar.baking import add_thinking_tokens, encode
 from phases.quietstar.model import QuietStarForCausalLM, outside_thinking
-from phases.quietstar.pipeline import answerable, quietstar_from_baked
 from phases.quietstar.reinforce import (
-    RLSettings,
     anti_theater,
     reinforce,
     reinforce_loss,
@@ -25,6 +23,8 @@ from phases.quietstar.reinforce import (
     theater_problems,
     thought_spec,
 )
+from phases.quietstar.settings import Reinforcement
+from phases.quietstar.steps import answerable, quietstar_from_baked
 from phases.quietstar.tokens import SPECIAL_TOKENS
 
 START, END = 48, 49
@@ -251,7 +251,7 @@ def test_anti_theater_fails_a_model_whose_thoughts_are_ignored(tiny_lm):
     model = quietstar_from_baked(base, tok, thought_length=2).eval()
     _open_mixing(model)
     problems = theater_problems(answerable(splits["validation"])[:4], tok)
-    settings = RLSettings(thought_count=2, thought_length=2, n_true=2, eval_thoughts=3)
+    settings = Reinforcement(n_true=2, theater={"eval_thoughts": 3})
     blind = anti_theater(model, problems, settings, forced_w=0.0)
     assert blind["divergence"] == 0.0 and blind["ablation"] == 0.0 and blind["correlation"] == 0.0
     assert not blind["passed"]
@@ -267,9 +267,9 @@ def test_failed_anti_theater_rolls_back_doubles_kl_then_stops(tiny_lm, tmp_path)
 
     rows = answer_windows(answerable(splits["train"])[:20], tok, 16)
     problems = theater_problems(answerable(splits["validation"])[:2], tok)
-    settings = RLSettings(steps=2, batch_size=1, thought_count=2, thought_length=2, n_true=2, check_every=1,
-                          max_retries=2, eval_thoughts=2, kl_weight=0.1)
-    result = reinforce(model, base, rows, problems, settings, tmp_path / "rl")
+    settings = Reinforcement(steps=2, batch_size=1, n_true=2, kl_weight=0.1,
+                             theater={"check_every": 1, "max_retries": 2, "eval_thoughts": 2})
+    result = reinforce(model, base, rows, problems, settings, thought_count=2, seed=0, workdir=tmp_path / "rl")
     assert [r["new_kl_weight"] for r in result["rollbacks"]] == pytest.approx([0.2, 0.4])
     assert all(r["to_step"] == 0 and r["at_step"] == 1 for r in result["rollbacks"])
     assert result["retries"] == 2 and result["kl_weight_final"] == pytest.approx(0.4)
@@ -277,6 +277,6 @@ def test_failed_anti_theater_rolls_back_doubles_kl_then_stops(tiny_lm, tmp_path)
     assert len(result["checks"]) == 3 and result["steps_run"] == 3
     changed = any(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
     assert changed  # the last attempt's weights are kept for the report, not the rolled-back ones
-    spec = thought_spec(settings, model)
-    assert spec.count == 2 and spec.banned == (model.config.thought_start_id, model.config.thought_end_id,
+    spec = thought_spec(settings, model, 2)
+    assert spec.count == 2 and spec.length == 2 and spec.banned == (model.config.thought_start_id, model.config.thought_end_id,
                                                tok.eos_token_id)

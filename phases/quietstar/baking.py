@@ -14,7 +14,7 @@ Convergence (the ≥ 85% gate), on held-out reasoning examples (problems never t
   argmax prediction must be that token; for an opening tag any opening tag counts (which strategy to
   use is the thinker's choice, that a tag opens is structure).
 - well_formed_rate: greedy generation after the prompt (up to EOS or the reference completion's length
-  + 16 tokens; prompts decoded together, left-filled with EOS as in evaluate.py) gives a completion
+  + 16 tokens; prompts decoded together, left-filled with EOS as in decoding.py) gives a completion
   that ``tokens.parse_thinking`` accepts (one block, known tags balanced and not nested, no untagged
   text, an answer after it).
 Also reported, not gated: answer_accuracy (the generated final answer is the expected one).
@@ -27,7 +27,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,11 @@ from transformers import PreTrainedTokenizerBase
 from phases.cognate.modeling import CognateForCausalLM
 from phases.common.checkpoints import CheckpointManager
 from phases.common.hf_io import build
-from phases.common.optim import MuonGrokfast, MuonGrokfastConfig
+from phases.common.optim import MuonGrokfast
 from phases.common.telemetry import TelemetryWriter
 from phases.data.curriculum import check_answer
-from phases.quietstar.evaluate import generate_batched
+from phases.quietstar.decoding import generate_batched
+from phases.quietstar.settings import Baking
 from phases.quietstar.tokens import (
     CLOSING_TAGS,
     OPENING_TAGS,
@@ -169,22 +170,10 @@ def structure_accuracy(model: CognateForCausalLM, tokenizer: PreTrainedTokenizer
 
 
 # ------------------------------------------------------------------ supervised fine-tuning
-@dataclass(frozen=True)
-class BakeSettings:
-    max_steps: int = 60
-    batch_size: int = 8
-    seq_len: int = 128
-    optim: MuonGrokfastConfig = field(default_factory=lambda: MuonGrokfastConfig(
-        muon_lr=0.02, adam_lr=1e-4, weight_decay=0.0, grokfast_alpha=0.98, grokfast_lambda=0.2))
-    kl_weight: float = 0.0  # baking preset: no KL to the input model
-    clip_norm: float = 1.0
-    final_lr_fraction: float = 0.1  # linear decay to this share of the rates by max_steps
-    eval_every: int = 20
-    target: float = 0.85  # stop early once the held-out convergence metric reaches it
-    seed: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+CLIP_NORM = 1.0
+# at a constant rate the held-out structure score swung (tiny: 0.75 at step 90, 0.08 at 120): the rates
+# decay linearly to this share of themselves by max_steps
+FINAL_LR_FRACTION = 0.1
 
 
 def _kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -195,12 +184,13 @@ def _kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> t
 
 
 def bake(model: CognateForCausalLM, tokenizer: PreTrainedTokenizerBase, train: Sequence[dict[str, Any]],
-         heldout: Sequence[dict[str, Any]], settings: BakeSettings, workdir: Path,
+         heldout: Sequence[dict[str, Any]], settings: Baking, seq_len: int, seed: int, workdir: Path,
          on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Fine-tune ``model`` (tokens already added) in place until the held-out convergence metric
-    reaches ``settings.target`` or ``max_steps``; resumes from ``workdir``'s latest checkpoint."""
+    """Fine-tune ``model`` (tokens already added) in place on rows of ``seq_len`` tokens until the
+    held-out convergence metric reaches ``settings.target`` or ``max_steps``; resumes from ``workdir``'s
+    latest checkpoint."""
     workdir = Path(workdir)
-    rows, labels = pack_supervised(train, tokenizer, settings.seq_len, settings.seed)
+    rows, labels = pack_supervised(train, tokenizer, seq_len, seed)
     ckpts = CheckpointManager(workdir / "checkpoints", keep_last=2, max_rollbacks=0)
     telemetry = TelemetryWriter(workdir / "telemetry.jsonl")
     opt = MuonGrokfast(model, settings.optim)
@@ -222,12 +212,11 @@ def bake(model: CognateForCausalLM, tokenizer: PreTrainedTokenizerBase, train: S
     t0 = time.perf_counter()
     model.train()
     while step <= settings.max_steps and not converged:
-        # at a constant rate the held-out structure score swung (tiny: 0.75 at step 90, 0.08 at 120): decay it
-        scale = 1 - (1 - settings.final_lr_fraction) * (step - 1) / max(1, settings.max_steps - 1)
+        scale = 1 - (1 - FINAL_LR_FRACTION) * (step - 1) / max(1, settings.max_steps - 1)
         for o, lrs in zip(opt.optimizers, base_lrs):
             for group, lr in zip(o.param_groups, lrs):
                 group["lr"] = lr * scale
-        g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         idx = torch.randint(len(rows), (settings.batch_size,), generator=g)
         x, y = rows[idx], labels[idx]
         out = model(x, labels=y)
@@ -242,7 +231,7 @@ def bake(model: CognateForCausalLM, tokenizer: PreTrainedTokenizerBase, train: S
             raise BakingError(f"baking loss is {loss.item()} at step {step}: lower the learning rate "
                               f"(adam {settings.optim.adam_lr}, muon {settings.optim.muon_lr}) or the Grokfast λ")
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.clip_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, CLIP_NORM))
         opt.step()
         opt.zero_grad()
         record = {"step": step, "lm_loss": out.lm_loss.item(), "grad_norm": grad_norm,

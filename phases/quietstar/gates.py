@@ -10,21 +10,22 @@ from phases.quietstar.settings import QuietStarSection
 
 def quietstar_gates(baking: dict[str, Any], reinforcement: dict[str, Any], evaluation: dict[str, Any],
                     sec: QuietStarSection, mode: str) -> GateReport:
-    """``baking`` / ``reinforcement``: the manifests' metrics of the baked and reinforced models."""
+    """``baking`` / ``reinforcement``: the manifests' metrics of the baked and reinforced models. The baking
+    and anti-theater thresholds are the ones training stopped and rolled back on (``sec.bake``, ``sec.rl``)."""
     theater = reinforcement["reinforce"]["final_check"]
     r = GateReport(phase="quietstar", mode=mode)
     r.add("baking_convergence", "held-out thinking structure after baking: min(structure-token accuracy, "
-          "well-formed greedy completions)", baking["baking"]["final"]["convergence"], ">=", sec.bake_target)
+          "well-formed greedy completions)", baking["baking"]["final"]["convergence"], ">=", sec.bake.target)
     r.add("reasoning_accuracy_delta", "curriculum test accuracy after RL (thoughts on) minus after baking",
-          evaluation["accuracy_delta"], ">=", sec.min_accuracy_delta)
+          evaluation["accuracy_delta"], ">=", sec.gates.min_accuracy_delta)
     r.add("theater_divergence", "mean total variation between thought-mixed and direct predictions at answer "
-          "positions (held-out)", theater["divergence"], ">", sec.min_divergence)
+          "positions (held-out)", theater["divergence"], ">", sec.rl.theater.min_divergence)
     r.add("theater_ablation", "teacher-forced answer accuracy with thoughts minus without (held-out)",
-          theater["ablation"], ">", sec.min_ablation)
+          theater["ablation"], ">", sec.rl.theater.min_ablation)
     r.add("theater_correlation", "within-problem correlation of thought reward and answer correctness (held-out)",
-          theater["correlation"], ">", sec.min_correlation)
+          theater["correlation"], ">", sec.rl.theater.min_correlation)
     r.add("latency_with_thoughts", "ms per generated token with a thought before each (batch 1, decode cache)",
-          evaluation["latency_ms_per_token"]["with_thoughts"], "<", sec.max_latency_ms_per_token)
+          evaluation["latency_ms_per_token"]["with_thoughts"], "<", sec.gates.max_latency_ms_per_token)
     r.add("no_nan", "non-finite tensors in the baked and reinforced models",
           baking["non_finite_tensors"] + reinforcement["non_finite_tensors"], "==", 0)
     return r

@@ -21,14 +21,14 @@ the answer's tokens, the thought after each position greedy:
 - divergence: mean total-variation distance ½·Σ|p_mix − p_direct| over answer positions;
 - ablation: teacher-forced answer accuracy with thoughts minus without (a problem is right when the
   argmax at every answer position is the answer's token);
-- correlation: at the position before the answer, ``eval_thoughts`` sampled thoughts per problem;
+- correlation: at the position before the answer, ``theater.eval_thoughts`` sampled thoughts per problem;
   quality = the thought's reward over the answer tokens, correct = the mixed argmax gets every answer
   token right after that thought; both centred per problem, then the pooled Pearson correlation (0 when
   either has no variance: a correctness no thought changes is not explained by thoughts).
 A thought-blind model (w ≡ 0) scores 0 on all three.
 
 On a failed check: roll back to the last checkpoint that passed (or the start), double β, retry with
-fresh batches; after ``max_retries`` the run stops and the gate fails with the measured figures.
+fresh batches; after ``theater.max_retries`` the run stops and the gate fails with the measured figures.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +47,12 @@ from transformers import PreTrainedTokenizerBase
 from phases.cognate.modeling import CognateForCausalLM
 from phases.common.checkpoints import CheckpointManager
 from phases.common.grokfast import GrokfastEMA
-from phases.common.optim import MuonGrokfast, MuonGrokfastConfig
+from phases.common.optim import MuonGrokfast
 from phases.common.telemetry import TelemetryWriter
 from phases.quietstar.baking import encode
 from phases.quietstar.mixing import mix
 from phases.quietstar.model import QuietStarForCausalLM, outside_thinking
+from phases.quietstar.settings import Reinforcement
 from phases.quietstar.thoughts import ThoughtPass, ThoughtSpec, parallel_thoughts
 
 
@@ -59,45 +60,17 @@ class ReinforceError(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class RLSettings:
-    steps: int = 8
-    batch_size: int = 2
-    thought_count: int = 2
-    thought_length: int = 4
-    n_true: int = 4
-    temperature: float = 1.0
-    optim: MuonGrokfastConfig = field(default_factory=lambda: MuonGrokfastConfig(
-        muon_lr=0.002, adam_lr=5e-4, weight_decay=0.0, grokfast_alpha=0.98, grokfast_lambda=0.1))
-    mixing_lr: float = 1e-3
-    kl_weight: float = 0.1
-    policy_weight: float = 1.0
-    clip_norm: float = 1.0
-    check_every: int = 8
-    max_retries: int = 1
-    eval_thoughts: int = 4
-    min_divergence: float = 0.30
-    min_ablation: float = 0.02
-    min_correlation: float = 0.5
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.thought_count < 2:
-            raise ValueError(f"thought_count must be >= 2: the REINFORCE baseline is the mean over a position's "
-                             f"thoughts, so with {self.thought_count} every advantage is 0")
-        if self.eval_thoughts < 2:
-            raise ValueError("eval_thoughts must be >= 2: the correlation check compares thoughts of one problem")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+POLICY_WEIGHT = 1.0
+CLIP_NORM = 1.0
 
 
-def thought_spec(settings: RLSettings, model: QuietStarForCausalLM, greedy: bool = False, count: int | None = None,
+def thought_spec(settings: Reinforcement, model: QuietStarForCausalLM, count: int, greedy: bool = False,
                  n_true: int | None = None) -> ThoughtSpec:
+    """``count`` thoughts after every position, as long as the model was built for."""
     cfg = model.config
-    return ThoughtSpec(count=count or settings.thought_count, length=settings.thought_length,
-                       n_true=n_true or settings.n_true, start_id=cfg.thought_start_id, end_id=cfg.thought_end_id,
-                       temperature=settings.temperature, greedy=greedy, banned=tuple(cfg.thought_banned))
+    return ThoughtSpec(count=count, length=cfg.thought_length, n_true=n_true or settings.n_true,
+                       start_id=cfg.thought_start_id, end_id=cfg.thought_end_id, temperature=settings.temperature,
+                       greedy=greedy, banned=tuple(cfg.thought_banned))
 
 
 # ------------------------------------------------------------------ the objective
@@ -223,7 +196,7 @@ def _pearson(a: list[float], b: list[float]) -> float:
 
 
 @torch.no_grad()
-def anti_theater(model: QuietStarForCausalLM, problems: Sequence[TheaterProblem], settings: RLSettings,
+def anti_theater(model: QuietStarForCausalLM, problems: Sequence[TheaterProblem], settings: Reinforcement,
                  forced_w: float | None = None, seed: int = 0) -> dict[str, Any]:
     """The three checks of the module docstring; ``forced_w`` pins the mixing weight (0: thoughts ignored)."""
     was_training = model.training
@@ -234,14 +207,14 @@ def anti_theater(model: QuietStarForCausalLM, problems: Sequence[TheaterProblem]
         x, a = p.ids, p.prompt_len
         answer = x[0, a:]
         at = torch.arange(a - 1, x.shape[1] - 1)  # positions predicting the answer tokens
-        sc = score(model, x, thought_spec(settings, model, greedy=True, count=1, n_true=1), forced_w=forced_w)
+        sc = score(model, x, thought_spec(settings, model, 1, greedy=True, n_true=1), forced_w=forced_w)
         p_mix = torch.softmax(sc.mixed[0, 0, at, 0].float(), -1)
         p_dir = torch.softmax(sc.base_at[0, at, 0].float(), -1)
         tv += (0.5 * (p_mix - p_dir).abs().sum(-1)).tolist()
         right_with += bool((p_mix.argmax(-1) == answer).all())
         right_without += bool((p_dir.argmax(-1) == answer).all())
         n = min(len(answer), settings.n_true)
-        sc = score(model, x[:, : a + n], thought_spec(settings, model, count=settings.eval_thoughts, n_true=n),
+        sc = score(model, x[:, : a + n], thought_spec(settings, model, settings.theater.eval_thoughts, n_true=n),
                    generator=g, forced_w=forced_w)
         q = sc.reward[0, :, a - 1]  # (K,)
         ok = (sc.mixed[0, :, a - 1].argmax(-1) == answer[:n]).all(-1).float()  # (K,)
@@ -252,8 +225,9 @@ def anti_theater(model: QuietStarForCausalLM, problems: Sequence[TheaterProblem]
          "accuracy_without_thoughts": right_without / len(problems),
          "correlation": _pearson(quality, correct), "problems": len(problems)}
     m["ablation"] = m["accuracy_with_thoughts"] - m["accuracy_without_thoughts"]
-    m["passed"] = (m["divergence"] > settings.min_divergence and m["ablation"] > settings.min_ablation
-                   and m["correlation"] > settings.min_correlation)
+    t = settings.theater
+    m["passed"] = (m["divergence"] > t.min_divergence and m["ablation"] > t.min_ablation
+                   and m["correlation"] > t.min_correlation)
     return m
 
 
@@ -262,7 +236,7 @@ class _Optimizer:
     """Muon × Grokfast for the backbone; AdamW + Grokfast for the mixing head (an output head, which
     Muon's authors leave to AdamW, like the LM head)."""
 
-    def __init__(self, model: QuietStarForCausalLM, s: RLSettings):
+    def __init__(self, model: QuietStarForCausalLM, s: Reinforcement):
         self.backbone = MuonGrokfast(model.model, s.optim)
         head = list(model.mixing.parameters())
         self.head = torch.optim.AdamW(head, lr=s.mixing_lr, weight_decay=0.0)
@@ -288,10 +262,14 @@ class _Optimizer:
 
 
 def reinforce(model: QuietStarForCausalLM, baked: CognateForCausalLM, rows: torch.Tensor,
-              problems: Sequence[TheaterProblem], settings: RLSettings, workdir: Path,
-              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Train ``model`` in place; ``baked`` is the frozen KL reference. Resumable from ``workdir``: the
-    latest checkpoint is always the last one whose anti-theater check passed (or the start)."""
+              problems: Sequence[TheaterProblem], settings: Reinforcement, thought_count: int, seed: int,
+              workdir: Path, on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train ``model`` in place with ``thought_count`` thoughts after every position; ``baked`` is the
+    frozen KL reference. Resumable from ``workdir``: the latest checkpoint is always the last one whose
+    anti-theater check passed (or the start)."""
+    if thought_count < 2:
+        raise ValueError(f"thought_count must be >= 2: the REINFORCE baseline is the mean over a position's "
+                         f"thoughts, so with {thought_count} every advantage is 0")
     workdir = Path(workdir)
     if len(rows) < 1:
         raise ReinforceError("no training rows for reinforcement")
@@ -301,7 +279,7 @@ def reinforce(model: QuietStarForCausalLM, baked: CognateForCausalLM, rows: torc
     opt = _Optimizer(model, settings)
     baked.eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    spec = thought_spec(settings, model)
+    spec = thought_spec(settings, model, thought_count)
 
     state = json.loads(state_file.read_text()) if state_file.exists() else {
         "kl_weight": settings.kl_weight, "retries": 0, "checks": [], "rollbacks": []}
@@ -320,28 +298,29 @@ def reinforce(model: QuietStarForCausalLM, baked: CognateForCausalLM, rows: torc
     t0, steps_run, last_check = time.perf_counter(), 0, None
     model.train()
     while step <= settings.steps:
-        g = torch.Generator().manual_seed(settings.seed * 1_000_003 + 7919 * state["retries"] + step)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * state["retries"] + step)
         x = rows[torch.randint(len(rows), (settings.batch_size,), generator=g)]
         with torch.no_grad():
             ref_logits = baked(x).logits
-        loss, stats = quietstar_loss(model, x, spec, ref_logits, state["kl_weight"], settings.policy_weight, g)
+        loss, stats = quietstar_loss(model, x, spec, ref_logits, state["kl_weight"], POLICY_WEIGHT, g)
         if not math.isfinite(loss.item()):
-            raise ReinforceError(f"non-finite Quiet-STaR loss at step {step} ({stats}): lower rl_lr / rl_muon_lr")
+            raise ReinforceError(f"non-finite Quiet-STaR loss at step {step} ({stats}): "
+                                 "lower rl.optim.adam_lr / rl.optim.muon_lr")
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.clip_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, CLIP_NORM))
         opt.step()
         opt.zero_grad()
         steps_run += 1
         record = {"step": step, "lm_loss": stats["nll_mixed"], "grad_norm": grad_norm, "kl_weight": state["kl_weight"],
                   "lr": settings.optim.adam_lr, "rollback_count": state["retries"], **stats}
-        if step % settings.check_every == 0 or step == settings.steps:
-            check = anti_theater(model, problems, settings, seed=settings.seed + step)
+        if step % settings.theater.check_every == 0 or step == settings.steps:
+            check = anti_theater(model, problems, settings, seed=seed + step)
             last_check = check | {"step": step, "kl_weight": state["kl_weight"]}
             state["checks"].append(last_check)
             record["theater"] = check
             if check["passed"]:
                 ckpts.save(step, model, opt.state_dict(), stats["nll_mixed"], extra={"good": True})
-            elif state["retries"] < settings.max_retries:
+            elif state["retries"] < settings.theater.max_retries:
                 state["retries"] += 1
                 state["kl_weight"] *= 2
                 opt_state, meta = ckpts.latest(model)
@@ -365,7 +344,7 @@ def reinforce(model: QuietStarForCausalLM, baked: CognateForCausalLM, rows: torc
             on_progress(record | {"total_steps": settings.steps})
         step += 1
     if last_check is None:  # resumed after the last check: measure what is there
-        last_check = anti_theater(model, problems, settings, seed=settings.seed) | {"step": step - 1,
+        last_check = anti_theater(model, problems, settings, seed=seed) | {"step": step - 1,
                                                                                    "kl_weight": state["kl_weight"]}
     return {"final_check": last_check, "checks": state["checks"], "rollbacks": state["rollbacks"],
             "retries": state["retries"], "kl_weight_final": state["kl_weight"], "steps_run": steps_run,

@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from phases.data.curriculum import safe_eval
-from phases.quietstar.generation import Job, assemble, example_record, plan
+from phases.quietstar.reasoning_data.generation import Job, assemble, example_record, plan
 from phases.quietstar.tokens import format_completion
 
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from phases.data.curriculum import verify
-from phases.quietstar.openrouter import Budget, Completion, OpenRouterClient, Price, prompt_token_bound
+from phases.quietstar.reasoning_data.openrouter import Budget, Completion, OpenRouterClient, Price, prompt_token_bound
 from phases.quietstar.tokens import (
     STRATEGIES,
     STRATEGY_GLOSS,
@@ -176,7 +176,7 @@ def estimate(jobs: list[Job], prices: dict[str, Price], max_tokens: int) -> dict
 
 def price_for(prices: dict[str, Price], model: str) -> Price:
     if model not in prices:
-        raise ValueError(f"no price for model {model!r}: add it to quietstar.data_prices "
+        raise ValueError(f"no price for model {model!r}: add it to quietstar.data.prices "
                          "([prompt, completion] US$ per million tokens) so the budget cap can hold")
     return Price(*prices[model])
 
