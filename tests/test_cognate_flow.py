@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import phases.cognate  # noqa: F401
 from phases.cognate import steps
 from phases.cognate.data import pack
-from phases.cognate.trainer import eval_loss
+from phases.common.measure import heldout_loss
 from phases.data import dataset_files
 from phases.data import tokenizer as bpe
 from storage import ArtifactStore
@@ -88,8 +88,8 @@ def test_specialists_are_merge_ready_where_independent_models_are_not(flow_run, 
     def load(p):
         return AutoModelForCausalLM.from_pretrained(p).eval()
 
-    ends = [eval_loss(load(paths[n]), test_rows) for n in ("reasoning", "memory")]
-    shared = eval_loss(_interpolate(load(paths["reasoning"]), load(paths["memory"])), test_rows)
+    ends = [heldout_loss(load(paths[n]), test_rows) for n in ("reasoning", "memory")]
+    shared = heldout_loss(_interpolate(load(paths["reasoning"]), load(paths["memory"])), test_rows)
 
     # two models trained the same way from different random initialisations
     tok_path = store.load(next(m for m in store.list() if m["kind"] == "tokenizer")["id"])
@@ -98,8 +98,8 @@ def test_specialists_are_merge_ready_where_independent_models_are_not(flow_run, 
         out = tmp_path / f"indep-{seed}"
         steps.train_foundation(config.model, config.cognate, cur_path, tok_path, 4, seed, tmp_path / f"w{seed}", out)
         independent.append(load(out))
-    indep_ends = [eval_loss(m, test_rows) for m in independent]
-    indep = eval_loss(_interpolate(*independent), test_rows)
+    indep_ends = [heldout_loss(m, test_rows) for m in independent]
+    indep = heldout_loss(_interpolate(*independent), test_rows)
 
     assert shared < max(ends) + 0.25, (shared, ends)  # the midpoint is as good as the endpoints
     assert indep > max(indep_ends) + 0.5, (indep, indep_ends)  # permutation symmetry breaks the midpoint

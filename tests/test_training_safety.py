@@ -123,3 +123,14 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     (path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match=str(path)):
         mgr.latest(model)
+
+
+def test_shared_measures():
+    from phases.common.measure import relative_drop, value_range, wilson_interval
+
+    assert relative_drop(0.5, 0.4) == pytest.approx(0.2) and math.isnan(relative_drop(0.0, 0.0))
+    assert value_range([0.2, 0.9, 0.5]) == pytest.approx(0.7) and math.isnan(value_range([]))
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and 0.13 < hi < 0.17  # 0/20 is not "0%, certainly": up to ~16% stays plausible
+    lo, hi = wilson_interval(180, 200)
+    assert lo < 0.9 < hi and hi < 0.94

@@ -2,7 +2,7 @@
 
 Definitions (also in the README):
 - held-out loss / perplexity, mean halting steps, LTM usage: one pass over packed test-split rows
-  (trainer.heldout_stats).
+  (trainer.heldout_stats, through phases/common/measure.py).
 - held-out loss / perplexity: mean next-token cross-entropy, and exp of it.
 - accuracy: greedy decoding after each held-out problem's prompt; correct when the first number (or
   the trimmed text) of the continuation equals the recomputed answer (curriculum.check_answer).
@@ -18,9 +18,7 @@ Definitions (also in the README):
 
 from __future__ import annotations
 
-import math
 import statistics
-import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from phases.cognate.modeling import CognateForCausalLM
-from phases.cognate.trainer import eval_loss
+from phases.common.measure import decode_ms, heldout_loss
 from phases.common.telemetry import perplexity
 from phases.data.curriculum import check_answer, normalize_answer
 
@@ -66,16 +64,9 @@ def majority_baseline(train: Sequence[dict], test: Sequence[dict]) -> float:
     return sum(hits) / max(1, len(hits))
 
 
-@torch.no_grad()
 def latency_ms(model: CognateForCausalLM, prompt_ids: torch.Tensor, new_tokens: int = 16, repeats: int = 3) -> float:
-    model.eval()
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        model.generate(prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=0)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times[1:])  # the first call warms up
+    """Decode time of ``new_tokens`` tokens, in ms (the median of ``repeats`` after a warm-up)."""
+    return decode_ms(model, prompt_ids, new_tokens, repeats)
 
 
 def resolution_sensitivity(model: CognateForCausalLM, rows: torch.Tensor,
@@ -85,12 +76,8 @@ def resolution_sensitivity(model: CognateForCausalLM, rows: torch.Tensor,
     try:
         for c in chunks:
             model.set_runtime(mem_chunk_size=c)
-            ppl[c] = perplexity(eval_loss(model, rows))
+            ppl[c] = perplexity(heldout_loss(model, rows))
     finally:
         model.set_runtime(mem_chunk_size=saved)
     values = list(ppl.values())
     return {"ppl_by_chunk": ppl, "cv": statistics.pstdev(values) / statistics.fmean(values)}
-
-
-def spread(values: Sequence[float]) -> float:
-    return max(values) - min(values) if values else math.nan

@@ -24,6 +24,7 @@ from phases.cognate.specialists import Specialist, runtime_for
 from phases.cognate.trainer import TrainResult, heldout_stats, niah, train
 from phases.common.config import ModelShape
 from phases.common.hf_io import build, load_pretrained, save_pretrained
+from phases.common.measure import value_range
 from phases.common.telemetry import perplexity
 from phases.data import dataset_files
 from phases.data import tokenizer as bpe
@@ -132,7 +133,7 @@ def evaluate_models(model_dirs: dict[str, Path], curriculum_dir: Path, sec: Cogn
         "models": per_model,
         "majority_baseline": baseline,
         "accuracy_examples": len(problems),
-        "diversity": {key: evaluate.spread([per_model[n][key] for n in names])
+        "diversity": {key: value_range([per_model[n][key] for n in names])
                       for key in ("halting_steps", "ltm_usage", "latency_ms")},
     }
 

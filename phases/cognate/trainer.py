@@ -29,6 +29,7 @@ from phases.cognate.memory import niah_probe
 from phases.cognate.modeling import CognateForCausalLM
 from phases.cognate.settings import CognateTraining
 from phases.common.checkpoints import CheckpointManager
+from phases.common.measure import heldout_loss, heldout_means
 from phases.common.optim import MuonGrokfast
 from phases.common.stability import ProactiveClipper
 from phases.common.telemetry import PPLDelta, TelemetryWriter, perplexity
@@ -58,25 +59,10 @@ class TrainResult:
 
 
 def heldout_stats(model: CognateForCausalLM, rows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
-    """One pass over ``rows`` (eval mode, no gradient): mean next-token loss, mean ACT steps that
-    contributed to each token, and LTM usage (1 − mean MAG gate)."""
-    was_training = model.training
-    model.eval()
-    sums, n = {"loss": 0.0, "halting_steps": 0.0, "ltm_usage": 0.0}, 0
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            x = rows[i:i + batch_size]
-            out = model(x, labels=x)
-            sums["loss"] += out.lm_loss.item() * len(x)
-            sums["halting_steps"] += out.halt_steps_int.mean().item() * len(x)
-            sums["ltm_usage"] += (1 - out.gate.mean()).item() * len(x)
-            n += len(x)
-    model.train(was_training)
-    return {k: v / max(1, n) for k, v in sums.items()}
-
-
-def eval_loss(model: CognateForCausalLM, rows: torch.Tensor, batch_size: int = 8) -> float:
-    return heldout_stats(model, rows, batch_size)["loss"]
+    """One held-out pass: the mean next-token loss, mean ACT steps that contributed to each token, and LTM
+    usage (1 − mean MAG gate)."""
+    return heldout_means(model, rows, batch_size, extra=lambda out: {
+        "halting_steps": out.halt_steps_int.mean().item(), "ltm_usage": (1 - out.gate.mean()).item()})
 
 
 def niah(model: CognateForCausalLM, chunk: int, seed: int = 0) -> float:
@@ -136,7 +122,7 @@ def train(
         resumed_from = step - 1
         telemetry.write(step=resumed_from, event="resumed", rollback_count=ckpts.rollback_count)
     else:
-        loss0 = eval_loss(model, eval_rows)
+        loss0 = heldout_loss(model, eval_rows)
         detector.update(loss0)
         save(0, loss0)  # the initial weights: the first rollback target
         step = 1
@@ -193,7 +179,7 @@ def train(
                       gate_mean=gate_mean, gate_polarized=out.gate_polarized, mem_write_fraction=out.mem_write_fraction, **clip)
 
         if step % settings.eval_every == 0 or step == steps:
-            last_eval = eval_loss(model, eval_rows)
+            last_eval = heldout_loss(model, eval_rows)
             e_delta, spike = detector.update(last_eval)
             record.update(eval_loss=last_eval, eval_ppl_delta=e_delta, is_spike=spike)
             if spike:
@@ -209,7 +195,7 @@ def train(
 
     train_seconds = time.perf_counter() - t_start
     if math.isnan(last_eval):
-        last_eval = eval_loss(model, eval_rows)
+        last_eval = heldout_loss(model, eval_rows)
     return TrainResult(
         steps_run=steps_run, final_step=steps, resumed_from=resumed_from, rollbacks=ckpts.rollback_count,
         spikes=spikes, eval_loss=last_eval, niah=niah_scores, niah_seconds=niah_seconds,

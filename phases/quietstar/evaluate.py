@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from phases.cognate.modeling import CognateForCausalLM
+from phases.common.measure import decode_ms
 from phases.data.curriculum import check_answer
 from phases.quietstar.decoding import generate_batched
 from phases.quietstar.tokens import final_answer
@@ -41,14 +40,6 @@ def reasoning_accuracy(model: CognateForCausalLM, tokenizer: PreTrainedTokenizer
             "per_task": {t: sum(v) / len(v) for t, v in per_task.items()}, "samples": texts[:3]}
 
 
-@torch.no_grad()
 def latency_ms_per_token(model: CognateForCausalLM, prompt_ids: torch.Tensor, new_tokens: int = 16, repeats: int = 3,
                          **generate_kwargs) -> float:
-    model.eval()
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        model.generate(prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=0, **generate_kwargs)
-        times.append((time.perf_counter() - t0) * 1000 / new_tokens)
-    return statistics.median(times[1:])  # the first call warms up
+    return decode_ms(model, prompt_ids, new_tokens, repeats, **generate_kwargs) / new_tokens

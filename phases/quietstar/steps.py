@@ -30,7 +30,7 @@ from phases.quietstar.tokens import THINK_END, THINK_START
 Progress = Callable[[dict[str, Any]], None]
 
 
-def spread(items: Sequence[Any], n: int) -> list[Any]:
+def evenly_spaced(items: Sequence[Any], n: int) -> list[Any]:
     """``n`` items taken evenly across ``items`` (tasks are interleaved, so every task is represented)."""
     return list(items[:: max(1, len(items) // n)][:n])
 
@@ -56,7 +56,7 @@ def bake_model(model_dir: Path, data_dir: Path, settings: Baking, seq_len: int, 
     if not train or not heldout:
         raise BakingError(f"{len(examples)} reasoning examples split into {len(train)} train / {len(heldout)} held-out "
                           f"(bake.heldout_fraction={settings.heldout_fraction}): generate more examples")
-    heldout = spread(heldout, settings.heldout_examples)
+    heldout = evenly_spaced(heldout, settings.heldout_examples)
     result = bake(model, tokenizer, train, heldout, settings, seq_len, seed, workdir, on_progress)
     save_pretrained(model, out)
     tokenizer.save_pretrained(str(out))
@@ -100,9 +100,9 @@ def reinforce_model(baked_dir: Path, curriculum_dir: Path, settings: Reinforceme
     model = quietstar_from_baked(baked, tokenizer, budget["length"])
     splits = dataset_files.load_splits(curriculum_dir)
     train = answerable(splits["train"])
-    train = spread(train, max(200, 8 * settings.steps * settings.batch_size))
+    train = evenly_spaced(train, max(200, 8 * settings.steps * settings.batch_size))
     rows = answer_windows(train, tokenizer, settings.seq_len)
-    checks = theater_problems(spread(answerable(splits["validation"]), settings.theater.problems), tokenizer)
+    checks = theater_problems(evenly_spaced(answerable(splits["validation"]), settings.theater.problems), tokenizer)
     result = reinforce(model, baked, rows, checks, settings, budget["count"], seed, workdir, on_progress)
     save_pretrained(model, out)
     tokenizer.save_pretrained(str(out))
@@ -119,7 +119,7 @@ def evaluate(baked_dir: Path, model_dir: Path, curriculum_dir: Path, settings: Q
     """Held-out reasoning accuracy of the baked model and of the reinforced one (thoughts on and off),
     and latency per token with and without thoughts."""
     tokenizer = bpe.load(model_dir)
-    problems = spread(answerable(dataset_files.load_splits(curriculum_dir)["test"]), settings.problems)
+    problems = evenly_spaced(answerable(dataset_files.load_splits(curriculum_dir)["test"]), settings.problems)
     baked = load_pretrained(CognateForCausalLM, baked_dir).eval()
     model = load_pretrained(QuietStarForCausalLM, model_dir).eval()
     acc_baked = reasoning_accuracy(baked, tokenizer, problems, settings.max_new_tokens)

@@ -1,0 +1,85 @@
+"""The measures every phase and gate shares, each defined once: held-out loss, decode latency, relative
+change, range across models, and a binomial accuracy's 95% interval."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _lm_loss(out: Any) -> torch.Tensor:
+    """The next-token loss alone: Cognate's ``loss`` adds the ponder cost, ``lm_loss`` does not."""
+    lm = getattr(out, "lm_loss", None)
+    return lm if lm is not None else out.loss
+
+
+@torch.no_grad()
+def heldout_means(model: nn.Module, rows: torch.Tensor, batch_size: int = 8,
+                  extra: Callable[[Any], dict[str, float]] | None = None) -> dict[str, float]:
+    """One pass over ``rows`` (eval mode, no gradient; the mode is restored): the mean next-token loss,
+    and the row-weighted mean of each figure ``extra(output)`` reads off the same forward passes."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {"loss": 0.0}
+    n = 0
+    try:
+        for i in range(0, len(rows), batch_size):
+            x = rows[i:i + batch_size]
+            out = model(x, labels=x)
+            figures = {"loss": float(_lm_loss(out))} | (extra(out) if extra else {})
+            for k, v in figures.items():
+                sums[k] = sums.get(k, 0.0) + v * len(x)
+            n += len(x)
+    finally:
+        model.train(was_training)
+    return {k: v / max(1, n) for k, v in sums.items()}
+
+
+def heldout_loss(model: nn.Module, rows: torch.Tensor, batch_size: int = 8) -> float:
+    return heldout_means(model, rows, batch_size)["loss"]
+
+
+@torch.no_grad()
+def decode_ms(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 16, repeats: int = 3,
+              **generate_kwargs: Any) -> float:
+    """Median wall time (ms) of greedily generating exactly ``new_tokens`` tokens after ``prompt_ids``
+    with the decode cache, over ``repeats`` runs after one warm-up run."""
+    model.eval()
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        model.generate(prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=0, **generate_kwargs)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times[1:])
+
+
+def relative_drop(before: float, after: float) -> float:
+    """(before − after) / before: the fraction of ``before`` lost. NaN when ``before`` is not positive,
+    where a relative change means nothing (a model that answers nothing cannot lose a fraction of it)."""
+    if not before > 0:
+        return math.nan
+    return (before - after) / before
+
+
+def value_range(values: Sequence[float]) -> float:
+    """max − min: how far apart models are on one figure (NaN for none)."""
+    return max(values) - min(values) if values else math.nan
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% by default): unlike the normal
+    approximation it stays inside [0, 1] and is honest at 0 or n hits and for small n."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = hits / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
