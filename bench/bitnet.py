@@ -42,7 +42,7 @@ def worker(kind: str, path: str, tokens: int, repeats: int, prompts: int) -> dic
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from phases.bitnet import evaluate as ev
-    from phases.bitnet.packed import load_packed
+    from phases.bitnet.packed_format import load_packed
     from phases.cognate import CognateForCausalLM
 
     g = torch.Generator().manual_seed(0)
@@ -86,7 +86,7 @@ def _random_tiny(out: Path) -> Path:
 
 def _pack_all(model_dir: Path, out: Path) -> Path:
     from phases.bitnet import convert
-    from phases.bitnet.packed import save_packed
+    from phases.bitnet.packed_format import save_packed
     from phases.cognate import CognateForCausalLM
 
     model = CognateForCausalLM.from_pretrained(model_dir).eval()
@@ -119,7 +119,7 @@ def report(args: argparse.Namespace, tmp: Path) -> None:
     import torch
 
     from phases.bitnet import evaluate as ev
-    from phases.bitnet.packed import load_packed, packed_layers
+    from phases.bitnet.packed_format import load_packed, packed_layers
     from phases.cognate import CognateForCausalLM
 
     model_dir = Path(args.model) if args.model else _newest_model()

@@ -18,8 +18,8 @@
    outputs agree when their max abs diff is ≤ 1e-6.
 3. One generation at ``--gen-size`` (tiny: d=192, 2 layers, seq 128): curriculum, BPE, a random
    base and three specialists (base + deltas, the specialists' runtime settings), then the 8
-   generation-0 candidates, each timed as merge (``merge_genome``), build (``pipeline.build_model``)
-   and evaluation (``pipeline.measure_model``: held-out loss, accuracy, speed/memory once per
+   generation-0 candidates, each timed as merge (``merge_genome``), build (``steps.build_model``)
+   and evaluation (``steps.measure_model``: held-out loss, accuracy, speed/memory once per
    structure, predictions for diversity) with one structure memo, as ``local_evaluator`` does.
 
 Everything runs with ``--threads`` torch threads (default 1: on shared busy cores 2 OpenMP threads
@@ -137,8 +137,8 @@ def bench_techniques(cfg, repeats: int, workdir: Path, combos: list[int]) -> lis
     from phases.cognate import CognateForCausalLM
     from phases.common import hf_io
     from phases.evomerge import techniques as tq
+    from phases.evomerge.genome import default_pattern, generation_zero
     from phases.evomerge.merge import merge_genome
-    from phases.evomerge.recipe import default_pattern, generation_zero
 
     V, L = cfg.tokenizer.vocab_size, cfg.model.n_layers
     torch.manual_seed(0)
@@ -208,7 +208,7 @@ def bench_techniques(cfg, repeats: int, workdir: Path, combos: list[int]) -> lis
 
     # full candidates, as an evolution evaluates them: merge_genome reading the parents' safetensors
     if combos:
-        from phases.evomerge.recipe import techniques as combo_techniques
+        from phases.evomerge.genome import techniques as combo_techniques
 
         dirs = {}
         for name, state in (("base", base), ("a", a), ("b", b), ("c", c)):
@@ -427,11 +427,11 @@ def bench_generation(cfg, workdir: Path) -> dict:
     from phases.data import curriculum, dataset_files
     from phases.data import tokenizer as bpe
     from phases.evomerge import fitness as fit
-    from phases.evomerge import pipeline
+    from phases.evomerge import steps
+    from phases.evomerge.genome import generation_zero
     from phases.evomerge.merge import merge_genome
-    from phases.evomerge.recipe import generation_zero
 
-    sec = cfg.evomerge
+    sec = cfg.evomerge.fitness
     t_setup = time.perf_counter()
     splits = curriculum.generate(cfg.data.train_per_stage, cfg.data.eval_per_stage, seed=cfg.data.seed)
     dataset_files.save_splits(splits, workdir / "curriculum")
@@ -454,14 +454,14 @@ def bench_generation(cfg, workdir: Path) -> dict:
         bpe.save(tok, dirs[-1])
     setup_s = time.perf_counter() - t_setup
 
-    data = pipeline.eval_set(workdir / "curriculum", tok_dir, sec, cfg.model.seq_len, "validation")
+    data = steps.eval_set(workdir / "curriculum", tok_dir, sec, cfg.model.seq_len, "validation")
     probe = data.rows[:sec.probe_rows]
     memo: dict = {}
     t0 = time.perf_counter()
-    raws = [pipeline.measure_model(pipeline.load_model(d), data, probe, memo) for d in dirs]
+    raws = [steps.measure_model(steps.load_model(d), data, probe, memo) for d in dirs]
     inputs_s = time.perf_counter() - t0
     reference = fit.reference(raws)
-    donor = pipeline.runtime_donor(raws, reference, weights)
+    donor = steps.runtime_donor(raws, reference, weights)
     genomes = generation_zero(cfg.model.n_layers, donor, seed=cfg.seed)
     print(f"\n[3] one generation at {cfg.preset}: d={cfg.model.d_model}, {cfg.model.n_layers} layers, "
           f"{cfg.model.n_heads} heads, vocab {len(tok)}, seq {cfg.model.seq_len}; eval_rows {sec.eval_rows}, "
@@ -476,9 +476,9 @@ def bench_generation(cfg, workdir: Path) -> dict:
         t0 = time.perf_counter()
         state, config = merge_genome(workdir / "gen_base", dirs, g)
         t1 = time.perf_counter()
-        model = pipeline.build_model(state, config)
+        model = steps.build_model(state, config)
         t2 = time.perf_counter()
-        raw = pipeline.measure_model(model, data, probe, memo)
+        raw = steps.measure_model(model, data, probe, memo)
         t3 = time.perf_counter()
         score = fit.score(raw, reference, weights)[0]
         measured = "measured" if len(memo) > misses else "memo"

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from flows.prepare import Prepared, prepare
 from phases.bitnet.gates import bitnet_gates
-from phases.bitnet.pipeline import FIGURE, REPORT
+from phases.bitnet.steps import FIGURE, REPORT
 from phases.config import PipelineConfig
 from storage import ArtifactRef
 from tasks.bitnet import evaluate, finetune, quantize
@@ -49,7 +49,7 @@ def bitnet(config: PipelineConfig = PipelineConfig(), home: str | None = None, r
 
     st = store(home)
     report = st.read_json(report_ref, REPORT)
-    gates = bitnet_gates(report, config.bitnet, config.bitnet.gate_mode or config.gates.mode)
+    gates = bitnet_gates(report, config.bitnet.gates, config.bitnet.gates.mode or config.gates.mode)
     close_phase(gates, config, run_group, home,
                 {"report": report, "quantize": st.manifest(staged)["metrics"], "finetune": st.manifest(packed)["metrics"]},
                 [packed, report_ref], images={"bitnet/sparsity_accuracy": str(st.file(report_ref, FIGURE))})

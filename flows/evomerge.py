@@ -4,8 +4,6 @@ history and plot → exit gates → W&B."""
 
 from __future__ import annotations
 
-import shutil
-
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
@@ -14,13 +12,10 @@ from pydantic import BaseModel
 
 from flows.prepare import Prepared, prepare
 from phases.config import PipelineConfig
-from phases.evomerge import fitness as fit
-from phases.evomerge import pipeline
-from phases.evomerge.evolution import Evolution, EvolutionSettings
+from phases.evomerge import steps
 from phases.evomerge.gates import evomerge_gates
-from phases.evomerge.merge import Checkpoint
 from storage import ArtifactError, ArtifactRef, ArtifactStore
-from tasks.evomerge import champion_recipe, evaluate_candidate, measure_inputs, run_summary, store_champion
+from tasks.evomerge import champion_recipe, evaluate_candidate, measure_inputs, store_champion
 from tasks.gates import close_phase
 from tasks.runtime import resolve_home, store, work_dir
 
@@ -78,37 +73,30 @@ def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None,
     existing = st.find(recipe)
     if existing is None:
         raws = measure_inputs(config, inputs, prepared.curriculum, home)
-        reference = fit.reference(raws, sec.max_perplexity_increase)
-        scores = [fit.score(r, reference, weights)[0] for r in raws]
-        logger.info("inputs on validation: %s (reference = their mean, so ~1.0)",
-                    ", ".join(f"{n} {s:.4f}" for n, s in zip(models, scores)))
-        n_layers = Checkpoint(st.load(base)).n_layers
         progress = create_progress_artifact(progress=0.0, key="evomerge-progress",
                                             description="EvoMerge: generations done (of the maximum)")
 
         def evaluate(genomes):
+            """Each generation's candidates as concurrent tasks, yielded as they complete."""
             futures = {evaluate_candidate.submit(g.model_dump(mode="json", exclude={"origin"}), g.key()[:12], config,
                                                  base, inputs, prepared.curriculum, home): g for g in genomes}
             for fut in as_completed(list(futures)):
                 yield futures[fut], fut.result()
 
-        evolution = Evolution(
-            EvolutionSettings(generations=sec.generations, mutation_sigma=sec.mutation_sigma,
-                              reseed_below=sec.reseed_below, reseed_count=sec.reseed_count, patience=sec.patience,
-                              min_improvement=sec.min_improvement, seed=config.seed),
-            n_layers=n_layers, runtime_from=pipeline.runtime_donor(raws, reference, weights), reference=reference,
-            weights=weights, state_dir=state_dir, evaluate=evaluate, log=logger.info,
-            on_generation=lambda r: update_progress_artifact(progress, progress=100.0 * (r["generation"] + 1) / sec.generations))
-        result = evolution.run()
+        def on_generation(record):
+            update_progress_artifact(progress, progress=100.0 * (record["generation"] + 1) / sec.search.generations)
+
+        run = steps.search(raws, list(models), st.load(base), sec, config.seed, weights, state_dir, evaluate,
+                           log=logger.info, on_generation=on_generation)
         update_progress_artifact(progress, progress=100.0)
-        ref = store_champion(config, result["champion"].genome.model_dump(mode="json"), base, models,
-                             prepared.curriculum, str(state_dir), run_summary(result, max(scores)), weights, home)
-        shutil.rmtree(state_dir, ignore_errors=True)  # the artifact holds the history now
+        ref = store_champion(config, run["champion"].genome.model_dump(mode="json"), base, models,
+                             prepared.curriculum, str(state_dir), run["summary"], weights, home)
+        steps.discard_state(state_dir)
     else:
         logger.info("EvoMerge champion for this recipe already stored (%s): not evolving again", existing.id)
         ref = existing
     metrics = st.manifest(ref)["metrics"]
-    report = evomerge_gates(metrics["final"], metrics["run"], sec, sec.gate_mode or config.gates.mode)
+    report = evomerge_gates(metrics["final"], metrics["run"], sec.gates, sec.gates.mode or config.gates.mode)
     final = metrics["final"]
     best_input = max(final["inputs"].values(), key=lambda m: m["fitness"])["fitness"]
     logger.info("champion %s: test fitness %.4f vs best input %.4f (×%.3f); %s", metrics["champion"]["techniques"],

@@ -88,9 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tokenizer": {"vocab_size": 1024},
         "tracking": {}, "preflight": {}, "gates": {},
         "cognate": cognate_settings.TINY,
-        # a 1M-parameter merge's fitness creeps up by < 0.5% per generation for dozens of generations
-        # on perplexity noise-level gains; the tiny demo stops when 5 generations gain < 0.005
-        "evomerge": {"min_improvement": 0.005, "gate_mode": "lenient"}, "quietstar": {}, "bitnet": {},
+        "evomerge": evomerge_settings.TINY, "quietstar": {}, "bitnet": {},
     },
     "small": {
         "preset": "small",

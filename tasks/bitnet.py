@@ -13,39 +13,35 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from phases.bitnet import pipeline
+from phases.bitnet import steps
 from phases.config import PipelineConfig
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
 from tasks.runtime import png_markdown, producer, recipe_cache, record_execution, store
 
-# What each artifact depends on (gate thresholds are read by the flow only, so changing one never recomputes)
-_QUANTIZE = {"group_drop_budget", "eval_rows", "calibration_rows", "calibrate", "accuracy_examples",
-             "compression_target", "sparsity_target"}
-_FINETUNE = {"eval_rows", "finetune_threshold", "finetune_steps", "batch_size", "muon_lr", "adam_lr", "weight_decay",
-             "grokfast_alpha", "grokfast_lambda", "grad_clip", "eval_every"}
-_EVALUATE = {"eval_rows", "accuracy_examples", "speed_tokens", "speed_repeats"}
 
-
-def _recipe_config(config: PipelineConfig, fields: set[str]) -> dict[str, Any]:
-    return {"bitnet": config.bitnet.model_dump(mode="json", include=fields), "seq_len": config.model.seq_len,
+def _recipe_config(config: PipelineConfig, step: str) -> dict[str, Any]:
+    """What one step's artifact depends on: the held-out cut and the step's own block, every field of them (the
+    gates block is read by the flow only, so changing a threshold never recomputes). Fine-tuning reads no held-out
+    problems, but it already followed their number through its input, the staged artifact, whose id is its recipe."""
+    return {"bitnet": config.bitnet.model_dump(mode="json", include={"heldout", step}), "seq_len": config.model.seq_len,
             "seed": config.seed}
 
 
 def staged_recipe(config: PipelineConfig, model: ArtifactRef, curriculum: ArtifactRef, tokenizer: ArtifactRef) -> Recipe:
     return Recipe(kind="bitnet-staged", inputs=(model.id, curriculum.id, tokenizer.id),
-                  config=_recipe_config(config, _QUANTIZE), code_version=code_version("phases.bitnet"))
+                  config=_recipe_config(config, "quantize"), code_version=code_version("phases.bitnet"))
 
 
 def packed_recipe(config: PipelineConfig, staged: ArtifactRef, model: ArtifactRef, curriculum: ArtifactRef) -> Recipe:
     return Recipe(kind="bitnet-model", inputs=(staged.id, model.id, curriculum.id),
-                  config=_recipe_config(config, _FINETUNE), code_version=code_version("phases.bitnet"))
+                  config=_recipe_config(config, "finetune"), code_version=code_version("phases.bitnet"))
 
 
 def report_recipe(config: PipelineConfig, model: ArtifactRef, staged: ArtifactRef, packed: ArtifactRef,
                   curriculum: ArtifactRef) -> Recipe:
     return Recipe(kind="bitnet-report", inputs=(packed.id, model.id, staged.id, curriculum.id),
-                  config=_recipe_config(config, _EVALUATE), code_version=code_version("phases.bitnet"))
+                  config=_recipe_config(config, "evaluate"), code_version=code_version("phases.bitnet"))
 
 
 @task(name="bitnet-quantize", cache_policy=recipe_cache(staged_recipe), persist_result=True)
@@ -56,8 +52,8 @@ def quantize(config: PipelineConfig, model: ArtifactRef, curriculum: ArtifactRef
 
     def build(out):
         record_execution(home, "bitnet-quantize")
-        return pipeline.quantize(st.load(model), st.load(curriculum), st.load(tokenizer), config.bitnet, config.model,
-                                 out)
+        return steps.quantize(st.load(model), st.load(curriculum), st.load(tokenizer), config.bitnet.heldout,
+                              config.bitnet.quantize, config.model, out)
 
     ref = st.get_or_create(recipe, build, producer())
     m = st.manifest(ref)["metrics"]
@@ -77,7 +73,8 @@ def finetune(config: PipelineConfig, staged: ArtifactRef, model: ArtifactRef, cu
 
     def build(out):
         record_execution(home, "bitnet-finetune")
-        return pipeline.finetune(st.load(staged), st.load(curriculum), config.bitnet, config.model, config.seed, out)
+        return steps.finetune(st.load(staged), st.load(curriculum), config.bitnet.heldout, config.bitnet.finetune,
+                              config.model, config.seed, out)
 
     ref = st.get_or_create(recipe, build, producer())
     m = st.manifest(ref)["metrics"]
@@ -95,12 +92,12 @@ def evaluate(config: PipelineConfig, model: ArtifactRef, staged: ArtifactRef, pa
 
     def build(out):
         record_execution(home, "bitnet-evaluate")
-        return pipeline.evaluate(st.load(model), st.manifest(staged)["metrics"], st.load(packed), st.load(curriculum),
-                                 config.bitnet, config.model, out)
+        return steps.evaluate(st.load(model), st.manifest(staged)["metrics"], st.load(packed), st.load(curriculum),
+                              config.bitnet.heldout, config.bitnet.evaluate, config.model, out)
 
     ref = st.get_or_create(recipe, build, producer())
-    report = st.read_json(ref, pipeline.REPORT)
-    png = st.file(ref, pipeline.FIGURE)
+    report = st.read_json(ref, steps.REPORT)
+    png = st.file(ref, steps.FIGURE)
     create_markdown_artifact(key="bitnet-report", description="BitNet: sparsity per layer, accuracy before/after",
                              markdown=summary_markdown(report)
                              + "\n\n" + png_markdown(png, "bitnet"))

@@ -11,18 +11,18 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from transformers.integrations import bitnet as hf_bitnet
 
-from phases.bitnet import convert, packing
+from phases.bitnet import convert, packed_format
 from phases.bitnet import evaluate as ev
-from phases.bitnet import pipeline as bp
-from phases.bitnet.bitlinear import BitLinear, PackedBitLinear
+from phases.bitnet import steps as bp
+from phases.bitnet.bitlinear import BitLinear
 from phases.bitnet.gates import bitnet_gates
-from phases.bitnet.packed import load_packed, save_packed
+from phases.bitnet.packed_format import PackedBitLinear, load_packed, save_packed
 from phases.bitnet.quantizer import fake_quant_activations, fake_quant_weight, quantize_activations, ternarize
 from phases.bitnet.settings import BitNetSection
 from phases.cognate import CognateForCausalLM
 from phases.cognate import steps as cognate_steps
 from phases.cognate.data import Batches, pack
-from phases.config import PipelineConfig
+from phases.config import PipelineConfig, deep_merge
 from phases.data import curriculum, dataset_files
 from phases.data import tokenizer as bpe
 
@@ -82,10 +82,10 @@ def test_ste_gradient_is_the_identity():
 @pytest.mark.parametrize("shape", [(64, 48), (8, 3), (7, 5), (1, 9), (13,)])
 def test_pack_unpack_is_bit_exact_and_transformers_reads_it(shape):
     w_q = torch.randint(-1, 2, shape, generator=torch.Generator().manual_seed(4)).to(torch.int8)
-    packed = packing.pack(w_q)
+    packed = packed_format.pack(w_q)
     assert packed.dtype == torch.uint8 and packed.shape[0] == math.ceil(shape[0] / 4)
     assert packed.numel() * 4 >= w_q.numel() > (packed.numel() - packed[0].numel()) * 4  # 2 bits per value
-    assert torch.equal(packing.unpack(packed, shape[0]), w_q)
+    assert torch.equal(packed_format.unpack(packed, shape[0]), w_q)
     # transformers' BitNet unpacking gives back the same ternary tensor (its padding rows cut off)
     assert torch.equal(hf_unpack(packed, dtype=torch.float32)[: shape[0]], w_q.float())
     # and transformers' packing writes the same bytes
@@ -94,9 +94,9 @@ def test_pack_unpack_is_bit_exact_and_transformers_reads_it(shape):
 
 def test_pack_rejects_what_is_not_ternary():
     with pytest.raises(ValueError, match="-1, 0, 1"):
-        packing.pack(torch.tensor([[2, 0], [0, 1]], dtype=torch.int8))
+        packed_format.pack(torch.tensor([[2, 0], [0, 1]], dtype=torch.int8))
     with pytest.raises(TypeError):
-        packing.pack(torch.ones(4, 4))
+        packed_format.pack(torch.ones(4, 4))
 
 
 def test_packed_layer_equals_transformers_bitlinear_and_the_fake_quantized_layer():
@@ -125,8 +125,22 @@ def test_packed_layer_equals_transformers_bitlinear_and_the_fake_quantized_layer
 MICRO_SHAPE = {"n_layers": 2, "d_model": 48, "n_heads": 4, "seq_len": 48}
 # one ACT step: the recursion count does not change which layers are quantized, and it triples the cost
 MICRO_COGNATE = {"window_size": 16, "act_max_steps": 1}
-SEC = BitNetSection(eval_rows=6, calibration_rows=4, accuracy_examples=6, finetune_steps=2, eval_every=1,
-                    speed_tokens=4, speed_repeats=1, batch_size=4)
+SEC = BitNetSection.model_validate({
+    "heldout": {"eval_rows": 6, "accuracy_examples": 6}, "quantize": {"calibration_rows": 4},
+    "finetune": {"steps": 2, "eval_every": 1, "batch_size": 4}, "evaluate": {"speed_tokens": 4, "speed_repeats": 1}})
+
+
+def with_(sec: BitNetSection, **blocks) -> BitNetSection:
+    """``sec`` with some fields of its blocks changed, e.g. ``with_(sec, finetune={"threshold": 0.0})``."""
+    return BitNetSection.model_validate(deep_merge(sec.model_dump(), blocks))
+
+
+def quantize(model_dir, cur, tok, sec: BitNetSection, config, out):
+    return bp.quantize(model_dir, cur, tok, sec.heldout, sec.quantize, config.model, out)
+
+
+def finetune(staged_dir, cur, sec: BitNetSection, config, out):
+    return bp.finetune(staged_dir, cur, sec.heldout, sec.finetune, config.model, 0, out)
 
 
 def train_micro(config: PipelineConfig, cur, tok, out, steps: int = 120, seed: int = 0) -> dict:
@@ -169,12 +183,13 @@ def micro(tmp_path_factory):
 def packed_run(micro):
     """quantize -> finetune (forced to run: threshold 0) -> evaluate, as the flow's tasks do."""
     root, config = micro
-    sec = SEC.model_copy(update={"finetune_threshold": 0.0})
+    sec = with_(SEC, finetune={"threshold": 0.0})
     for d in ("staged", "packed", "report"):
         (root / d).mkdir()
-    staged = bp.quantize(root / "model", root / "cur", root / "tok", sec, config.model, root / "staged")
-    tuned = bp.finetune(root / "staged", root / "cur", sec, config.model, 0, root / "packed")
-    report = bp.evaluate(root / "model", staged, root / "packed", root / "cur", sec, config.model, root / "report")
+    staged = quantize(root / "model", root / "cur", root / "tok", sec, config, root / "staged")
+    tuned = finetune(root / "staged", root / "cur", sec, config, root / "packed")
+    report = bp.evaluate(root / "model", staged, root / "packed", root / "cur", sec.heldout, sec.evaluate, config.model,
+                         root / "report")
     return root, config, sec, staged, tuned, report
 
 
@@ -233,7 +248,7 @@ def test_packed_logits_match_the_fake_quantized_model(packed_run):
     # back to themselves (W / mean|W| rounds to W), with γ = mean|W_q|
     with torch.no_grad():
         for name, layer in convert.bitlinears(fake).items():
-            w_q = packing.unpack(packed_dir_tensors[f"{name}.weight"], layer.out_features).float()
+            w_q = packed_format.unpack(packed_dir_tensors[f"{name}.weight"], layer.out_features).float()
             s_w = float(packed_dir_tensors[f"{name}.weight_scale"])
             layer.weight.copy_(w_q)
             layer.out_scale.fill_(1 / (s_w * float(w_q.abs().mean())))
@@ -243,7 +258,7 @@ def test_packed_logits_match_the_fake_quantized_model(packed_run):
             if name in packed_dir_tensors and packed_dir_tensors[name].is_floating_point():
                 p.copy_(packed_dir_tensors[name].float())
     packed = load_packed(root / "packed")
-    rows = bp.Data(root / "cur", bpe.load(root / "packed"), config.model.seq_len, SEC).test_rows[:2]
+    rows = bp.Data(root / "cur", bpe.load(root / "packed"), config.model.seq_len, SEC.heldout).test_rows[:2]
     with torch.no_grad():
         a, b = fake(rows).logits, packed(rows).logits
     assert (a - b).abs().max() < 1e-3 * a.abs().max()
@@ -263,7 +278,7 @@ def test_finetune_records_its_decision_and_the_packed_check(packed_run):
 def test_accuracy_after_is_computed_from_the_packed_model(packed_run, tmp_path):
     root, config, sec, staged, _, report = packed_run
     packed = load_packed(root / "packed")
-    data = bp.Data(root / "cur", bpe.load(root / "packed"), config.model.seq_len, sec)
+    data = bp.Data(root / "cur", bpe.load(root / "packed"), config.model.seq_len, sec.heldout)
     assert report["packed"]["token_accuracy"] == pytest.approx(ev.token_stats(packed, data.test_rows)["token_accuracy"])
     assert report["packed"]["accuracy"] == ev.task_accuracy(packed, data.tokenizer, data.problems)["accuracy"]
     assert report["accuracy"]["token_accuracy_drop"] == pytest.approx(
@@ -295,7 +310,7 @@ def test_compression_and_sparsity_are_measured_from_the_files(packed_run):
     assert report["speed"]["fp32_tokens_per_s"] > 0 and report["speed"]["packed_tokens_per_s"] > 0
     assert report["memory"]["packed_resident_bytes"] < report["memory"]["fp32_resident_bytes"]
     assert (root / "report" / "bitnet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    gates = bitnet_gates(report, sec, "lenient")
+    gates = bitnet_gates(report, sec.gates, "lenient")
     assert {g.id for g in gates.gates} >= {"compression", "accuracy_drop", "sparsity", "speedup"}
     assert all(g.measured is not None for g in gates.gates if g.id != "accuracy_drop")
 
@@ -315,7 +330,7 @@ def _rescale_mlp(model, layer: int, spread: float):
 def test_staged_quantization_keeps_a_group_in_fp16_when_quantizing_it_is_forced_to_hurt(micro, tmp_path):
     root, config = micro
     model = AutoModelForCausalLM.from_pretrained(root / "model").eval()
-    rows = bp.Data(root / "cur", bpe.load(root / "tok"), config.model.seq_len, SEC).select_rows
+    rows = bp.Data(root / "cur", bpe.load(root / "tok"), config.model.seq_len, SEC.heldout).select_rows
     with torch.no_grad():
         before = model(rows).logits
     _rescale_mlp(model, 0, spread=1000.0)
@@ -326,16 +341,16 @@ def test_staged_quantization_keeps_a_group_in_fp16_when_quantizing_it_is_forced_
     bpe.load(root / "tok").save_pretrained(str(forced))
     sec = SEC  # the default group budget, 25%
     (tmp_path / "staged").mkdir()
-    metrics = bp.quantize(forced, root / "cur", None, sec, config.model, tmp_path / "staged")
+    metrics = quantize(forced, root / "cur", None, sec, config, tmp_path / "staged")
     by_group = {s["group"]: s for s in metrics["stages"]}
     hurt = by_group["layers.0.mlp"]
-    assert hurt["kept_fp16"] and hurt["drop"] > sec.group_drop_budget and "exceeds the group budget" in hurt["reason"]
+    assert hurt["kept_fp16"] and hurt["drop"] > sec.quantize.group_drop_budget and "exceeds the group budget" in hurt["reason"]
     assert list(metrics["fp16_groups"]) == ["layers.0.mlp"]
     assert sum(not s["kept_fp16"] for s in metrics["stages"]) >= 4  # the others were quantized
     # the fallback is real: the packed artifact holds that group in FP16 and says why. (A drop never exceeds 1000%:
     # fine-tuning is skipped and the decision says so.)
-    metrics2 = bp.finetune(tmp_path / "staged", root / "cur", sec.model_copy(update={"finetune_threshold": 10.0}),
-                           config.model, 0, tmp_path / "packed")
+    metrics2 = finetune(tmp_path / "staged", root / "cur", with_(sec, finetune={"threshold": 10.0}), config,
+                        tmp_path / "packed")
     assert not metrics2["finetuned"] and "no fine-tuning needed" in metrics2["decision"] and "finetune" not in metrics2
     qc = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
     assert "model.layers.0.up_proj" not in qc["quantized_modules"]
@@ -382,11 +397,11 @@ def test_a_quietstar_model_packs_with_its_mixing_head_ternary_and_keeps_thinking
     bpe.load(root / "tok").save_pretrained(str(tmp_path / "qs"))
     for d in ("staged", "packed"):
         (tmp_path / d).mkdir()
-    sec = SEC.model_copy(update={"finetune_threshold": 10.0, "accuracy_examples": 2})
-    staged = bp.quantize(tmp_path / "qs", root / "cur", None, sec, config.model, tmp_path / "staged")
+    sec = with_(SEC, finetune={"threshold": 10.0}, heldout={"accuracy_examples": 2})
+    staged = quantize(tmp_path / "qs", root / "cur", None, sec, config, tmp_path / "staged")
     assert {"head.halt_head", "head.mixing"} <= {s["group"] for s in staged["stages"]}
     assert json.loads((tmp_path / "staged" / "config.json").read_text())["thoughts_enabled"] is True
-    tuned = bp.finetune(tmp_path / "staged", root / "cur", sec, config.model, 0, tmp_path / "packed")
+    tuned = finetune(tmp_path / "staged", root / "cur", sec, config, tmp_path / "packed")
     assert tuned["packed_vs_fake_quant"]["argmax_agreement"] > 0.95
     packed = load_packed(tmp_path / "packed")
     assert type(packed).__name__ == "QuietStarForCausalLM" and packed.config.thoughts_enabled

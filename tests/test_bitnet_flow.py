@@ -9,8 +9,7 @@ import torch
 from test_bitnet import train_micro
 from transformers import AutoModelForCausalLM
 
-import phases.bitnet.packed  # noqa: F401  (registers the packed format with transformers)
-from phases.bitnet.bitlinear import PackedBitLinear
+from phases.bitnet.packed_format import PackedBitLinear  # importing it registers the packed format with transformers
 from phases.config import PipelineConfig
 from phases.data import tokenizer as bpe
 from storage import ArtifactNotFound, ArtifactStore, Recipe
@@ -21,8 +20,9 @@ MICRO = {
     "tokenizer": {"vocab_size": 360},
     "gates": {"mode": "lenient"},
     "cognate": {"window_size": 16, "act_max_steps": 1},
-    "bitnet": {"eval_rows": 6, "calibration_rows": 4, "accuracy_examples": 6, "finetune_steps": 2, "eval_every": 1,
-               "batch_size": 4, "speed_tokens": 4, "speed_repeats": 1},
+    "bitnet": {"heldout": {"eval_rows": 6, "accuracy_examples": 6}, "quantize": {"calibration_rows": 4},
+               "finetune": {"steps": 2, "eval_every": 1, "batch_size": 4},
+               "evaluate": {"speed_tokens": 4, "speed_repeats": 1}},
 }
 
 

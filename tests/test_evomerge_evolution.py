@@ -14,10 +14,10 @@ import evomerge_fixtures
 import pytest
 
 from phases.evomerge import fitness as fit
-from phases.evomerge import pipeline
-from phases.evomerge.evolution import Evolution, EvolutionSettings
-from phases.evomerge.recipe import Genome, generation_zero
-from phases.evomerge.settings import EvoMergeSection
+from phases.evomerge import steps
+from phases.evomerge.evolution import Evolution
+from phases.evomerge.genome import Genome, generation_zero
+from phases.evomerge.settings import EvoMergeFitness, EvoMergeSearch
 
 WEIGHTS = {"perplexity": 0.4, "accuracy": 0.3, "speed": 0.2, "memory": 0.1}
 HERE = Path(__file__).parent
@@ -30,16 +30,16 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def validation(models):
-    return pipeline.eval_set(models["curriculum"], models["base"], EvoMergeSection(eval_rows=4, accuracy_problems=8),
+    return steps.eval_set(models["curriculum"], models["base"], EvoMergeFitness(eval_rows=4, accuracy_problems=8),
                              48, "validation")
 
 
 def test_fitness_is_measured_on_validation_and_moves_with_the_model(models, validation):
-    test = pipeline.eval_set(models["curriculum"], models["base"], EvoMergeSection(eval_rows=4, accuracy_problems=8),
+    test = steps.eval_set(models["curriculum"], models["base"], EvoMergeFitness(eval_rows=4, accuracy_problems=8),
                              48, "test")
     assert validation.split == "validation" and not (validation.rows[:1] == test.rows[:1]).all()
     memo = {}
-    raws = {n: pipeline.measure_model(pipeline.load_model(models[n]), validation, validation.rows[:1], memo)
+    raws = {n: steps.measure_model(steps.load_model(models[n]), validation, validation.rows[:1], memo)
             for n in ("base", "a", "c")}
     ref = fit.reference([raws["a"], raws["c"]])
     scores = {n: fit.score(r, ref, WEIGHTS)[0] for n, r in raws.items()}
@@ -89,7 +89,7 @@ REF = {"perplexity": 12.0, "accuracy": 0.1, "tokens_per_s": 100.0, "memory_bytes
 
 def test_generations_keep_elites_mutate_them_and_merge_losers(tmp_path):
     evaluate, calls = _synthetic()
-    result = Evolution(EvolutionSettings(generations=4, patience=100, seed=3), 2, 0, REF, WEIGHTS, tmp_path, evaluate,
+    result = Evolution(EvoMergeSearch(generations=4, patience=100), 3, 2, 0, REF, WEIGHTS, tmp_path, evaluate,
                        log=lambda m: None).run()
     history = result["history"]
     assert [len(h["population"]) for h in history] == [8, 10, 10, 10]
@@ -108,7 +108,7 @@ def test_generations_keep_elites_mutate_them_and_merge_losers(tmp_path):
 def test_low_diversity_reseeds_the_weakest(tmp_path):
     evaluate, _ = _synthetic(predict_alike=True)
     logs = []
-    result = Evolution(EvolutionSettings(generations=2, patience=100, seed=3), 2, 0, REF, WEIGHTS, tmp_path, evaluate,
+    result = Evolution(EvoMergeSearch(generations=2, patience=100), 3, 2, 0, REF, WEIGHTS, tmp_path, evaluate,
                        log=logs.append).run()
     assert result["history"][1]["reseeded"] == 3 and any("re-seeding" in line for line in logs)
     assert sum("reseeded" in r["origin"] for r in result["history"][1]["population"]) == 3
@@ -120,7 +120,7 @@ def test_stalled_search_stops_early_with_the_reason(tmp_path):
             yield g, {"perplexity": 12.0, "accuracy": 0.1, "tokens_per_s": 100.0, "memory_bytes": 1e6,
                       "non_finite": 0.0, "predictions": [random.Random(g.key()).randrange(4) for _ in range(16)]}
 
-    result = Evolution(EvolutionSettings(generations=50, patience=5, seed=1), 2, 0, REF, WEIGHTS, tmp_path, flat,
+    result = Evolution(EvoMergeSearch(generations=50, patience=5), 1, 2, 0, REF, WEIGHTS, tmp_path, flat,
                        log=lambda m: None).run()
     assert result["generations_run"] == 6 and result["stop_reason"].startswith("early stop after generation 5")
 

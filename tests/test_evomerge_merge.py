@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from phases.evomerge import techniques as tq
+from phases.evomerge.genome import Genome, generation_zero, techniques
 from phases.evomerge.merge import MergeError, merge_genome, save_merged
 from phases.evomerge.mergekit_yaml import export
-from phases.evomerge.pipeline import build_model, load_model
-from phases.evomerge.recipe import Genome, generation_zero, techniques
+from phases.evomerge.steps import build_model, load_model
 
 
 # ----------------------------------------------------------------------------- techniques

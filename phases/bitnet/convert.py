@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from phases.bitnet.bitlinear import BitLinear
+from phases.common.measure import relative_drop
 
 LM_HEAD_REASON = "the LM head (tied to the embeddings): FP16, as the seeds specify"
 _IN_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
@@ -99,10 +100,6 @@ class StageRecord:
     kept_fp16: bool
     reason: str
     calibration: dict
-
-
-def relative_drop(before: float, after: float) -> float:
-    return (before - after) / before if before > 0 else float(after < before)
 
 
 def staged_quantize(model: nn.Module, check: Callable[[nn.Module], float], budget: float,

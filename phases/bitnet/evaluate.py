@@ -32,37 +32,22 @@ from torch import nn
 
 from phases.cognate import evaluate as cognate_eval
 from phases.common.hf_io import save_pretrained
+from phases.common.measure import heldout_means
 from phases.common.telemetry import perplexity
 
 WEIGHTS = "model.safetensors"
 TERNARY_BITS = math.log2(3)
 
 
-@torch.no_grad()
 def token_stats(model: nn.Module, rows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    loss_sum, hits, n_tok = 0.0, 0, 0
-    try:
-        for i in range(0, len(rows), batch_size):
-            x = rows[i:i + batch_size]
-            out = model(x, labels=x)
-            n = x[:, 1:].numel()
-            loss_sum += out.lm_loss.item() * n
-            hits += int((out.logits[:, :-1].argmax(-1) == x[:, 1:]).sum())
-            n_tok += n
-    finally:
-        model.train(was_training)
-    loss = loss_sum / max(1, n_tok)
-    return {"loss": loss, "ppl": perplexity(loss), "token_accuracy": hits / max(1, n_tok)}
+    """Held-out next-token loss, perplexity and next-token accuracy, in one pass."""
+    stats = heldout_means(model, rows, batch_size, extra=lambda out, x: {
+        "token_accuracy": float((out.logits[:, :-1].argmax(-1) == x[:, 1:]).float().mean())})
+    return {"loss": stats["loss"], "ppl": perplexity(stats["loss"]), "token_accuracy": stats["token_accuracy"]}
 
 
 def task_accuracy(model: nn.Module, tokenizer, problems: Sequence[dict]) -> dict[str, Any]:
     return cognate_eval.accuracy(model, tokenizer, problems)
-
-
-def relative_drop(before: float, after: float) -> float:
-    return (before - after) / before if before > 0 else math.nan
 
 
 @torch.no_grad()

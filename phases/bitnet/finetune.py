@@ -2,8 +2,9 @@
 
 Only the BitLinear layers train; everything kept in FP16 (embeddings, LM head, norms, heads, memory gates, groups
 the staged check restored) is frozen, so it leaves this phase byte for byte as it came in. Optimiser: Muon × Grokfast
-(phases/common/optim.py) with the Phase 4 settings (settings.py). Every ``eval_every`` steps the held-out next-token
-accuracy is measured and the best state is kept, so fine-tuning cannot end worse than it started. A non-finite loss
+(phases/common/optim.py) with the Phase 4 settings (settings.py, ``finetune.optim``). Every ``eval_every`` steps
+the held-out next-token accuracy is measured and the best state is kept, so fine-tuning cannot end worse than it
+started. A non-finite loss
 stops the run with an error that names the step.
 """
 
@@ -19,15 +20,16 @@ import torch
 from torch import nn
 
 from phases.bitnet.convert import bitlinears
-from phases.common.optim import MuonGrokfast, MuonGrokfastConfig
+from phases.bitnet.settings import BitNetFinetune
+from phases.common.optim import MuonGrokfast
 from phases.common.telemetry import TelemetryWriter, perplexity
 
 
 def finetune(model: nn.Module, batches: Callable[[int], torch.Tensor], score: Callable[[nn.Module], dict[str, float]],
-             steps: int, optim: MuonGrokfastConfig, grad_clip: float, eval_every: int,
-             telemetry: Path | None = None) -> dict[str, Any]:
-    """Train ``model``'s BitLinear layers for ``steps`` steps; ``score(model)`` -> held-out stats with a
+             settings: BitNetFinetune, telemetry: Path | None = None) -> dict[str, Any]:
+    """Train ``model``'s BitLinear layers for ``settings.steps`` steps; ``score(model)`` -> held-out stats with a
     ``token_accuracy`` (higher is better). Leaves the best-scoring state in ``model``."""
+    steps, optim = settings.steps, settings.optim
     layers = bitlinears(model)
     if not layers:
         raise ValueError("finetune: the model has no BitLinear layer to train")
@@ -53,14 +55,14 @@ def finetune(model: nn.Module, batches: Callable[[int], torch.Tensor], score: Ca
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"quantization-aware fine-tuning: non-finite loss {loss.item()} at step {step}; lower "
-                    f"bitnet.muon_lr ({optim.muon_lr}) or bitnet.adam_lr ({optim.adam_lr})")
+                    f"bitnet.finetune.optim.muon_lr ({optim.muon_lr}) or bitnet.finetune.optim.adam_lr ({optim.adam_lr})")
             loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip))
             opt.step()
             opt.zero_grad()
             record = {"step": step, "lm_loss": out.lm_loss.item(), "perplexity": perplexity(out.lm_loss.item()),
                       "grad_norm": grad_norm, "lr": optim.muon_lr}
-            if step % eval_every == 0 or step == steps:
+            if step % settings.eval_every == 0 or step == steps:
                 held = score(model)
                 model.train()
                 record |= {f"eval_{k}": v for k, v in held.items()}

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from phases.bitnet.settings import BitNetSection
+from phases.bitnet.settings import BitNetGates
 from phases.common.gates import GateReport
 
 
-def bitnet_gates(report: dict[str, Any], sec: BitNetSection, mode: str) -> GateReport:
-    """``report``: the evaluation (pipeline.evaluate) with the targets it was measured against."""
+def bitnet_gates(report: dict[str, Any], sec: BitNetGates, mode: str) -> GateReport:
+    """``report``: the evaluation (steps.evaluate) with the targets it was measured against."""
     targets, comp, acc = report["targets"], report["compression"], report["accuracy"]
     r = GateReport(phase="bitnet", mode=mode)
     r.add("compression", f"FP32 input weights / packed weights (target for a {targets['category']} model)",

@@ -61,7 +61,7 @@ class TrainResult:
 def heldout_stats(model: CognateForCausalLM, rows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
     """One held-out pass: the mean next-token loss, mean ACT steps that contributed to each token, and LTM
     usage (1 − mean MAG gate)."""
-    return heldout_means(model, rows, batch_size, extra=lambda out: {
+    return heldout_means(model, rows, batch_size, extra=lambda out, _x: {
         "halting_steps": out.halt_steps_int.mean().item(), "ltm_usage": (1 - out.gate.mean()).item()})
 
 

@@ -21,9 +21,10 @@ def _lm_loss(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def heldout_means(model: nn.Module, rows: torch.Tensor, batch_size: int = 8,
-                  extra: Callable[[Any], dict[str, float]] | None = None) -> dict[str, float]:
+                  extra: Callable[[Any, torch.Tensor], dict[str, float]] | None = None) -> dict[str, float]:
     """One pass over ``rows`` (eval mode, no gradient; the mode is restored): the mean next-token loss,
-    and the row-weighted mean of each figure ``extra(output)`` reads off the same forward passes."""
+    and the row-weighted mean of each figure ``extra(output, batch)`` reads off the same forward passes
+    (rows are packed to one length, so row-weighted is token-weighted)."""
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {"loss": 0.0}
@@ -32,7 +33,7 @@ def heldout_means(model: nn.Module, rows: torch.Tensor, batch_size: int = 8,
         for i in range(0, len(rows), batch_size):
             x = rows[i:i + batch_size]
             out = model(x, labels=x)
-            figures = {"loss": float(_lm_loss(out))} | (extra(out) if extra else {})
+            figures = {"loss": float(_lm_loss(out))} | (extra(out, x) if extra else {})
             for k, v in figures.items():
                 sums[k] = sums.get(k, 0.0) + v * len(x)
             n += len(x)

@@ -2,10 +2,10 @@
 
 Generation 0 is the 8 binary combinations. Each later generation keeps the 2 fittest (elites), adds
 3 Gaussian mutants of each, and merges the 6 least fit, in two groups of 3, into 2 children (loser
-merging), so a population is 2 + 6 + 2 = 10. When the population's diversity falls below
-``reseed_below`` its weakest members are replaced by fresh random recipes. It stops after
-``generations`` or when the best fitness of the last ``patience`` generations improved by less than
-``min_improvement``.
+merging), so a population is 2 + 6 + 2 = 10 (the defaults of the ``search`` block, settings.py). When
+the population's diversity falls below ``reseed_below`` its weakest members are replaced by fresh random
+recipes. It stops after ``generations`` or when the best fitness of the last ``patience`` generations
+improved by less than ``min_improvement``.
 
 Everything is written as it happens, under ``state_dir``:
 - evaluations.jsonl: one line per evaluated recipe (raw measurements), appended as each finishes;
@@ -26,25 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from phases.evomerge import fitness as fit
-from phases.evomerge.recipe import Genome, generation_zero, merge_genomes, mutate, random_genome
+from phases.evomerge.genome import Genome, generation_zero, merge_genomes, mutate, random_genome
+from phases.evomerge.settings import EvoMergeSearch
 
 # evaluate(genomes) yields (genome, raw measurements) as each finishes, in any order.
 Evaluate = Callable[[list[Genome]], Iterable[tuple[Genome, dict[str, Any]]]]
-
-
-@dataclass(frozen=True)
-class EvolutionSettings:
-    generations: int = 50
-    elites: int = 2
-    children_per_elite: int = 3
-    loser_groups: int = 2
-    loser_group_size: int = 3
-    mutation_sigma: float = 0.15
-    reseed_below: float = 0.2
-    reseed_count: int = 3
-    patience: int = 5
-    min_improvement: float = 0.001
-    seed: int = 0
 
 
 @dataclass
@@ -81,10 +67,12 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 
 class Evolution:
-    def __init__(self, settings: EvolutionSettings, n_layers: int, runtime_from: int, reference: dict[str, float],
+    """``seed``: the run's seed; every generation's random draws derive from it and the generation number."""
+
+    def __init__(self, search: EvoMergeSearch, seed: int, n_layers: int, runtime_from: int, reference: dict[str, float],
                  weights: dict[str, float], state_dir: str | Path, evaluate: Evaluate,
                  log: Callable[[str], None] = print, on_generation: Callable[[dict[str, Any]], None] | None = None):
-        self.s, self.n_layers, self.runtime_from = settings, n_layers, runtime_from
+        self.s, self.seed, self.n_layers, self.runtime_from = search, seed, n_layers, runtime_from
         self.reference, self.weights, self.evaluate, self.log = reference, weights, evaluate, log
         self.on_generation = on_generation
         self.dir = Path(state_dir)
@@ -110,7 +98,7 @@ class Evolution:
 
     # -- one generation ----------------------------------------------------------------------------
     def _next(self, ranked: list[Scored], generation: int) -> list[Genome]:
-        rng = random.Random(f"{self.s.seed}:{generation}")
+        rng = random.Random(f"{self.seed}:{generation}")
         elites = [s.genome for s in ranked[: self.s.elites]]
         children = [mutate(e, rng, self.s.mutation_sigma, self.n_layers, f"g{generation}:mutant-of-{e.key()[:8]}")
                     for e in elites for _ in range(self.s.children_per_elite)]
@@ -121,7 +109,7 @@ class Evolution:
         return elites + children + merged
 
     def _reseed(self, ranked: list[Scored], generation: int) -> list[Genome]:
-        rng = random.Random(f"{self.s.seed}:{generation}:reseed")
+        rng = random.Random(f"{self.seed}:{generation}:reseed")
         keep = [s.genome for s in ranked[: len(ranked) - self.s.reseed_count]]
         return keep + [random_genome(self.n_layers, rng, f"g{generation}:reseeded") for _ in range(self.s.reseed_count)]
 
@@ -149,7 +137,7 @@ class Evolution:
                 record = done[g]
                 ranked = [self._score(Genome.model_validate(r["genome"])) for r in record["population"]]
             else:
-                pop = generation_zero(self.n_layers, self.runtime_from, self.s.seed) if g == 0 else self._next(ranked, g)
+                pop = generation_zero(self.n_layers, self.runtime_from, self.seed) if g == 0 else self._next(ranked, g)
                 ranked = self._evaluate(pop, g)
                 div, reseeded = self._diversity(ranked), 0
                 if div < self.s.reseed_below and g > 0:

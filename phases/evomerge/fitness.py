@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from phases.common.measure import heldout_loss
+
 COMPONENTS = ("perplexity", "accuracy", "speed", "memory")
 # Evaluations in one process run one at a time (merging still overlaps): a timing taken while another
 # thread computes would make merges look slower than the inputs, which were timed alone. On 2 cores
@@ -66,21 +68,6 @@ def structure_key(config: dict[str, Any]) -> str:
     keep = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "act_max_steps", "window_size",
             "mem_chunk_size", "intermediate_size", "num_attention_heads")
     return "|".join(f"{k}={config.get(k)}" for k in keep)
-
-
-def _loss(model, x: torch.Tensor) -> torch.Tensor:
-    out = model(x, labels=x)
-    return getattr(out, "lm_loss", None) if getattr(out, "lm_loss", None) is not None else out.loss
-
-
-@torch.no_grad()
-def heldout_loss(model, rows: torch.Tensor, batch_size: int = 8) -> float:
-    total, n = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        x = rows[i:i + batch_size]
-        total += float(_loss(model, x)) * len(x)
-        n += len(x)
-    return total / max(1, n)
 
 
 @torch.no_grad()

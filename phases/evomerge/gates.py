@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from phases.common.gates import GateReport
-from phases.evomerge.settings import EvoMergeSection
+from phases.evomerge.settings import EvoMergeGates
 
 
-def evomerge_gates(final: dict[str, Any], run: dict[str, Any], sec: EvoMergeSection, mode: str) -> GateReport:
+def evomerge_gates(final: dict[str, Any], run: dict[str, Any], sec: EvoMergeGates, mode: str) -> GateReport:
     """``final``: test-split fitness and accuracy of the champion and each input; ``run``: the evolution's
     diversity figures and the combinations it evaluated."""
     report = GateReport(phase="evomerge", mode=mode)

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from phases.evomerge import techniques as tq
-from phases.evomerge.recipe import N_SOURCES, Genome, techniques
+from phases.evomerge.genome import N_SOURCES, Genome, techniques
 
 _LAYER = re.compile(r"^(?P<prefix>.*?\.?layers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 # Runtime settings a merged Cognate model takes from its runtime donor (phases/cognate/configuration.py).

@@ -21,8 +21,8 @@ import torch
 import yaml
 
 from phases.evomerge import techniques as tq
+from phases.evomerge.genome import Genome, techniques
 from phases.evomerge.merge import Checkpoint, MergeError, check_compatible, layer_key, save_merged
-from phases.evomerge.recipe import Genome, techniques
 
 METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "passthrough")
 _NORMALIZE_DEFAULT = {"linear": True, "ties": True}

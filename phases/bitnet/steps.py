@@ -1,4 +1,4 @@
-"""Phase 4 as plain functions over directories: quantize (staged, calibrated), fine-tune and pack, evaluate.
+"""Phase 4's steps as plain functions over directories: quantize (staged, calibrated), fine-tune and pack, evaluate.
 
     quantize     input model → held-out "before" → layer groups quantized one by one, each calibrated and checked
                  (fallback to FP16 past its budget) → held-out "after quantization" → latent weights + plan.json
@@ -32,14 +32,14 @@ from phases.bitnet import calibrate as calib
 from phases.bitnet import convert
 from phases.bitnet import evaluate as ev
 from phases.bitnet.finetune import finetune as qat
-from phases.bitnet.packed import load_packed, packed_layers, save_packed
+from phases.bitnet.packed_format import load_packed, packed_layers, save_packed
 from phases.bitnet.plots import bitnet_report_png
-from phases.bitnet.settings import BitNetSection
+from phases.bitnet.settings import BitNetEvaluate, BitNetFinetune, BitNetHeldout, BitNetQuantize
 from phases.cognate.data import Batches, mixed_texts, pack
 from phases.cognate.evaluate import answerable
 from phases.common.config import ModelShape
 from phases.common.hf_io import load_pretrained, save_pretrained
-from phases.common.optim import MuonGrokfastConfig
+from phases.common.measure import relative_drop
 from phases.common.sizing import model_size, strategy_for
 from phases.data import dataset_files
 from phases.data import tokenizer as bpe
@@ -52,15 +52,19 @@ FIGURE = "bitnet.png"
 class Data:
     """The curriculum cut for Phase 4: validation rows for decisions, test rows and problems for reporting."""
 
-    def __init__(self, curriculum_dir: Path, tokenizer, seq_len: int, sec: BitNetSection):
+    def __init__(self, curriculum_dir: Path, tokenizer, seq_len: int, heldout: BitNetHeldout):
         splits = dataset_files.load_splits(curriculum_dir)
         self.splits, self.tokenizer, self.seq_len = splits, tokenizer, seq_len
-        val_rows = pack([r["text"] for r in splits["validation"]], tokenizer, seq_len)
-        self.select_rows = val_rows[: sec.eval_rows]
-        self.calibration_rows = val_rows[-sec.calibration_rows:]  # the far end: overlaps the check rows least
-        self.test_rows = pack([r["text"] for r in splits["test"]], tokenizer, seq_len)[: sec.eval_rows]
+        self.validation_rows = pack([r["text"] for r in splits["validation"]], tokenizer, seq_len)
+        self.select_rows = self.validation_rows[: heldout.eval_rows]
+        self.test_rows = pack([r["text"] for r in splits["test"]], tokenizer, seq_len)[: heldout.eval_rows]
         problems = answerable(list(splits["test"]))
-        self.problems = problems[:: max(1, len(problems) // sec.accuracy_examples)][: sec.accuracy_examples]
+        n = heldout.accuracy_examples
+        self.problems = problems[:: max(1, len(problems) // n)][:n]
+
+    def calibration_rows(self, n: int) -> torch.Tensor:
+        """The far end of the validation rows: it overlaps the check rows least."""
+        return self.validation_rows[-n:]
 
     def train_batches(self, batch_size: int, steps: int, seed: int) -> Batches:
         """Batches from a shuffled slice of the training split, about 8x what ``steps`` will draw (tokenizing all of
@@ -104,13 +108,14 @@ def _select_score(data: Data):
     return lambda m: ev.token_stats(m, data.select_rows)["token_accuracy"]
 
 
-def quantize(model_dir: Path, curriculum_dir: Path, tokenizer_dir: Path | None, sec: BitNetSection, shape: ModelShape,
-             out: Path) -> dict[str, Any]:
+def quantize(model_dir: Path, curriculum_dir: Path, tokenizer_dir: Path | None, heldout: BitNetHeldout,
+             sec: BitNetQuantize, shape: ModelShape, out: Path) -> dict[str, Any]:
     """Staged, calibrated post-training quantization. Writes the latent (full-precision) weights and plan.json."""
     t0, c0 = time.perf_counter(), time.process_time()
     model = load_pretrained(AutoModelForCausalLM, model_dir).eval()
     tokenizer = load_tokenizer(model_dir, tokenizer_dir)
-    data = Data(curriculum_dir, tokenizer, shape.seq_len, sec)
+    data = Data(curriculum_dir, tokenizer, shape.seq_len, heldout)
+    calibration_rows = data.calibration_rows(sec.calibration_rows)
     groups = convert.layer_groups(model)
     if not groups:
         raise ValueError(f"{model_dir}: no linear layer but the LM head: nothing to quantize")
@@ -126,7 +131,7 @@ def quantize(model_dir: Path, curriculum_dir: Path, tokenizer_dir: Path | None, 
     def calibrate(names: list[str]) -> tuple[dict, float]:
         """Fit the group's output scales; keep them only where they beat plain mean|W| on held-out rows."""
         layers = {n: model.get_submodule(n) for n in names}
-        fitted = calib.calibrate(model, layers, data.calibration_rows)
+        fitted = calib.calibrate(model, layers, calibration_rows)
         with_fit = score(model)
         calib.reset(layers.values())
         plain = score(model)
@@ -175,31 +180,28 @@ def _quantized_model(staged_dir: Path):
     return model, plan
 
 
-def finetune(staged_dir: Path, curriculum_dir: Path, sec: BitNetSection, shape: ModelShape, seed: int,
-             out: Path) -> dict[str, Any]:
+def finetune(staged_dir: Path, curriculum_dir: Path, heldout: BitNetHeldout, sec: BitNetFinetune, shape: ModelShape,
+             seed: int, out: Path) -> dict[str, Any]:
     """QAT when needed, then the packed artifact; checks the reloaded packed model against the fake-quantized one."""
     t0, c0 = time.perf_counter(), time.process_time()
     model, plan = _quantized_model(staged_dir)
     tokenizer = bpe.load(staged_dir)
-    data = Data(curriculum_dir, tokenizer, shape.seq_len, sec)
-    drop = ev.relative_drop(plan["select_before"], plan["select_after_quantization"])
-    run = sec.finetune_steps > 0 and drop > sec.finetune_threshold
-    verdict = ("fine-tuning" if run else "no fine-tuning needed" if sec.finetune_steps
-               else "fine-tuning disabled (finetune_steps=0)")
+    data = Data(curriculum_dir, tokenizer, shape.seq_len, heldout)
+    drop = relative_drop(plan["select_before"], plan["select_after_quantization"])
+    run = sec.steps > 0 and drop > sec.threshold
+    verdict = ("fine-tuning" if run else "no fine-tuning needed" if sec.steps
+               else "fine-tuning disabled (finetune.steps=0)")
     decision = (f"held-out next-token accuracy dropped {drop:.1%} after quantization "
                 f"({plan['select_before']:.4f} -> {plan['select_after_quantization']:.4f}); threshold "
-                f"{sec.finetune_threshold:.1%}: {verdict}")
+                f"{sec.threshold:.1%}: {verdict}")
     metrics: dict[str, Any] = {"decision": decision, "finetuned": run, "drop_before_finetune": drop}
     probe = data.test_rows[:2]
     with base_path(model):
         if run:
             torch.manual_seed(seed)
-            optim = MuonGrokfastConfig(muon_lr=sec.muon_lr, adam_lr=sec.adam_lr, weight_decay=sec.weight_decay,
-                                       grokfast_alpha=sec.grokfast_alpha, grokfast_lambda=sec.grokfast_lambda)
             telemetry = Path(out) / "telemetry-finetune.jsonl"
-            batches = data.train_batches(sec.batch_size, sec.finetune_steps, seed)
-            result = qat(model, batches, lambda m: ev.token_stats(m, data.select_rows),
-                         sec.finetune_steps, optim, sec.grad_clip, sec.eval_every, telemetry)
+            batches = data.train_batches(sec.batch_size, sec.steps, seed)
+            result = qat(model, batches, lambda m: ev.token_stats(m, data.select_rows), sec, telemetry)
             metrics["finetune"] = result
         metrics["after_finetune_base_path"] = held_out(model, data, with_accuracy=False)
         with torch.no_grad():
@@ -219,12 +221,12 @@ def finetune(staged_dir: Path, curriculum_dir: Path, sec: BitNetSection, shape: 
 
 
 def evaluate(input_dir: Path, staged_metrics: dict[str, Any], packed_dir: Path, curriculum_dir: Path,
-             sec: BitNetSection, shape: ModelShape, out: Path) -> dict[str, Any]:
+             heldout: BitNetHeldout, sec: BitNetEvaluate, shape: ModelShape, out: Path) -> dict[str, Any]:
     """The packed model from disk against its FP32 input: every figure of the gates, plus the PNG."""
     t0, c0 = time.perf_counter(), time.process_time()
     packed = load_packed(packed_dir)
     fp32 = load_pretrained(AutoModelForCausalLM, input_dir).eval()
-    data = Data(curriculum_dir, bpe.load(packed_dir), shape.seq_len, sec)
+    data = Data(curriculum_dir, bpe.load(packed_dir), shape.seq_len, heldout)
     qc = packed.config.quantization_config
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     layers = packed_layers(packed)
@@ -245,8 +247,8 @@ def evaluate(input_dir: Path, staged_metrics: dict[str, Any], packed_dir: Path, 
         "packed": after,
         "accuracy": {
             "before": before["accuracy"], "after_quantization": staged_metrics["after_quantization"]["accuracy"],
-            "packed": after["accuracy"], "task_accuracy_drop": ev.relative_drop(before["accuracy"], after["accuracy"]),
-            "token_accuracy_drop": ev.relative_drop(before["token_accuracy"], after["token_accuracy"]),
+            "packed": after["accuracy"], "task_accuracy_drop": relative_drop(before["accuracy"], after["accuracy"]),
+            "token_accuracy_drop": relative_drop(before["token_accuracy"], after["token_accuracy"]),
             "examples": after["accuracy_n"],
         },
         "compression": comp,
