@@ -13,6 +13,7 @@ from flows.evomerge import EvoMerge, evomerge
 from flows.prepare import prepare
 from flows.quietstar import QuietStar, quietstar
 from phases.config import PipelineConfig
+from tasks.preflight import preflight
 from tasks.runtime import resolve_home
 
 
@@ -27,7 +28,10 @@ class Forged(BaseModel):
 def full(config: PipelineConfig = PipelineConfig(), home: str | None = None) -> Forged:
     home = resolve_home(home)
     run_group = str(flow_run.id)  # one W&B group per pipeline run; a retry keeps it
-    prepared = prepare(config, home, run_group)
+    # Checked here, in the top-level run, as well as in prepare: a Retry re-enters this body but takes a
+    # finished prepare subflow as it was, and disk and memory must be checked again on every attempt.
+    checked = preflight(config, home)
+    prepared = prepare(config, home, run_group, checked)
     phase1 = cognate(config, home, run_group, prepared)
     phase2 = evomerge(config, home, run_group, phase1.models, phase1.base, prepared)
     phase3 = quietstar(config, home, run_group, phase2.champion, prepared)

@@ -23,11 +23,12 @@ class Prepared(BaseModel):
 
 
 @flow(name="prepare", persist_result=True)
-def prepare(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None) -> Prepared:
+def prepare(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None,
+            checked: dict | None = None) -> Prepared:
     logger = get_run_logger()
     home = resolve_home(home)
     run_group = run_group or str(flow_run.id)
-    checked = preflight(config, home)
+    checked = checked or preflight(config, home)  # the caller's check when it just made one
 
     downloads = {name: download_hub_dataset.submit(name, config.data.hub_max_examples, home)
                  for name in config.data.hub_datasets}

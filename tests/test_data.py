@@ -112,7 +112,7 @@ EXPECTED = {"gsm8k": "5", "svamp": "5", "asdiv": "8", "arc_easy": "B", "arc_chal
             "drop": "10", "strategy_qa": "yes", "piqa": "A", "hellaswag": "C", "boolq": "yes"}
 
 
-def test_registry_has_the_seeds_sixteen():
+def test_registry_has_the_sixteen_planned_datasets():
     assert len(hub_registry.REGISTRY) == 16
     ids = {d.hub_id for d in hub_registry.REGISTRY.values()}
     for expected in ["openai/gsm8k", "ChilleD/SVAMP", "MU-NLPC/Calc-asdiv_a", "google-research-datasets/mbpp",

@@ -183,8 +183,10 @@ def test_full_deployment_completes_and_second_run_is_cached(stack):
     second = stack.wait(stack.run_deployment())
     assert second["state"]["type"] == "COMPLETED", stack.log("worker")
     assert _snapshot(stack.home) == before  # same artifacts, untouched
-    assert len(read_journal(str(stack.home))) == executions  # nothing executed again
+    again = [e["task"] for e in read_journal(str(stack.home))][executions:]
+    assert again == ["preflight"]  # nothing executed again but the checks of disk and memory, never cached
     states = stack.task_states(second["id"])
+    assert states.pop("preflight") == "Completed"
     assert states and set(states.values()) == {"Cached"}, states
 
 
@@ -214,6 +216,8 @@ def test_failed_run_is_retried_like_the_ui_and_resumes(stack, tmp_path):
     assert done["run_count"] >= 2
 
     ran_after = [e["task"] for e in read_journal(str(home))][len(ran_before):]
+    assert ran_after.count("preflight") == 1  # the retry checks disk and memory again
+    ran_after.remove("preflight")
     assert set(ran_after[:3]) == SPECIALISTS and ran_after[3:5] == ["cognate-evaluate", "wandb:cognate"]
     # then EvoMerge, Quiet-STaR and BitNet, for the first time
     assert ran_after[5] == "evomerge-measure-inputs" and "evomerge-champion" in ran_after
@@ -229,5 +233,5 @@ def test_failed_run_is_retried_like_the_ui_and_resumes(stack, tmp_path):
         store.verify(m["id"])
         if m["kind"] == "cognate-model":  # the retried specialists resumed from their last checkpoints
             stages = store.manifest(store.ref(m["id"]))["metrics"]["stages"]
-            assert stages["advanced"]["resumed_from"] == MICRO["cognate"]["stage_steps"], stages
+            assert stages["advanced"]["resumed_from"] == MICRO["cognate"]["train"]["stage_steps"], stages
             assert stages["advanced"]["steps_run"] == 0, stages

@@ -34,7 +34,7 @@ from torch import nn
 from phases.bitnet.bitlinear import BitLinear
 from phases.common.measure import relative_drop
 
-LM_HEAD_REASON = "the LM head (tied to the embeddings): FP16, as the seeds specify"
+LM_HEAD_REASON = "the LM head (tied to the embeddings): kept FP16, as BitNet b1.58 keeps embeddings and head"
 _IN_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 _GROUP_OF = (("attention", ("q_proj", "k_proj", "v_proj", "o_proj")), ("memory", ("mem_out", "gate_proj")),
              ("mlp", ("up_proj", "down_proj")))
