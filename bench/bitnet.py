@@ -44,13 +44,14 @@ def worker(kind: str, path: str, tokens: int, repeats: int, prompts: int) -> dic
     from phases.bitnet import evaluate as ev
     from phases.bitnet.packed_format import load_packed
     from phases.cognate import CognateForCausalLM
+    from phases.common.measure import decode_rates
 
     g = torch.Generator().manual_seed(0)
     rss0 = _status_mb("VmRSS")
     model = load_packed(path) if kind == "packed" else CognateForCausalLM.from_pretrained(path).eval()
     vocab = model.config.vocab_size
     prompt_ids = [torch.randint(0, vocab, (1, 12), generator=g) for _ in range(prompts)]
-    rate = ev.decode_rates({kind: model}, prompt_ids, tokens, repeats)[kind]
+    rate = decode_rates({kind: model}, prompt_ids, tokens, repeats)[kind]
     return {"kind": kind, **rate, "peak_growth_mb": _status_mb("VmHWM") - rss0,
             "resident_tensor_bytes": ev.resident_bytes(model), "threads": torch.get_num_threads()}
 

@@ -51,3 +51,15 @@ def test_no_pickle_loading_from_disk():
                     safe = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords)
                     assert safe, f"{path}:{node.lineno}: load without weights_only=True"
     assert checked >= 1  # the checkpoint loader is among them: the check looks at real calls
+
+
+def test_phases_common_sits_below_every_phase_and_the_pipeline_config():
+    """phases/common is the floor: a phase may import it, never the other way round (imports under
+    ``if TYPE_CHECKING:`` never run and do not count)."""
+    from tasks.code_version import SourceTree
+
+    tree = SourceTree(REPO)
+    above = ("phases.config", "phases.data", "phases.cognate", "phases.evomerge", "phases.quietstar", "phases.bitnet")
+    for module in tree.package_modules("phases.common"):
+        bad = sorted(m for m in tree.imports(module) if m.startswith(above))
+        assert not bad, f"{module} imports {bad}"

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,28 +46,6 @@ def token_stats(model: nn.Module, rows: torch.Tensor, batch_size: int = 8) -> di
 
 def task_accuracy(model: nn.Module, tokenizer, problems: Sequence[dict]) -> dict[str, Any]:
     return cognate_eval.accuracy(model, tokenizer, problems)
-
-
-@torch.no_grad()
-def decode_rates(models: dict[str, nn.Module], prompts: Sequence[torch.Tensor], new_tokens: int,
-                 repeats: int) -> dict[str, dict[str, float]]:
-    """Greedy decode tokens/s per model, wall-clock and per CPU-second of this process, median over ``repeats``.
-    The models take turns within each repeat, so a change in machine load hits both alike."""
-    for model in models.values():
-        model.eval()
-        model.generate(prompts[0], max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-    wall: dict[str, list[float]] = {name: [] for name in models}
-    cpu: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            for p in prompts:
-                model.generate(p, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            n = new_tokens * len(prompts)
-            wall[name].append(n / (time.perf_counter() - t0))
-            cpu[name].append(n / max(time.process_time() - c0, 1e-9))
-    return {name: {"tokens_per_s": statistics.median(wall[name]), "tokens_per_cpu_s": statistics.median(cpu[name])}
-            for name in models}
 
 
 def resident_bytes(model: nn.Module) -> int:

@@ -39,7 +39,7 @@ from phases.cognate.data import Batches, mixed_texts, pack
 from phases.cognate.evaluate import answerable
 from phases.common.config import ModelShape
 from phases.common.hf_io import load_pretrained, save_pretrained
-from phases.common.measure import relative_drop
+from phases.common.measure import decode_rates, relative_drop
 from phases.common.sizing import model_size, strategy_for
 from phases.data import dataset_files
 from phases.data import tokenizer as bpe
@@ -237,7 +237,7 @@ def evaluate(input_dir: Path, staged_metrics: dict[str, Any], packed_dir: Path, 
     comp = ev.compression(input_dir, packed_dir, list(layers), ev.input_fp32_bytes(input_dir, fp32),
                           ev.saved_bytes(fp32, torch.float16), sum(w.numel() for w in ternary.values()))
     prompts = data.prompts()
-    rates = ev.decode_rates({"fp32": fp32, "packed": packed}, prompts, sec.speed_tokens, sec.speed_repeats)
+    rates = decode_rates({"fp32": fp32, "packed": packed}, prompts, sec.speed_tokens, sec.speed_repeats)
     sparsity = ev.sparsity_by_layer(ternary)
     fp16_linear = [n for n in qc["fp16_modules"] if n not in convert.lm_heads(packed)]
     report = {

@@ -5,7 +5,7 @@
   answer's tokens and then EOS, read off one teacher-forced pass per problem (the argmax at every answer
   position equals the answer token: the same as greedy decoding, without a decode loop);
 - tokens/s: no-grad forward throughput on a fixed batch of those rows, fastest of 5 passes, clocked by
-  the thread's CPU time on one thread (see ``tokens_per_second``);
+  the thread's CPU time on one thread (see ``measure.forward_tokens_per_second``);
 - memory: bytes of weights plus the decode cache after one ``seq_len`` prompt (KV windows, memory state).
 
 Speed and memory are properties of the structure (depth, recursion bound, window), not of weight
@@ -23,14 +23,13 @@ from __future__ import annotations
 import math
 import statistics
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from phases.common.measure import heldout_loss
+from phases.common.measure import forward_tokens_per_second, heldout_loss, teacher_forced_accuracy
 
 COMPONENTS = ("perplexity", "accuracy", "speed", "memory")
 # Evaluations in one process run one at a time (merging still overlaps): a timing taken while another
@@ -70,16 +69,6 @@ def structure_key(config: dict[str, Any]) -> str:
     return "|".join(f"{k}={config.get(k)}" for k in keep)
 
 
-@torch.no_grad()
-def teacher_forced_accuracy(model, problems: Sequence[tuple[list[int], list[int]]]) -> float:
-    hits = 0
-    for prompt, target in problems:
-        ids = torch.tensor([prompt + target])
-        pred = model(ids).logits[0, len(prompt) - 1:-1].argmax(-1)
-        hits += int(pred.tolist() == target)
-    return hits / len(problems)
-
-
 def _nbytes(obj: Any, seen: set[int]) -> int:
     if isinstance(obj, torch.Tensor):
         if id(obj) in seen:
@@ -101,34 +90,6 @@ def inference_memory_bytes(model, seq_len: int) -> int:
                   [*model.parameters(), *model.buffers()]}.values())
     out = model(torch.zeros(1, seq_len, dtype=torch.long), use_cache=True)
     return weights + _nbytes(out.cache, set())
-
-
-@torch.no_grad()
-def tokens_per_second(model, rows: torch.Tensor, repeats: int = 5) -> float:
-    """Forward tokens per second of one thread's CPU time (on CUDA: wall time after synchronising).
-
-    On CPU the passes run on one intra-op thread and are clocked by that thread's CPU time, so other
-    work in this process or on the machine does not leak into fitness: on a loaded 2-core machine wall
-    time swung a candidate's measured speed by 20× between two identical structures."""
-    cuda = rows.is_cuda
-    with _EXCLUSIVE:
-        threads = torch.get_num_threads()
-        if not cuda:
-            torch.set_num_threads(1)
-        try:
-            model(rows)  # warm-up
-            times = []
-            for _ in range(repeats):
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter() if cuda else time.thread_time()
-                model(rows)
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append((time.perf_counter() if cuda else time.thread_time()) - t0)
-        finally:
-            torch.set_num_threads(threads)
-    return rows.numel() / max(min(times), 1e-9)  # the least disturbed pass
 
 
 def measure(model, data: EvalSet, structure_memo: dict[str, dict[str, float]] | None = None,
@@ -154,7 +115,7 @@ def _measure(model, data: EvalSet, structure_memo: dict[str, dict[str, float]] |
     key = structure_key(model.config.to_dict())
     memo = structure_memo if structure_memo is not None else {}
     if key not in memo:
-        memo[key] = {"tokens_per_s": tokens_per_second(model, data.rows[:speed_rows]),
+        memo[key] = {"tokens_per_s": forward_tokens_per_second(model, data.rows[:speed_rows]),
                      "memory_bytes": float(inference_memory_bytes(model, data.rows.shape[1]))}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "accuracy": teacher_forced_accuracy(model, data.problems), **memo[key], "non_finite": 0.0}
