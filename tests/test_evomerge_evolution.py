@@ -47,17 +47,17 @@ def test_fitness_is_measured_on_validation_and_moves_with_the_model(models, vali
     assert raws["a"]["perplexity"] != raws["base"]["perplexity"]
     # the reference itself scores exactly 1; a model twice as slow loses 0.1 of the 0.2 speed weight
     assert fit.score(ref | {"non_finite": 0}, ref, WEIGHTS)[0] == pytest.approx(1.0)
-    slow = dict(ref, tokens_per_s=ref["tokens_per_s"] / 2, non_finite=0)
+    slow = dict(ref, flops_per_token=ref["flops_per_token"] * 2, non_finite=0)
     assert fit.score(slow, ref, WEIGHTS)[0] == pytest.approx(0.9)
     # a much faster model that forgot its language is infeasible, not fit
     limited = fit.reference([raws["a"], raws["c"]], max_perplexity_increase=0.05)
     worst = max(raws["a"]["perplexity"], raws["c"]["perplexity"])
-    fast_but_bad = dict(ref, perplexity=worst * 1.06, tokens_per_s=ref["tokens_per_s"] * 10, non_finite=0)
+    fast_but_bad = dict(ref, perplexity=worst * 1.06, flops_per_token=ref["flops_per_token"] / 10, non_finite=0)
     assert fit.score(fast_but_bad, ref, WEIGHTS)[0] > 2 and fit.score(fast_but_bad, limited, WEIGHTS)[0] == 0.0
     assert fit.score(dict(fast_but_bad, perplexity=worst * 1.04), limited, WEIGHTS)[0] > 2
-    # c runs one recursion step, a two: measured speed differs, and a/base share a structure (one timing)
-    assert raws["c"]["tokens_per_s"] > raws["a"]["tokens_per_s"]
-    assert raws["a"]["tokens_per_s"] == raws["base"]["tokens_per_s"] and len(memo) == 2
+    # c runs one recursion step, a two: c costs fewer FLOPs per token, and a/base share a structure (one count)
+    assert raws["c"]["flops_per_token"] < raws["a"]["flops_per_token"]
+    assert raws["a"]["flops_per_token"] == raws["base"]["flops_per_token"] and len(memo) == 2
 
 
 def test_diversity_is_measured_not_constant():
@@ -78,13 +78,13 @@ def _synthetic(predict_alike: bool = False):
             ppl = 10 + 20 * (w[0] - 0.6) ** 2 + 5 * (g.density - 0.8) ** 2 + 3 * g.blend + 0.5 * g.combo
             rng = random.Random(g.key())
             preds = [0] * 64 if predict_alike else [rng.randrange(4) for _ in range(64)]
-            yield g, {"perplexity": ppl, "accuracy": 0.1, "tokens_per_s": 100.0, "memory_bytes": 1e6,
+            yield g, {"perplexity": ppl, "accuracy": 0.1, "flops_per_token": 1e6, "memory_bytes": 1e6,
                       "non_finite": 0.0, "predictions": preds}
 
     return evaluate, calls
 
 
-REF = {"perplexity": 12.0, "accuracy": 0.1, "tokens_per_s": 100.0, "memory_bytes": 1e6}
+REF = {"perplexity": 12.0, "accuracy": 0.1, "flops_per_token": 1e6, "memory_bytes": 1e6}
 
 
 def test_generations_keep_elites_mutate_them_and_merge_losers(tmp_path):
@@ -117,7 +117,7 @@ def test_low_diversity_reseeds_the_weakest(tmp_path):
 def test_stalled_search_stops_early_with_the_reason(tmp_path):
     def flat(genomes):
         for g in genomes:
-            yield g, {"perplexity": 12.0, "accuracy": 0.1, "tokens_per_s": 100.0, "memory_bytes": 1e6,
+            yield g, {"perplexity": 12.0, "accuracy": 0.1, "flops_per_token": 1e6, "memory_bytes": 1e6,
                       "non_finite": 0.0, "predictions": [random.Random(g.key()).randrange(4) for _ in range(16)]}
 
     result = Evolution(EvoMergeSearch(generations=50, patience=5), 1, 2, 0, REF, WEIGHTS, tmp_path, flat,
@@ -156,3 +156,17 @@ def test_killed_evolution_resumes_without_reevaluating(models, tmp_path):
     assert len(after) == len(set(after)), "a finished candidate was evaluated again"
     assert summary["evaluated_now"] == len(after) - len(before) and summary["generations_run"] == 3
     assert "resuming after generation 0" in out.stdout
+
+    # the same search unbroken, in another process: the same champion, and every candidate both runs
+    # evaluated measured alike (fitness counts, it never times), so one recipe id names one champion
+    fresh = tmp_path / "unbroken"
+    unbroken = subprocess.run([*cmd[:3], str(fresh), "3", "0"], capture_output=True, text=True, env=env, timeout=300)
+    assert unbroken.returncode == 0, unbroken.stderr
+    assert json.loads(unbroken.stdout.strip().splitlines()[-1])["champion"] == summary["champion"]
+
+    def raw_by_key(path):
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        return {r["key"]: {k: v for k, v in r["raw"].items() if k != "predictions"} for r in rows}
+
+    killed, clean = raw_by_key(evals), raw_by_key(fresh / "evaluations.jsonl")
+    assert killed.keys() == clean.keys() and all(killed[k] == clean[k] for k in clean)

@@ -34,7 +34,7 @@ def test_champion_is_stored_with_lineage_history_plot_and_yaml(evo_run):
     history = [json.loads(x) for x in st.file(result.champion, "history.jsonl").read_text().splitlines()]
     assert len({h["key"] for h in history}) == len(history) >= 8 + 8  # gen 0 + at least one new generation
     assert {h["generation"] for h in history} == {0, 1, 2}
-    assert all({"perplexity", "accuracy", "tokens_per_s", "memory_bytes"} <= set(h["raw"]) for h in history)
+    assert all({"perplexity", "accuracy", "flops_per_token", "memory_bytes"} <= set(h["raw"]) for h in history)
     assert st.file(result.champion, "fitness.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -280,3 +280,14 @@ def test_failed_anti_theater_rolls_back_doubles_kl_then_stops(tiny_lm, tmp_path)
     spec = thought_spec(settings, model, 2)
     assert spec.count == 2 and spec.length == 2 and spec.banned == (model.config.thought_start_id, model.config.thought_end_id,
                                                tok.eos_token_id)
+
+
+def test_the_mixing_head_comes_from_the_seed_not_from_what_ran_before(tiny_lm):
+    base, tok, _, _ = tiny_lm
+    torch.manual_seed(1)
+    first = quietstar_from_baked(base, tok, thought_length=2, seed=5).state_dict()
+    torch.randn(1000)  # another task in the same process drew from the global RNG meanwhile
+    second = quietstar_from_baked(base, tok, thought_length=2, seed=5).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = quietstar_from_baked(base, tok, thought_length=2, seed=6).state_dict()
+    assert any(not torch.equal(first[k], other[k]) for k in first if k.startswith("mixing."))

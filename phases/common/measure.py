@@ -1,21 +1,17 @@
 """The measures every phase and gate shares, each defined once: held-out loss, teacher-forced answer
-accuracy, decode latency and rates, forward throughput, relative change, range across models, and a
+accuracy, decode latency and rates, forward FLOPs per token, relative change, range across models, and a
 binomial accuracy's 95% interval."""
 
 from __future__ import annotations
 
 import math
 import statistics
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-
-# One timed measurement at a time in a process: two overlapping timings would each clock the other.
-_TIMING = threading.RLock()
 
 
 def _lm_loss(out: Any) -> torch.Tensor:
@@ -102,31 +98,16 @@ def teacher_forced_accuracy(model, problems: Sequence[tuple[list[int], list[int]
 
 
 @torch.no_grad()
-def forward_tokens_per_second(model, rows: torch.Tensor, repeats: int = 5) -> float:
-    """Forward tokens per second of one thread's CPU time (on CUDA: wall time after synchronising).
+def forward_flops_per_token(model: nn.Module, rows: torch.Tensor) -> float:
+    """Floating-point operations of one no-grad forward pass over ``rows``, per token, counted by torch's
+    ``FlopCounterMode`` (matrix products and attention). A count, not a timing: the same structure gives
+    the same number in every process and under any machine load, so a result that depends on it can be
+    reproduced byte for byte."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    On CPU the passes run on one intra-op thread and are clocked by that thread's CPU time, so other
-    work in this process or on the machine does not leak into fitness: on a loaded 2-core machine wall
-    time swung a candidate's measured speed by 20× between two identical structures."""
-    cuda = rows.is_cuda
-    with _TIMING:
-        threads = torch.get_num_threads()
-        if not cuda:
-            torch.set_num_threads(1)
-        try:
-            model(rows)  # warm-up
-            times = []
-            for _ in range(repeats):
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter() if cuda else time.thread_time()
-                model(rows)
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append((time.perf_counter() if cuda else time.thread_time()) - t0)
-        finally:
-            torch.set_num_threads(threads)
-    return rows.numel() / max(min(times), 1e-9)  # the least disturbed pass
+    with FlopCounterMode(display=False) as counter:
+        model(rows)
+    return counter.get_total_flops() / rows.numel()
 
 
 @torch.no_grad()

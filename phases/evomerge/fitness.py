@@ -4,8 +4,9 @@
 - accuracy: share of held-out problems whose greedy continuation after the prompt is exactly the
   answer's tokens and then EOS, read off one teacher-forced pass per problem (the argmax at every answer
   position equals the answer token: the same as greedy decoding, without a decode loop);
-- tokens/s: no-grad forward throughput on a fixed batch of those rows, fastest of 5 passes, clocked by
-  the thread's CPU time on one thread (see ``measure.forward_tokens_per_second``);
+- speed: forward FLOPs per token on a fixed batch of those rows, counted, not timed
+  (``measure.forward_flops_per_token``): a timing differs between processes and machine loads, and a
+  champion chosen by it would change with them under the same recipe id;
 - memory: bytes of weights plus the decode cache after one ``seq_len`` prompt (KV windows, memory state).
 
 Speed and memory are properties of the structure (depth, recursion bound, window), not of weight
@@ -13,7 +14,7 @@ values, so they are measured once per structure and reused: two merges of the sa
 fitness by what they predict, not by timer noise.
 
 The score divides each component by the reference (the mean over the input models, measured the same
-way): fitness = w_ppl·ppl_ref/ppl + w_acc·(1 + acc − acc_ref) + w_speed·tps/tps_ref + w_mem·mem_ref/mem,
+way): fitness = w_ppl·ppl_ref/ppl + w_acc·(1 + acc − acc_ref) + w_speed·flops_ref/flops + w_mem·mem_ref/mem,
 so the reference scores exactly 1 and each term rewards being better than it. A candidate whose
 perplexity exceeds the worst input's by more than ``max_perplexity_increase`` scores 0 (infeasible).
 """
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from phases.common.measure import forward_tokens_per_second, heldout_loss, teacher_forced_accuracy
+from phases.common.measure import forward_flops_per_token, heldout_loss, teacher_forced_accuracy
 
 COMPONENTS = ("perplexity", "accuracy", "speed", "memory")
 # Evaluations in one process run one at a time (merging still overlaps): a timing taken while another
@@ -110,12 +111,12 @@ def _measure(model, data: EvalSet, structure_memo: dict[str, dict[str, float]] |
     model.eval()
     loss = heldout_loss(model, data.rows)
     if not math.isfinite(loss):
-        return {"loss": loss, "perplexity": math.inf, "accuracy": 0.0, "tokens_per_s": 0.0, "memory_bytes": math.inf,
+        return {"loss": loss, "perplexity": math.inf, "accuracy": 0.0, "flops_per_token": math.inf, "memory_bytes": math.inf,
                 "non_finite": 1.0}
     key = structure_key(model.config.to_dict())
     memo = structure_memo if structure_memo is not None else {}
     if key not in memo:
-        memo[key] = {"tokens_per_s": forward_tokens_per_second(model, data.rows[:speed_rows]),
+        memo[key] = {"flops_per_token": forward_flops_per_token(model, data.rows[:speed_rows]),
                      "memory_bytes": float(inference_memory_bytes(model, data.rows.shape[1]))}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "accuracy": teacher_forced_accuracy(model, data.problems), **memo[key], "non_finite": 0.0}
@@ -124,7 +125,7 @@ def _measure(model, data: EvalSet, structure_memo: dict[str, dict[str, float]] |
 def reference(raws: Sequence[dict[str, float]], max_perplexity_increase: float | None = None) -> dict[str, float]:
     """The scoring reference: each component's mean over the input models, and the perplexity limit
     (the worst input's, plus ``max_perplexity_increase``) beyond which a candidate is infeasible."""
-    ref = {k: statistics.fmean(r[k] for r in raws) for k in ("perplexity", "accuracy", "tokens_per_s", "memory_bytes")}
+    ref = {k: statistics.fmean(r[k] for r in raws) for k in ("perplexity", "accuracy", "flops_per_token", "memory_bytes")}
     if max_perplexity_increase is not None:
         ref["perplexity_limit"] = max(r["perplexity"] for r in raws) * (1 + max_perplexity_increase)
     return ref
@@ -139,7 +140,7 @@ def score(raw: dict[str, float], ref: dict[str, float], weights: dict[str, float
     parts = {
         "perplexity": ref["perplexity"] / raw["perplexity"],
         "accuracy": 1.0 + raw["accuracy"] - ref["accuracy"],
-        "speed": raw["tokens_per_s"] / ref["tokens_per_s"],
+        "speed": ref["flops_per_token"] / raw["flops_per_token"],
         "memory": ref["memory_bytes"] / raw["memory_bytes"],
     }
     if raw["perplexity"] > ref.get("perplexity_limit", math.inf):

@@ -77,12 +77,16 @@ def thought_budget(model: torch.nn.Module, shape: ModelShape, settings: Reinforc
             "length": min(length, settings.thought_length_cap or length)}
 
 
-def quietstar_from_baked(baked: CognateForCausalLM, tokenizer, thought_length: int) -> QuietStarForCausalLM:
-    """The baked model with a fresh mixing head (output 0): at this point it IS the baked model."""
+def quietstar_from_baked(baked: CognateForCausalLM, tokenizer, thought_length: int, seed: int = 0) -> QuietStarForCausalLM:
+    """The baked model with a fresh mixing head (output 0): at this point it IS the baked model. The head's
+    hidden layer is drawn from ``seed`` alone, not the process's global RNG, so the same recipe gives the
+    same model whatever ran before it in the process."""
     ids = thinking_ids(tokenizer)
     start, end = ids[THINK_START], ids[THINK_END]
     cfg = quietstar_config(baked.config, thought_length, start, end, banned=[start, end, tokenizer.eos_token_id])
-    model = build(QuietStarForCausalLM, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build(QuietStarForCausalLM, cfg)
     missing, unexpected = model.load_state_dict(baked.state_dict(), strict=False)
     if unexpected or any(not k.startswith("mixing.") for k in missing):
         raise BakingError(f"baked weights do not fit the Quiet-STaR model: missing {missing}, unexpected {unexpected}")
@@ -97,7 +101,7 @@ def reinforce_model(baked_dir: Path, curriculum_dir: Path, settings: Reinforceme
     baked = load_pretrained(CognateForCausalLM, baked_dir)
     tokenizer = bpe.load(baked_dir)
     budget = thought_budget(baked, shape, settings)
-    model = quietstar_from_baked(baked, tokenizer, budget["length"])
+    model = quietstar_from_baked(baked, tokenizer, budget["length"], seed)
     splits = dataset_files.load_splits(curriculum_dir)
     train = answerable(splits["train"])
     train = evenly_spaced(train, max(200, 8 * settings.steps * settings.batch_size))
