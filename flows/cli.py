@@ -143,8 +143,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except ArtifactError as e:
             bad += 1
             print(f"CORRUPT  {e}")
-    print(f"{len(ids) - bad} ok, {bad} corrupt")
-    return 1 if bad else 0
+            if args.repair:
+                moved = st.quarantine(st.load(aid, verify=False), str(e))
+                print(f"         moved to {moved}; the next run of the flow that made it, with this home, "
+                      "builds it again from its recipe")
+    print(f"{len(ids) - bad} ok, {bad} corrupt" + (f", {bad} quarantined" if args.repair and bad else ""))
+    return 1 if bad and not args.repair else 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -194,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=func)
     p = art_sub.add_parser("verify", help="re-hash files; exit 1 on any mismatch")
     p.add_argument("id", nargs="?")
+    p.add_argument("--repair", action="store_true",
+                   help="move corrupt artifacts to quarantine/ (with a note), so the next run rebuilds them")
     p.set_defaults(func=cmd_verify)
 
     args = parser.parse_args(argv)

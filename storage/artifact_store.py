@@ -5,12 +5,14 @@ Layout under the root (``AGENT_FORGE_HOME``, default ``./.agent-forge``)::
     artifacts/<kind>/<id>/           the files and manifest.json
     tmp/<kind>-<id>.<pid>.<nonce>/   a write in progress (never looks whole)
     locks/<id>.lock                  flock held while one process builds an id
+    quarantine/<kind>-<id>.<n>/      a corrupt artifact moved aside (NOTE.txt says why), never reused
 
 The id is the recipe key (kind, input ids, config, code version), so the same recipe always lands on
 the same directory and a finished step is found instead of recomputed. A write builds everything in
 ``tmp/``, hashes it, writes ``manifest.json`` last and renames the directory into place: a reader
 sees either nothing or a whole artifact. A manifest lists every file with size and sha256, and a
-load re-hashes them, so a flipped byte is an error naming the artifact, never silently used.
+load re-hashes them, so a flipped byte is an error naming the artifact, never silently used. Asked to
+reuse a corrupt artifact, ``get_or_create`` moves it to ``quarantine/`` and builds the recipe again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.durable import fsync_dir, pid_alive, write_durably
 from storage.hashing import canonical_json, recipe_key, sha256_file
 
 MANIFEST = "manifest.json"
@@ -97,11 +100,13 @@ def _check_name(what: str, name: str) -> str:
 
 
 class ArtifactStore:
-    def __init__(self, root: str | os.PathLike[str] | None = None):
+    def __init__(self, root: str | os.PathLike[str] | None = None, on_repair: Callable[[str], None] | None = None):
+        self.on_repair = on_repair  # told, in one line, of every corrupt artifact moved aside
         self.root = Path(root).expanduser().resolve() if root is not None else default_home()
         self.artifacts_dir = self.root / "artifacts"
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
+        self.quarantine_dir = self.root / "quarantine"
 
     # ---------------------------------------------------------------- paths
     def _inside(self, path: Path) -> Path:
@@ -241,7 +246,7 @@ class ArtifactStore:
                 pid = int(t.name.split(".")[1])
             except (IndexError, ValueError):
                 continue
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 shutil.rmtree(t, ignore_errors=True)
 
     def get_or_create(
@@ -249,26 +254,29 @@ class ArtifactStore:
         recipe: Recipe,
         build: Callable[[Path], dict[str, Any] | None],
         producer: dict[str, Any] | None = None,
+        on_repair: Callable[[str], None] | None = None,
     ) -> ArtifactRef:
         """Return the artifact for ``recipe``, building it with ``build(tmp_dir) -> metrics`` if absent.
 
         ``build`` writes its files into the directory it is given and returns metrics for the manifest.
+        A stored artifact that fails verification is quarantined (``on_repair`` gets one line saying so)
+        and built again: the recipe is all it takes, so a corrupt copy never has to be reused.
         """
         kind, artifact_id = _check_name("kind", recipe.kind), recipe.key
         final = self.artifact_dir(kind, artifact_id)
-        if final.exists():
-            return self._verified_ref(final)
+        if final.exists() and (ref := self.verified_or_quarantined(final, on_repair)) is not None:
+            return ref
         self._ensure_dirs()
         with self._lock(artifact_id):
-            if final.exists():  # another process finished it while we waited
-                return self._verified_ref(final)
+            if final.exists() and (ref := self.verified_or_quarantined(final, on_repair)) is not None:
+                return ref  # another process finished it while we waited
             self._sweep_stale_tmp(kind, artifact_id)
             tmp = self.tmp_dir / f"{kind}-{artifact_id}.{os.getpid()}.{secrets.token_hex(4)}"
             tmp.mkdir()
             try:
                 metrics = build(tmp) or {}
                 manifest = self._manifest(recipe, tmp, metrics, producer)
-                _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+                write_durably(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))
                 try:
                     final.parent.mkdir(parents=True, exist_ok=True)
                 except (FileExistsError, NotADirectoryError):
@@ -283,11 +291,36 @@ class ArtifactStore:
                         shutil.rmtree(tmp, ignore_errors=True)  # a writer without our lock won the race
                         return self._verified_ref(final)
                     raise ArtifactError(f"cannot move artifact {kind}/{artifact_id} into {final}: {e}") from e
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         return self._ref(final, manifest)
+
+    # ---------------------------------------------------------------- repair
+    def verified_or_quarantined(self, d: Path, on_repair: Callable[[str], None] | None = None) -> ArtifactRef | None:
+        """``d``'s verified ref, or None after moving a corrupt ``d`` to quarantine."""
+        try:
+            return self._verified_ref(d)
+        except CorruptArtifact as e:
+            moved = self.quarantine(d, str(e))
+            on_repair = on_repair or self.on_repair
+            if on_repair is not None:
+                on_repair(f"{e}; moved to {moved}; building it again from its recipe")
+            return None
+
+    def quarantine(self, d: Path, reason: str) -> Path:
+        """Move artifact directory ``d`` aside, with a NOTE.txt saying why; the next build makes it anew."""
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        n = len(list(self.quarantine_dir.glob(f"{d.parent.name}-{d.name}.*")))
+        target = self.quarantine_dir / f"{d.parent.name}-{d.name}.{n}"
+        os.rename(d, target)
+        write_durably(target / "NOTE.txt", f"quarantined {datetime.now(UTC).isoformat()}: {reason}\n")
+        fsync_dir(d.parent)
+        return target
+
+    def times_quarantined(self, kind: str, artifact_id: str) -> int:
+        return len(list(self.quarantine_dir.glob(f"{kind}-{artifact_id}.*"))) if self.quarantine_dir.exists() else 0
 
     def _manifest(
         self, recipe: Recipe, tmp: Path, metrics: dict[str, Any], producer: dict[str, Any] | None
@@ -359,35 +392,3 @@ class ArtifactStore:
         if not p.exists():
             raise ArtifactNotFound(f"artifact {ref} has no file {relpath!r}")
         return p
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (killed but not yet reaped) still answers kill(0); treat it as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _write_durably(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import time
@@ -13,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run, task_run
 
 from storage import ArtifactNotFound, ArtifactRef, ArtifactStore, Recipe
@@ -35,7 +38,14 @@ def recipe_cache(recipe: Callable[..., Recipe]) -> CachePolicy:
 
     def key(_context: Any, parameters: dict[str, Any]) -> str:
         r = recipe(**{name: parameters[name] for name in wanted})
-        return f"{r.kind}-{r.key}-{_home_tag(parameters['home'])}"
+        st = store(parameters["home"])
+        # Verify before reuse: Prefect's cached result is only a ref, so the files behind it are checked
+        # here. A corrupt artifact goes to quarantine, which changes the key: Prefect misses, and the
+        # task builds the recipe again instead of handing the damaged copy on.
+        d = st.artifact_dir(r.kind, r.key)
+        if d.exists():
+            st.verified_or_quarantined(d)
+        return f"{r.kind}-{r.key}-{_home_tag(parameters['home'])}-r{st.times_quarantined(r.kind, r.key)}"
 
     return CacheKeyFnPolicy(cache_key_fn=key)
 
@@ -51,8 +61,16 @@ def resolve_home(home: str | None) -> str:
     return str(Path(raw).expanduser().resolve())
 
 
+def _log_repair(line: str) -> None:
+    try:
+        get_run_logger().warning(line)
+    except MissingContextError:  # outside a flow or task run (a cache-key computation, the CLI)
+        logging.getLogger("agent_forge").warning(line)
+
+
 def store(home: str) -> ArtifactStore:
-    return ArtifactStore(home)
+    """The store at ``home``; a corrupt artifact it meets is quarantined, logged in one line, rebuilt."""
+    return ArtifactStore(home, on_repair=_log_repair)
 
 
 def producer() -> dict[str, Any]:

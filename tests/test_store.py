@@ -59,9 +59,10 @@ def test_flipped_byte_is_detected_by_verify_and_load(tmp_path):
         st.verify(ref.id)
     with pytest.raises(CorruptArtifact, match=ref.id):
         st.load(ref)
-    # a corrupt artifact is never silently rebuilt over
-    with pytest.raises(CorruptArtifact, match=ref.id):
-        st.get_or_create(Recipe(kind="model"), _write)
+    # a corrupt artifact is never silently rebuilt over: it is moved aside, kept, and reported
+    told = []
+    ArtifactStore(tmp_path, on_repair=told.append).get_or_create(Recipe(kind="model"), _write)
+    assert told and (tmp_path / "quarantine" / f"model-{ref.id}.0" / "model.bin").read_bytes() == bytes(data)
 
 
 def test_missing_and_extra_files_and_missing_artifact(tmp_path):
@@ -187,3 +188,24 @@ def test_failed_build_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="NaN loss"):
         st.get_or_create(Recipe(kind="model"), boom)
     assert st.list() == [] and not any((tmp_path / "tmp").iterdir())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_corrupt_artifact_is_quarantined_with_a_note_and_built_again(tmp_path, damage):
+    told = []
+    st = ArtifactStore(tmp_path, on_repair=told.append)
+    recipe = Recipe(kind="model", config={"n": 1})
+    ref = st.get_or_create(recipe, _write)
+    weights = Path(ref.path) / "model.bin"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else bytes([data[0] ^ 1]) + data[1:])
+
+    builds = []
+    again = st.get_or_create(recipe, lambda out: builds.append(1) or _write(out))
+    assert builds == [1] and again.id == ref.id
+    assert (Path(again.path) / "model.bin").read_bytes() == data and st.verify(again.id)
+    assert len(told) == 1 and "\n" not in told[0] and f"model/{ref.id}" in told[0] and "quarantine" in told[0]
+    [moved] = (tmp_path / "quarantine").iterdir()
+    assert moved.name == f"model-{ref.id}.0" and "corrupt" in (moved / "NOTE.txt").read_text()
+    assert st.times_quarantined("model", ref.id) == 1
+    assert [m["id"] for m in st.list()] == [ref.id]  # the quarantined copy is not an artifact any more
