@@ -27,7 +27,7 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--set expects KEY=VALUE, got {pair!r}")
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
@@ -43,20 +43,65 @@ def _load_flow(name: str):
     return getattr(importlib.import_module(module), attr)
 
 
+class UsageError(Exception):
+    """Something the user typed or pointed at is wrong; the message says what and how to fix it (exit 2)."""
+
+
+def _read_config(path: str | None) -> dict[str, Any]:
+    """A config file: JSON or YAML (YAML reads JSON too), a mapping of PipelineConfig sections."""
+    if not path:
+        return {}
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path} is neither JSON nor YAML: {' '.join(str(e).split())}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"--config {path} holds a {type(raw).__name__}; it must be a mapping of sections, "
+                         'e.g. {"preset": "tiny", "data": {"seed": 7}}')
+    return raw
+
+
+def _one_line(e: Any) -> str:
+    """A pydantic ValidationError as one line: each field's dotted path, the problem and the value given."""
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "config"
+        parts.append(f"{where}: {err['msg']} (got {err.get('input')!r})" if "input" in err else f"{where}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def _writable_home(home: str) -> None:
+    """Checked before Prefect starts: a home that cannot be written fails in well under a second."""
+    try:
+        Path(home).mkdir(parents=True, exist_ok=True)
+        probe = Path(home) / f".write-check-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--home {home} is not writable ({e.strerror or type(e).__name__}); choose another with "
+                         "--home or AGENT_FORGE_HOME") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from phases.config import PipelineConfig, deep_merge
 
-    raw: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
-    raw = deep_merge(raw, _overrides(args.set))
+    raw = deep_merge(_read_config(args.config), _overrides(args.set))
     raw["preset"] = args.preset or raw.get("preset", "tiny")
     try:
         config = PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        print(f"invalid configuration:\n{e}", file=sys.stderr)
-        return 2
+        raise UsageError(_one_line(e)) from None
     home = str(Path(args.home or os.environ.get("AGENT_FORGE_HOME", "./.agent-forge")).resolve())
+    _writable_home(home)
     os.environ["AGENT_FORGE_HOME"] = home
     # Prefect's task results (the small refs) live beside the artifacts unless told otherwise.
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(home) / "prefect-results"))
@@ -152,17 +197,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
+
     from phases.evomerge.merge import MergeError
     from phases.evomerge.mergekit_yaml import run
 
     if not Path(args.config).is_file():
-        print(f"error: {args.config}: no such file", file=sys.stderr)
-        return 1
+        raise UsageError(f"{args.config}: no such file")
     start = time.perf_counter()
     try:
         out = run(args.config, args.out_dir)
-    except (MergeError, KeyError, TypeError, ValueError) as e:
-        print(f"error: {args.config}: {type(e).__name__}: {e}", file=sys.stderr)
+    except (MergeError, KeyError, TypeError, ValueError, SafetensorError, OSError) as e:
+        print(f"error: {args.config}: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     print(f"merged model written to {out} in {time.perf_counter() - start:.1f} s")
     return 0
@@ -170,12 +216,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agent-forge", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a flow locally (no server needed)")
     run.add_argument("flow", choices=sorted(FLOWS))
     run.add_argument("--preset", choices=["tiny", "small"], help="default: tiny, or the --config file's")
-    run.add_argument("--config", help="JSON file with PipelineConfig fields")
+    run.add_argument("--config", help="JSON or YAML file with PipelineConfig sections")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.seed=3")
     run.add_argument("--home", help="artifact store root (default: $AGENT_FORGE_HOME or ./.agent-forge)")
     run.set_defaults(func=cmd_run)
@@ -205,13 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except Exception as e:  # an error a user can act on, not a traceback
+    except Exception as e:  # an error a user can act on ends on one line, not a traceback
         from storage import ArtifactError
 
-        if isinstance(e, ArtifactError):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
+        if args.debug or not isinstance(e, UsageError | ArtifactError):
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
 
 
 if __name__ == "__main__":

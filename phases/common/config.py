@@ -13,7 +13,8 @@ class Strict(BaseModel):
     """Every field has a default (the tiny preset's) so that the JSON schema Prefect validates
     parameters against accepts a partial section; the chosen preset fills what is left out."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are errors, and so are inf and nan: a learning rate or a budget of inf is a typo.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelShape(Strict):

@@ -16,7 +16,7 @@ from phases.common.grokfast import GrokfastEMA
 class MuonGrokfastConfig(Strict):
     """The optimizer block every training step nests (``cognate.train.optim``, ``quietstar.bake.optim``, ...)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     muon_lr: float = Field(default=0.02, gt=0, description="Muon, for hidden 2-D weight matrices")
     adam_lr: float = Field(default=3e-4, gt=0, description="AdamW, for embeddings, head, norms, gains, biases")

@@ -1,0 +1,84 @@
+"""Every user-fixable mistake ends on one line that names the thing and the fix (exit 2 for usage), fast,
+before Prefect starts, and leaves the store as it was."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, home: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AGENT_FORGE_HOME": str(home), "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _files(home: Path) -> list[str]:
+    return sorted(str(p.relative_to(home)) for p in home.rglob("*")) if home.exists() else []
+
+
+CASES = {
+    # name: (argv after "run prepare", what the one line must name, exit code)
+    "missing config file": (["--config", "{dir}/nope.json"], "no such file", 2),
+    "config is not JSON or YAML": (["--config", "{dir}/broken.txt"], "neither JSON nor YAML", 2),
+    "config is a list": (["--config", "{dir}/list.json"], "holds a list", 2),
+    "unknown field": (["--set", "data.sed=7"], "data.sed", 2),
+    "inf learning rate": (["--set", "cognate.train.optim.adam_lr=inf"], "cognate.train.optim.adam_lr", 2),
+    "infinite budget": (["--set", "quietstar.data.budget_usd=Infinity"], "quietstar.data.budget_usd", 2),
+    "nan timeout": (["--set", "quietstar.data.timeout_s=NaN"], "quietstar.data.timeout_s", 2),
+    "--set without a value": (["--set", "data.seed"], "KEY=VALUE", 2),
+    "home under a file": (["--home", "{dir}/a_file/home"], "not writable", 2),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_ends_on_one_line_and_leaves_the_store_alone(case, tmp_path):
+    argv, names, code = CASES[case]
+    (tmp_path / "broken.txt").write_text("{not: [valid")
+    (tmp_path / "list.json").write_text('[{"preset": "tiny"}]')
+    (tmp_path / "a_file").write_text("a file, not a directory")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "keep.txt").write_text("what was here stays")
+    before = _files(home)
+    start = time.perf_counter()
+    out = _cli("run", "prepare", *[a.format(dir=tmp_path) for a in argv], home=home)
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert out.returncode == code, out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert time.perf_counter() - start < 30  # refused before Prefect or any work starts
+    assert _files(home) == before
+
+
+def test_yaml_configs_are_read_and_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"preset": "tiny", "data": {"sed": 1}}))
+    out = _cli("run", "prepare", "--config", str(tmp_path / "c.yaml"), home=tmp_path / "home")
+    assert out.returncode == 2 and "data.sed" in out.stderr  # parsed as YAML, then validated
+    debug = _cli("--debug", "run", "prepare", "--config", str(tmp_path / "c.yaml"), home=tmp_path / "home")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_merge_on_a_truncated_safetensors_is_one_line(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.ones(64, 64)}, str(tmp_path / name / "model.safetensors"))
+        shutil.copy(REPO / "pyproject.toml", tmp_path / name / "unused.txt")
+    data = (tmp_path / "b" / "model.safetensors").read_bytes()
+    (tmp_path / "b" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "m.yaml").write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n"
+                                     "  - model: b\n    parameters: {weight: 1}\n")
+    out = _cli("merge", str(tmp_path / "m.yaml"), str(tmp_path / "out"), home=tmp_path / "home")
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert "Traceback" not in out.stderr
