@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from phases.config import PipelineConfig
 from phases.data import dataset_files
 from phases.quietstar.reasoning_data import generation, local
-from phases.quietstar.reasoning_data.generation import BudgetExhausted, GenerationIncomplete, Ledger
+from phases.quietstar.reasoning_data.generation import BudgetExhausted, GenerationIncomplete, Ledger, usd
 from phases.quietstar.reasoning_data.openrouter import OpenRouterClient, OpenRouterError, Price, resolve_base_url
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
@@ -99,8 +99,8 @@ def generate_reasoning_data(config: PipelineConfig, curriculum: ArtifactRef, hom
             raise GenerationIncomplete(
                 f"no example passed validation; rejects by reason: {summary['rejects_by_reason']}")
         generation.write_dataset(out, examples, rejects, summary)
-        logger.info("reasoning data (%s): %d accepted of %d planned, rejects %s, spent $%.4f", summary["source"],
-                    summary["accepted"], summary["planned"], summary["rejects_by_reason"], summary["spent_usd"])
+        logger.info("reasoning data (%s): %d accepted of %d planned, rejects %s, spent %s", summary["source"],
+                    summary["accepted"], summary["planned"], summary["rejects_by_reason"], usd(summary["spent_usd"]))
         return summary
 
     return st.get_or_create(recipe, build, producer())
@@ -114,13 +114,16 @@ def _from_openrouter(config: PipelineConfig, problems: list[dict[str, Any]], bas
     done = ledger.done_keys()
     pending = [j for j in jobs if j.key not in done]
     est = generation.estimate(pending, prices, q.max_tokens)
-    spent = ledger.spent_usd()
-    logger.info("dry run: %d of %d planned requests still to make; worst case $%.4f (%s); already spent $%.4f of "
-                "the $%.2f cap", len(pending), len(jobs), est["worst_case_usd"],
-                ", ".join(f"{m} ${c:.4f}" for m, c in est["per_model_usd"].items()), spent, q.budget_usd)
+    spent, unaccounted = ledger.spent_usd(), ledger.unaccounted_usd()
+    logger.info("dry run: %d of %d planned requests still to make; worst case %s (%s); already spent %s of the %s "
+                "cap", len(pending), len(jobs), usd(est["worst_case_usd"]),
+                ", ".join(f"{m} {usd(c)}" for m, c in est["per_model_usd"].items()), usd(spent), usd(q.budget_usd))
+    if unaccounted:
+        logger.warning("%s of that is the worst case of requests an earlier run left in flight (killed before their "
+                       "answers were recorded): counted as spent, since they may have been billed", usd(unaccounted))
     if spent + est["worst_case_usd"] > q.budget_usd:
-        logger.warning("the worst case passes the cap: the run stops at $%.2f unless completions stay shorter than "
-                       "data.max_tokens", q.budget_usd)
+        logger.warning("the worst case passes the cap: the run stops at %s unless completions stay shorter than "
+                       "data.max_tokens", usd(q.budget_usd))
     step = max(1, len(pending) // 10)
 
     def progress(finished: int, total: int) -> None:
@@ -140,12 +143,12 @@ def _from_openrouter(config: PipelineConfig, problems: list[dict[str, Any]], bas
     summary |= {"requests_this_run": sent, "worst_case_estimate_usd": round(est["worst_case_usd"], 6)}
     if report.over_bound:
         raise OpenRouterError(f"{report.over_bound} responses cost more than data.prices allow for; the run stopped "
-                              f"at ${summary['spent_usd']:.4f}: raise the prices for {q.models} and rerun")
+                              f"at {usd(summary['spent_usd'])}: raise the prices for {q.models} and rerun")
     if not summary["complete"]:
         where = f"{len(jobs) - summary['pending']} finished examples are kept in {ledger.path}"
         if report.stopped_by_budget and not q.accept_partial:
-            raise BudgetExhausted(f"the ${q.budget_usd:.4f} budget stopped the run with {summary['pending']} of "
-                                  f"{len(jobs)} examples to go (spent ${summary['spent_usd']:.4f}); {where}. Raise "
+            raise BudgetExhausted(f"the {usd(q.budget_usd)} budget stopped the run with {summary['pending']} of "
+                                  f"{len(jobs)} examples to go (spent {usd(summary['spent_usd'])}); {where}. Raise "
                                   "quietstar.data.budget_usd to resume, or set quietstar.data.accept_partial to keep what exists")
         if report.api_down:
             raise GenerationIncomplete(f"OpenRouter at {base_url} looks down: {generation.DEAD_API_AFTER} examples "

@@ -337,3 +337,47 @@ async def _prefect_logs() -> list[str]:
         while page := await client.read_logs(limit=200, offset=len(messages)):
             messages += [log.message for log in page]
     return messages
+
+
+def test_a_killed_run_counts_its_requests_in_flight_and_pays_twice_only_for_what_the_ledger_shows(server, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import openrouter_worker as worker
+
+    here = Path(__file__).parent
+    jobs = worker.jobs()
+    cap = 10 * sum(_bound(j) for j in jobs)
+    server.slow_s = 30.0
+    server.script = ["ok", "ok", "slow", "slow", "slow", "slow"]  # two answer, then four hang in flight
+    path = tmp_path / "ledger.jsonl"
+    env = dict(os.environ, PYTHONPATH=f"{here.parent}:{here}")
+    proc = subprocess.Popen([sys.executable, str(here / "openrouter_worker.py"), server.base_url, str(path), str(cap)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and sum(r["behaviour"] == "slow" for r in server.requests) < 4:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    ledger = Ledger(path)
+    finished = ledger.done_keys()
+    in_flight = {r["key"] for r in ledger.records if r["type"] == "inflight"} - finished
+    assert len(finished) == 2 and len(in_flight) == 4
+    reserved = sum(_bound(j) for j in jobs if j.key in in_flight)
+    assert ledger.unaccounted_usd() == pytest.approx(reserved)  # the worst case of what may have been billed
+    assert ledger.spent_usd() == pytest.approx(sum(r.get("cost_usd", 0.0) for r in ledger.records) + reserved)
+
+    server.slow_s, server.script = 0.0, []
+    with _client(server, max_concurrency=2) as client:
+        generation.run_openrouter(client, jobs, ledger, PRICE, cap, max_tokens=64)
+    assert ledger.done_keys() == {j.key for j in jobs} and ledger.unaccounted_usd() == pytest.approx(reserved)
+    prompt_of = {generation.messages_for(j.problem, j.strategy)[-1]["content"]: j.key for j in jobs}
+    asked = [prompt_of[user] for _, user in server.asked()]
+    paid_twice = {k for k in asked if asked.count(k) > 1}
+    assert paid_twice == in_flight  # re-sent: exactly the requests the ledger counts as possibly billed
+    assert generation.usd(0.003) == "$0.0030" and generation.usd(200) == "$200.00"

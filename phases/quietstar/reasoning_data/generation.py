@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -130,13 +131,39 @@ def example_record(job: Job, completion: str, source: str) -> dict[str, Any]:
                    "completion": canonical, "text": f"{problem['prompt'].rstrip()} {canonical}"}
 
 
+TERMINAL = ("example", "reject", "failure", "settled")
+
+
+def spent_from(records: list[dict[str, Any]]) -> tuple[float, float]:
+    """(settled US$, US$ reserved by requests that left and were never settled). A process killed with
+    requests in flight leaves ``inflight`` lines and no answer: whatever they cost is unknown, so their
+    worst case is counted against the cap for good (it may have been billed)."""
+    settled, open_reserved = 0.0, {}
+    for r in records:
+        request = (r.get("run"), r["key"])  # a later run's answer does not settle an earlier run's request
+        if r["type"] == "inflight":
+            open_reserved[request] = open_reserved.get(request, 0.0) + float(r["reserved_usd"])
+        else:
+            settled += float(r.get("cost_usd", 0.0))
+            if r["type"] in TERMINAL:
+                open_reserved.pop(request, None)
+    return settled, sum(open_reserved.values())
+
+
+def usd(amount: float) -> str:
+    """Money with the decimals it needs: $0.0030 reads as what it is, where "$0.00" hid it."""
+    return f"${amount:,.2f}" if amount >= 10 else f"${amount:.4f}"
+
+
 class Ledger:
-    """Append-only JSONL: one line per finished request, durable before the next one is counted."""
+    """Append-only JSONL, write-ahead: an ``inflight`` line (with the request's worst-case cost) before a
+    request leaves, and one line per finished request, each durable before the next is counted."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self.run = secrets.token_hex(6)  # names this process's lines, so a killed run's in-flight ones stay open
         self.records: list[dict[str, Any]] = []
         if self.path.exists():
             raw = self.path.read_bytes()
@@ -148,6 +175,7 @@ class Ledger:
             self.records = [json.loads(line) for line in whole.decode().splitlines() if line.strip()]
 
     def append(self, record: dict[str, Any]) -> None:
+        record = {"run": self.run} | record
         line = json.dumps(record, sort_keys=True) + "\n"
         with self._lock:
             with open(self.path, "a") as f:
@@ -160,7 +188,12 @@ class Ledger:
         return {r["key"] for r in self.records if r["type"] in ("example", "reject")}
 
     def spent_usd(self) -> float:
-        return sum(float(r.get("cost_usd", 0.0)) for r in self.records)
+        """Settled costs plus the worst case of requests a killed run left in flight."""
+        return sum(spent_from(self.records))
+
+    def unaccounted_usd(self) -> float:
+        """The in-flight part of ``spent_usd``: reserved by requests whose answers were never recorded."""
+        return spent_from(self.records)[1]
 
 
 # ----------------------------------------------------------------------------- OpenRouter run
@@ -211,7 +244,9 @@ def run_openrouter(client: OpenRouterClient, jobs: list[Job], ledger: Ledger, pr
             return
         try:
             c = client.complete(job.model, messages_for(job.problem, job.strategy), max_tokens=max_tokens,
-                                price=price_for(prices, job.model), budget=budget, temperature=temperature, stop=stop)
+                                price=price_for(prices, job.model), budget=budget, temperature=temperature, stop=stop,
+                                on_send=lambda bound: ledger.append({"type": "inflight", "key": job.key,
+                                                                     "model": job.model, "reserved_usd": bound}))
         except Exception as e:  # OpenRouterError (no retry fixes it) or a bug: stop the others, then raise
             fatal.append(e)
             stop.set()
@@ -251,6 +286,8 @@ def _record(job: Job, c: Completion, ledger: Ledger, report: RunReport, lock: th
     elif c.cost_usd > 0 or c.status == "failed":
         ledger.append({"type": "failure", "key": job.key, "model": job.model, "strategy": job.strategy,
                        "reason": c.reason, "detail": c.detail} | meta)
+    elif c.attempts > 0:  # sent, then stopped or refused without a charge: close its in-flight lines
+        ledger.append({"type": "settled", "key": job.key, "reason": c.reason} | meta)
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -267,7 +304,7 @@ def assemble(records: list[dict[str, Any]], jobs: list[Job], source: str,
     final: dict[str, dict[str, Any]] = {}
     failures: Counter = Counter()
     for r in records:
-        if r["key"] not in order:
+        if r["key"] not in order or r["type"] in ("inflight", "settled"):
             continue
         if r["type"] in ("example", "reject"):
             final[r["key"]] = r
@@ -286,7 +323,7 @@ def assemble(records: list[dict[str, Any]], jobs: list[Job], source: str,
         seen.add(dk)
         examples.append({k: r[k] for k in ("key", "model", "strategy", "index", "problem_id", "task", "prompt",
                                            "answer", "completion", "text", "source")})
-    spent = sum(float(r.get("cost_usd", 0.0)) for r in records if r["key"] in order)
+    spent = sum(spent_from([r for r in records if r["key"] in order]))
     summary = {
         "source": source,
         "planned": len(jobs),

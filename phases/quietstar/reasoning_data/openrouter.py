@@ -24,6 +24,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, NamedTuple
@@ -172,7 +173,10 @@ class OpenRouterClient:
             return self._http.post(f"{self.base_url}/chat/completions", json=body, headers=headers)
 
     def complete(self, model: str, messages: list[dict[str, str]], *, max_tokens: int, price: Price, budget: Budget,
-                 temperature: float = 0.7, stop: threading.Event | None = None) -> Completion:
+                 temperature: float = 0.7, stop: threading.Event | None = None,
+                 on_send: Callable[[float], None] | None = None) -> Completion:
+        """``on_send(worst_case_usd)`` runs before each attempt leaves: a write-ahead record of money that
+        may be spent even if this process dies before the answer arrives."""
         body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
         bound = price.cost(prompt_token_bound(messages), max_tokens)
         spent, last_reason, last_detail = 0.0, "failed", ""
@@ -183,6 +187,8 @@ class OpenRouterClient:
                 return Completion("budget", "budget", f"${bound:.6f} worst case > ${budget.remaining_usd:.6f} left",
                                   cost_usd=spent, attempts=attempt)
             wait = self._backoff(attempt)
+            if on_send is not None:
+                on_send(bound)
             try:
                 resp = self._post(body)
             except httpx.TransportError as e:  # timeouts included
