@@ -6,6 +6,7 @@ flow gets finished candidates back from Prefect's cache."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,11 @@ def store_champion(config: PipelineConfig, champion: dict[str, Any], base: Artif
     def build(out: Path) -> dict[str, Any]:
         record_execution(home, "evomerge-champion")
         dirs = {n: st.load(r) for n, r in inputs.items()}
-        files = steps.write_champion(genome, st.load(base), list(dirs.values()),
-                                     [str(st.load(base)), *map(str, dirs.values())], out)
+        # the YAML names its inputs relative to where the champion will live, so the artifact's bytes are
+        # the same in every home (and the YAML still runs with `agent-forge merge` from inside it)
+        final_dir = st.artifact_dir(recipe.kind, recipe.key)
+        names = [os.path.relpath(d, final_dir) for d in (st.load(base), *dirs.values())]
+        files = steps.write_champion(genome, st.load(base), list(dirs.values()), names, out)
         generations = steps.write_history(Path(state_dir), out)
         data = eval_set(home, curriculum, next(iter(dirs.values())), config, "test")
         final = steps.final_evaluation({**dirs, "champion": out}, data, weights,

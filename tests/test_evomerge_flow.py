@@ -1,10 +1,13 @@
 """The evomerge flow run for real (in-process Prefect API) on the micro Cognate run's three specialists."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import COGNATE_MICRO  # noqa: E402
+from safetensors.torch import load_file
 
 from phases.config import PipelineConfig
 from storage import ArtifactStore
@@ -36,6 +39,17 @@ def test_champion_is_stored_with_lineage_history_plot_and_yaml(evo_run):
     assert {h["generation"] for h in history} == {0, 1, 2}
     assert all({"perplexity", "accuracy", "flops_per_token", "memory_bytes"} <= set(h["raw"]) for h in history)
     assert st.file(result.champion, "fitness.png").read_bytes()[:4] == b"\x89PNG"
+    assert [h["generation"] for h in history] == sorted(h["generation"] for h in history)  # a fixed order
+
+    # the exported YAML names its inputs relative to the artifact, so it runs as stored, in any home
+    yaml_path = st.file(result.champion, "mergekit.yaml")
+    assert str(home) not in yaml_path.read_text()
+    out = home.parent / "merged-from-yaml"
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "merge", str(yaml_path), str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    merged, stored = load_file(str(out / "model.safetensors")), load_file(str(st.file(result.champion, "model.safetensors")))
+    assert merged.keys() == stored.keys() and all(torch.equal(merged[k], stored[k]) for k in stored)
 
 
 def test_gate_table_holds_measured_values(evo_run):

@@ -135,8 +135,10 @@ def write_history(state_dir: Path, out: Path) -> list[dict[str, Any]]:
     generations = [json.loads(x) for x in (state / "generations.jsonl").read_text().splitlines() if x.strip()]
     evaluations = [json.loads(x) for x in (state / "evaluations.jsonl").read_text().splitlines() if x.strip()]
     shutil.copy2(state / "generations.jsonl", out / "generations.jsonl")
+    # in (generation, key) order, not the order concurrent evaluations happened to finish in: the same
+    # search writes the same bytes
     with open(out / "history.jsonl", "w") as f:
-        for e in evaluations:
+        for e in sorted(evaluations, key=lambda e: (e["generation"], e["key"])):
             g = Genome.model_validate(e["genome"])
             f.write(json.dumps({"generation": e["generation"], "key": e["key"], "techniques": g.describe(),
                                 "origin": g.origin, "recipe": g.recipe(),
