@@ -9,12 +9,20 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+def _no_defaults(schema: dict) -> None:
+    """A section's fields carry no default in the JSON schema, so the Prefect run form shows them empty:
+    the chosen preset fills what the user leaves out. A default there is the tiny preset's value, and the
+    form would send it back as if typed, pinning a `small` run's section to tiny's numbers."""
+    for prop in schema.get("properties", {}).values():
+        prop.pop("default", None)
+
+
 class Strict(BaseModel):
     """Every field has a default (the tiny preset's) so that the JSON schema Prefect validates
     parameters against accepts a partial section; the chosen preset fills what is left out."""
 
     # Unknown fields are errors, and so are inf and nan: a learning rate or a budget of inf is a typo.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=lambda schema, _cls: _no_defaults(schema))
 
 
 class ModelShape(Strict):

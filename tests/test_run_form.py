@@ -1,0 +1,28 @@
+"""The Prefect run form: every section has a title and a description, and no field in a section carries
+a default (it would be the tiny preset's value, sent back as if typed, pinning a small run to tiny)."""
+
+from prefect.utilities.callables import parameter_schema
+
+from flows.full import full
+from phases.config import PipelineConfig
+
+SECTIONS = ("model", "data", "tokenizer", "tracking", "preflight", "gates", "cognate", "evomerge", "quietstar", "bitnet")
+
+
+def test_sections_are_titled_and_carry_no_preset_value():
+    schema = parameter_schema(full.fn).model_dump()
+    defs = schema["definitions"]
+    top = defs["PipelineConfig"]["properties"]
+    for name in SECTIONS:
+        assert top[name]["title"] and top[name]["description"] and top[name]["default"] is None, name
+    assert "small: 8 layers" in top["preset"]["description"]  # what a preset fills is shown where it is picked
+    with_defaults = [f"{d}.{f}" for d, body in defs.items() if d != "PipelineConfig"
+                     for f, prop in body.get("properties", {}).items() if "default" in prop]
+    assert not with_defaults, with_defaults
+
+
+def test_a_section_with_one_field_changed_keeps_the_chosen_presets_other_values():
+    small = PipelineConfig.model_validate({"preset": "small", "model": {"seq_len": 256}})
+    assert (small.model.n_layers, small.model.d_model, small.model.seq_len) == (8, 512, 256)
+    partial = PipelineConfig.model_validate({"preset": "small", "cognate": {"train": {"optim": {"muon_lr": 0.01}}}})
+    assert partial.cognate.train.optim.adam_lr == 1e-3 and partial.cognate.train.foundation_steps == 3000
