@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def fitness_curve(history: list[dict[str, Any]], out: Path, input_best: float | None = None,
@@ -21,6 +22,7 @@ def fitness_curve(history: list[dict[str, Any]], out: Path, input_best: float | 
     if input_best is not None:
         ax.axhline(input_best, color="gray", ls=":", label="best input")
     ax.set_xlabel("generation")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # generations are whole numbers
     ax.set_ylabel("fitness (validation)")
     ax2 = ax.twinx()
     ax2.plot(gens, [h["diversity"] for h in history], "--", color="tab:purple", label="diversity")
