@@ -25,6 +25,12 @@ class CognateTraining(Strict):
     stage_steps: int = Field(default=50, ge=1, description="steps per later stage, per specialist")
     batch_size: int | None = Field(default=None, ge=1, description="empty: the size-adaptive strategy's")
     chunk_start: int = Field(default=32, ge=1, description="C_start of the memory chunk-size schedule")
+    # Backward keeps three d×d matrices per memory write (W, S and the Q-K sum A), so a layer step's memory
+    # grows as T/C: at d=512, T=512 it is 107 / 155 / 251 / 443 / 1595 MiB per sequence at C = 32 / 16 / 8 / 4 / 1,
+    # and the step takes 1.3× / 2.1× / 6× / 25× as long as at 32 (the per-chunk d×d work stops amortising).
+    chunk_floor: int = Field(default=16, ge=1, description="the chunk-size schedule never goes below this")
+    activation_checkpointing: bool = Field(
+        default=True, description="recompute each (recursion step, layer) in backward: one layer step's memory, not T_max·L")
     eval_every: int = Field(default=20, ge=1, description="held-out check + checkpoint every this many steps")
     niah_every: int = Field(default=25, ge=1)
     eval_rows: int = Field(default=16, ge=1, description="held-out rows for the spike detector and PPL")
