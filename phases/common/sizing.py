@@ -83,8 +83,11 @@ class Recursion:
 # re-measures two shapes): one (recursion step, layer) keeps ~44 values per token per channel (projections,
 # attention, norms, SwiGLU, the memory's per-token reads) and 3 d×d matrices per memory write (W, S and the
 # Q-K sum A); each recursion step keeps ~7 more per token per channel (halting, the ACT mixture); the LM
-# loss keeps 3 per token per vocabulary entry (logits, log-softmax, their gradient).
+# loss keeps 3 per token per vocabulary entry (logits, log-softmax, their gradient). A checkpointed
+# (step, layer) holds ~4 per token per channel until backward reaches it: its input, and what the peak of a
+# small-preset step (d=512) measures beyond that, not yet accounted for term by term.
 _LAYER_STEP_PER_TOKEN, _MEMORY_MATRICES_PER_WRITE, _RECURSION_PER_TOKEN, _LOSS_PER_VOCAB = 44, 3, 7, 3
+_CHECKPOINT_PER_TOKEN = 4
 
 
 def recursion_activation_values(shape: ModelShape, rec: Recursion) -> int:
@@ -94,7 +97,7 @@ def recursion_activation_values(shape: ModelShape, rec: Recursion) -> int:
     s, d, n_layers = shape.seq_len, shape.d_model, shape.n_layers
     layer_step = _LAYER_STEP_PER_TOKEN * s * d + _MEMORY_MATRICES_PER_WRITE * d * d * math.ceil(s / rec.mem_chunk)
     if rec.checkpointing:
-        stack = rec.steps * n_layers * s * d + layer_step
+        stack = _CHECKPOINT_PER_TOKEN * rec.steps * n_layers * s * d + layer_step
     else:
         stack = rec.steps * n_layers * layer_step
     return stack + rec.steps * _RECURSION_PER_TOKEN * s * d + _LOSS_PER_VOCAB * s * rec.vocab_size
