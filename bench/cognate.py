@@ -19,8 +19,11 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's phases, not an installed copy
 
 
 def _rss_mb() -> float:
