@@ -99,3 +99,14 @@ def test_config_presets_and_overrides():
         PipelineConfig.model_validate({"data": {"sed": 1}})
     with pytest.raises(ValueError, match="not divisible"):
         PipelineConfig.model_validate({"model": {"n_layers": 1, "d_model": 100, "n_heads": 3, "seq_len": 64}})
+
+
+def test_preflight_refuses_small_without_checkpointing_where_it_fits_with_it(tmp_path):
+    """The same free memory: Cognate's T_max·L layer steps, each keeping its memory states, do not fit at
+    batch 1; recomputing them in backward does, and preflight says so before any work."""
+    res = resources.Resources(device="cpu", free_disk_bytes=10**15, free_memory_bytes=3 * GB, memory_kind="RAM")
+    fits = resources.check(PipelineConfig.from_preset("small"), Path(tmp_path), res)
+    assert fits.memory_bytes <= 3 * GB * 0.8
+    plain = PipelineConfig.from_preset("small", cognate={"train": {"activation_checkpointing": False}})
+    with pytest.raises(resources.PreflightError, match=r"training needs .* at batch size 1"):
+        resources.check(plain, Path(tmp_path), res)

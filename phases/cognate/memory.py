@@ -106,9 +106,12 @@ class NeuralMemory(nn.Module):
         err = k @ W.transpose(1, 2) - v  # (B, C, d): W k_i − v_i
         surprise = err.pow(2).sum(-1).mean(-1)  # (B,)
         gram = torch.linalg.matrix_norm(k @ k.transpose(1, 2)).clamp_min(1.0)  # ‖K Kᵀ‖_F ≥ λ_max
-        grad = 2 * err.transpose(1, 2) @ k / gram[:, None, None]
         written = (surprise > surprise_threshold).to(k.dtype)
-        S = eta * S - theta * written[:, None, None] * grad
+        # θ ∇_W ℓ / ‖K Kᵀ‖_F, with the per-sequence scalars folded into err (C×d) before the product: backward
+        # then keeps err and k, not two more d×d matrices per chunk (it still keeps W, S and the Q-K sum A,
+        # which the gradients of the inputs, η and α need).
+        step = err * (2 * theta * written / gram)[:, None, None]
+        S = eta * S - step.transpose(1, 2) @ k
         W = (1 - alpha) * W + S
         return W, S, surprise, written
 

@@ -223,6 +223,9 @@ class CognatePreTrainedModel(PreTrainedModel):
     config_class = CognateConfig
     base_model_prefix = "model"
     _no_split_modules = ["CognateLayer"]
+    # Each (recursion step, layer) is checkpointed: the memory's per-chunk d×d states, saved for backward,
+    # are the bulk of training memory, and T_max·L of them alive at once is what does not fit.
+    supports_gradient_checkpointing = True
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -255,6 +258,7 @@ class CognateModel(CognatePreTrainedModel):
         self.layers = nn.ModuleList(CognateLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.halt_head = nn.Linear(d, 1)
+        self.gradient_checkpointing = False  # model.activation_checkpointing_enable() turns it on
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -295,8 +299,13 @@ class CognateModel(CognatePreTrainedModel):
         positions = torch.arange(start, start + T, device=input_ids.device)
         stats: list[LayerStats] = []
 
+        checkpointed = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+
         def layer_step(t: int, li: int, layer: CognateLayer, h: torch.Tensor) -> torch.Tensor:
-            h, layer_stats = layer(h, positions, self.config, cache.slot(t, li) if cache is not None else None)
+            if checkpointed:  # keeps h only; backward reruns the layer (a fresh memory state, no cache: same values)
+                h, layer_stats = self._gradient_checkpointing_func(layer.__call__, h, positions, self.config, None)
+            else:
+                h, layer_stats = layer(h, positions, self.config, cache.slot(t, li) if cache is not None else None)
             stats.append(layer_stats)
             return h
 

@@ -25,6 +25,13 @@ class CognateTraining(Strict):
     stage_steps: int = Field(default=50, ge=1, description="steps per later stage, per specialist")
     batch_size: int | None = Field(default=None, ge=1, description="empty: the size-adaptive strategy's")
     chunk_start: int = Field(default=32, ge=1, description="C_start of the memory chunk-size schedule")
+    # Backward keeps three d×d matrices per memory write (W, S and the Q-K sum A), so a layer step's memory
+    # grows as T/C. One layer step at d=512, T=512, one sequence, C = 32 / 16 / 8 / 4 / 2 / 1: 107 / 155 / 251 /
+    # 443 / 827 / 1595 MiB kept for backward, and forward + backward take 1.4× / 1.7× / 2.5× / 11× / 36× as long
+    # at 16 / 8 / 4 / 2 / 1 as at 32 (below 16 the per-write d×d work, not the tokens, sets the time).
+    chunk_floor: int = Field(default=16, ge=1, description="the chunk-size schedule never goes below this")
+    activation_checkpointing: bool = Field(
+        default=True, description="recompute each (recursion step, layer) in backward: one layer step's memory, not T_max·L")
     eval_every: int = Field(default=20, ge=1, description="held-out check + checkpoint every this many steps")
     niah_every: int = Field(default=25, ge=1)
     eval_rows: int = Field(default=16, ge=1, description="held-out rows for the spike detector and PPL")

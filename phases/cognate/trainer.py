@@ -31,6 +31,7 @@ from phases.cognate.settings import CognateTraining
 from phases.common.checkpoints import CheckpointManager
 from phases.common.measure import heldout_loss, heldout_means
 from phases.common.optim import MuonGrokfast
+from phases.common.resources import return_freed_memory
 from phases.common.stability import ProactiveClipper
 from phases.common.telemetry import PPLDelta, TelemetryWriter, perplexity
 
@@ -93,7 +94,10 @@ def train(
     ckpts = CheckpointManager(workdir / "checkpoints", settings.keep_last, settings.max_rollbacks)
     telemetry = TelemetryWriter(workdir / "telemetry.jsonl")
     opt = MuonGrokfast(model, settings.optim)
-    clipper = ProactiveClipper(settings.chunk_start)
+    clipper = ProactiveClipper(settings.chunk_start, c_min=settings.chunk_floor)
+    if settings.activation_checkpointing:
+        model.activation_checkpointing_enable()
+    return_freed_memory()  # what a step frees goes back, so the estimate preflight checked holds
     detector = PPLDelta(settings.spike_threshold, ema_decay=0.5)  # evals are sparse: track recent ones
     batch_ppl = PPLDelta(settings.spike_threshold)
     params = [p for p in model.parameters() if p.requires_grad]

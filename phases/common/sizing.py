@@ -7,6 +7,7 @@ size in MB (< 100 MB, < 500 MB, < 2 GB, larger).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -66,12 +67,53 @@ def estimate_params(shape: ModelShape, vocab_size: int) -> int:
     return 12 * shape.n_layers * shape.d_model**2 + vocab_size * shape.d_model
 
 
-def training_memory_bytes(params: int, shape: ModelShape, batch_size: int, bytes_per_value: int = 4) -> int:
+@dataclass(frozen=True)
+class Recursion:
+    """What a recurrent-depth model with a matrix-valued memory (Cognate) adds to training memory: the layer
+    stack runs ``steps`` times, and each layer's memory keeps d×d states per write of ``mem_chunk`` tokens
+    (the smallest chunk training reaches). Phase packages fill it in; this module knows no phase."""
+
+    steps: int
+    mem_chunk: int
+    vocab_size: int
+    checkpointing: bool = True
+
+
+# Per sequence, in values, measured with phases/common/memtrack.py on Cognate (tests/test_sizing_preflight.py
+# re-measures two shapes): one (recursion step, layer) keeps ~44 values per token per channel (projections,
+# attention, norms, SwiGLU, the memory's per-token reads) and 3 d×d matrices per memory write (W, S and the
+# Q-K sum A); each recursion step keeps ~7 more per token per channel (halting, the ACT mixture); the LM
+# loss keeps 3 per token per vocabulary entry (logits, log-softmax, their gradient). A checkpointed
+# (step, layer) holds ~4 per token per channel until backward reaches it: its input, and what the peak of a
+# small-preset step (d=512) measures beyond that, not yet accounted for term by term.
+_LAYER_STEP_PER_TOKEN, _MEMORY_MATRICES_PER_WRITE, _RECURSION_PER_TOKEN, _LOSS_PER_VOCAB = 44, 3, 7, 3
+_CHECKPOINT_PER_TOKEN = 4
+
+
+def recursion_activation_values(shape: ModelShape, rec: Recursion) -> int:
+    """Values alive at the peak of one training step, per sequence. With checkpointing each (step, layer)
+    keeps only its input and one of them is recomputed at a time in backward; without it all
+    ``steps · n_layers`` layer steps keep everything until backward reaches them."""
+    s, d, n_layers = shape.seq_len, shape.d_model, shape.n_layers
+    layer_step = _LAYER_STEP_PER_TOKEN * s * d + _MEMORY_MATRICES_PER_WRITE * d * d * math.ceil(s / rec.mem_chunk)
+    if rec.checkpointing:
+        stack = _CHECKPOINT_PER_TOKEN * rec.steps * n_layers * s * d + layer_step
+    else:
+        stack = rec.steps * n_layers * layer_step
+    return stack + rec.steps * _RECURSION_PER_TOKEN * s * d + _LOSS_PER_VOCAB * s * rec.vocab_size
+
+
+def training_memory_bytes(params: int, shape: ModelShape, batch_size: int, bytes_per_value: int = 4,
+                          recursion: Recursion | None = None) -> int:
     """Weights + grads + two optimizer moments (16 B/param in fp32) + activations.
 
-    Activations per layer follow Korthikanti et al. (2022), s·b·h·(34 + 5·a·s/h) bytes in half
-    precision, scaled to ``bytes_per_value``.
+    Without ``recursion``, activations per layer follow Korthikanti et al. (2022), s·b·h·(34 + 5·a·s/h)
+    bytes in half precision, scaled to ``bytes_per_value``. With it, they are counted for a recurrent-depth
+    model (``recursion_activation_values``): the transformer formula misses the recursion and the memory
+    states, which are most of it.
     """
+    if recursion is not None:
+        return int(params * 4 * bytes_per_value + batch_size * recursion_activation_values(shape, recursion) * bytes_per_value)
     s, b, h, a, n_layers = shape.seq_len, batch_size, shape.d_model, shape.n_heads, shape.n_layers
     activations = n_layers * s * b * h * (34 + 5 * a * s / h) * bytes_per_value / 2
     return int(params * 4 * bytes_per_value + activations)
@@ -93,22 +135,24 @@ class Strategy:
 
 
 def adaptive_batch_size(
-    size: ModelSize, shape: ModelShape, free_memory_bytes: int | None, headroom: float = 0.2
+    size: ModelSize, shape: ModelShape, free_memory_bytes: int | None, headroom: float = 0.2,
+    recursion: Recursion | None = None,
 ) -> int:
     """The category's batch size, halved until training fits in the usable part of free memory."""
     batch = _BASE_BATCH[size.category]
     if free_memory_bytes is None:
         return batch
     usable = free_memory_bytes * (1 - headroom)
-    while batch > 1 and training_memory_bytes(size.params, shape, batch) > usable:
+    while batch > 1 and training_memory_bytes(size.params, shape, batch, recursion=recursion) > usable:
         batch //= 2
     return batch
 
 
 def strategy_for(
-    size: ModelSize, shape: ModelShape, free_memory_bytes: int | None = None, headroom: float = 0.2
+    size: ModelSize, shape: ModelShape, free_memory_bytes: int | None = None, headroom: float = 0.2,
+    recursion: Recursion | None = None,
 ) -> Strategy:
-    batch = adaptive_batch_size(size, shape, free_memory_bytes, headroom)
+    batch = adaptive_batch_size(size, shape, free_memory_bytes, headroom, recursion)
     count, length = next((t for limit, t in _THOUGHTS if size.size_mb < limit), _THOUGHTS_LARGEST)
     weights = dict(zip(("perplexity", "accuracy", "speed", "memory"), _FITNESS[size.category]))
     return Strategy(
@@ -119,5 +163,5 @@ def strategy_for(
         thought_count=count,
         thought_length=length,
         fitness_weights=weights,
-        training_memory_bytes=training_memory_bytes(size.params, shape, batch),
+        training_memory_bytes=training_memory_bytes(size.params, shape, batch, recursion=recursion),
     )

@@ -1,7 +1,7 @@
 """Proactive gradient clipping on a shrinking chunk-size schedule: clipping before trouble is cheap, a rollback
 (checkpoint I/O, lost steps) is the last resort, and more than 3 of them mean training is unstable.
 
-  chunk size   C_L(t) = max(1, ⌊C_start · γ^t⌋),  γ = 0.9993
+  chunk size   C_L(t) = max(C_min, ⌊C_start · γ^t⌋),  γ = 0.9993
   clip norm    κ(C_L) = κ_base · √(32 / C_L),      κ_base = 0.5 at the reference C_L = 32
   transition   the step where C_L changes clips at 50% of κ
 Smaller chunks give noisier gradients, hence the looser κ; the change of chunk size itself is the
@@ -18,8 +18,8 @@ import torch
 GAMMA, KAPPA_BASE, REFERENCE_CHUNK, TRANSITION_FACTOR = 0.9993, 0.5, 32, 0.5
 
 
-def chunk_size(step: int, c_start: int = 32, gamma: float = GAMMA) -> int:
-    return max(1, math.floor(c_start * gamma**step))
+def chunk_size(step: int, c_start: int = 32, gamma: float = GAMMA, c_min: int = 1) -> int:
+    return max(c_min, 1, math.floor(c_start * gamma**step))
 
 
 def kappa(c_l: int, kappa_base: float = KAPPA_BASE) -> float:
@@ -27,14 +27,14 @@ def kappa(c_l: int, kappa_base: float = KAPPA_BASE) -> float:
 
 
 class ProactiveClipper:
-    def __init__(self, c_start: int = 32, gamma: float = GAMMA, kappa_base: float = KAPPA_BASE):
-        self.c_start, self.gamma, self.kappa_base = c_start, gamma, kappa_base
+    def __init__(self, c_start: int = 32, gamma: float = GAMMA, kappa_base: float = KAPPA_BASE, c_min: int = 1):
+        self.c_start, self.gamma, self.kappa_base, self.c_min = c_start, gamma, kappa_base, c_min
         self.transition_count = 0
         self.clip_count = 0
         self._last_chunk: int | None = None
 
     def chunk_size(self, step: int) -> int:
-        return chunk_size(step, self.c_start, self.gamma)
+        return chunk_size(step, self.c_start, self.gamma, self.c_min)
 
     def clip(self, params: Iterable[torch.nn.Parameter], step: int) -> dict[str, float]:
         """Clip gradients in place for this step; returns what telemetry records."""
