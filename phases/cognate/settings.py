@@ -73,7 +73,9 @@ class CognateSection(Strict):
 # T_max 3 gives the specialists 4 / 3 / 1 recursion steps
 TINY: dict[str, Any] = {
     "act_max_steps": 3, "window_size": 64,
-    "train": {"foundation_steps": 120, "stage_steps": 50, "batch_size": 8},
+    # a 1.2M-parameter model trains in ~120 MB: recomputing layer steps would cost 1.4x the step time for
+    # memory it does not need
+    "train": {"foundation_steps": 120, "stage_steps": 50, "batch_size": 8, "activation_checkpointing": False},
     # a 1M-parameter model after ~4 CPU-minutes cannot beat the majority baseline: its gates are shown
     # (FAIL where they fail) but do not stop the demo
     "gates": {"min_halting_spread": 2.0, "mode": "lenient"},
