@@ -97,6 +97,11 @@ def evaluate_cognate(config: PipelineConfig, models: dict[str, ArtifactRef], cur
     st = store(home)
     evaluation = steps.evaluate_models({n: st.load(r) for n, r in models.items()}, st.load(curriculum),
                                           config.cognate, config.model.seq_len)
-    get_run_logger().info("cognate evaluation: diversity %s, majority baseline %.3f",
-                          evaluation["diversity"], evaluation["majority_baseline"])
+    logger = get_run_logger()
+    logger.info("cognate evaluation: diversity %s, majority baseline %.3f",
+                evaluation["diversity"], evaluation["majority_baseline"])
+    for name, m in evaluation["models"].items():
+        logger.info("%s held-out accuracy per skill: %s", name, ", ".join(
+            f"{s} {r['accuracy']:.1%} [{r['wilson_95'][0]:.1%}, {r['wilson_95'][1]:.1%}] (majority {r['majority_baseline']:.1%}, "
+            f"n={r['n']})" for s, r in m["per_skill"].items()))
     return evaluation

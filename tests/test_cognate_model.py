@@ -185,3 +185,17 @@ def test_base_model_returns_named_fields_and_layers_take_any_attention_function(
         a = layer.attend(*heads, kp, vp, positions, model.config)
         b = layer.attend(*heads, kp, vp, positions, model.config, attention=eager)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_zeroed_memory_read_leaves_what_the_window_sees_and_changes_what_only_memory_carries():
+    """The recall ablation switch: with ``mem_read_scale`` 0 a token far beyond the window (and the stacked,
+    recursed receptive field) no longer reaches later logits."""
+    model = _model(act_max_steps=1, num_hidden_layers=1, shard_length=64)
+    x = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(5))
+    y = x.clone()
+    y[:, 0] = (y[:, 0] + 1) % 300
+    with torch.no_grad():
+        reach = (model(x).logits[:, 30:] - model(y).logits[:, 30:]).abs().max()
+        model.set_runtime(mem_read_scale=0.0)
+        ablated = (model(x).logits[:, 30:] - model(y).logits[:, 30:]).abs().max()
+    assert reach > 1e-4 and ablated < 1e-6, (reach, ablated)

@@ -46,6 +46,40 @@ def test_every_answer_checks_out(splits):
     assert not curriculum.verify({**ar, "answer": "-999999"})
 
 
+def test_every_skill_is_named_and_held_out_skills_are_balanced(splits):
+    assert {r["task"] for r in splits["train"]} == set(curriculum.SKILLS)
+    for stage, mix in curriculum.MIX.items():
+        counts = [sum(r["task"] == t and r["stage"] == stage for r in splits["test"]) for t in mix]
+        assert max(counts) - min(counts) <= 1, (stage, counts)
+
+
+def test_recall_codes_lie_beyond_the_attention_window(splits, tmp_path):
+    tok = bpe.train_bpe((r["text"] for r in splits["train"]), vocab_size=600)
+    recall = [r for r in splits["test"] if r["task"] == "kv_recall"]
+    assert recall
+    for r in recall:
+        key = json.loads(r["program"])["key"]
+        passage, question = r["prompt"].split("\nQuestion:")
+        last = passage.rfind(f"code for {key} ")
+        gap = tok.encode(passage[last:].split(".", 1)[1] + "\nQuestion:" + question, add_special_tokens=False)
+        assert len(gap) > 64 and curriculum.pretokens(passage[last:]) > curriculum.RECALL_GAP
+    # the checker reads the gap from the passage: a code stated just before the question is refused
+    r = recall[0]
+    passage, question = r["prompt"].split("\nQuestion:")
+    key = json.loads(r["program"])["key"]
+    near = f"{passage} The code for {key} is {r['answer']}.\nQuestion:{question}"
+    assert not curriculum.verify({**r, "prompt": near, "text": f"{near} {r['answer']}"})
+
+
+def test_word_problems_carry_their_rationale_before_the_answer(splits):
+    wp = next(r for r in splits["train"] if r["task"] == "word_problem")
+    assert wp["text"] == f"{wp['prompt']} {wp['rationale']} {curriculum.ANSWER_MARK} {wp['answer']}"
+    first_step_result = wp["rationale"].split(" = ")[1].split(".")[0].split(";")[0]
+    assert curriculum.check_answer(wp, f" {wp['rationale']} {curriculum.ANSWER_MARK} {wp['answer']}")
+    if first_step_result != wp["answer"]:  # a rationale's numbers are not read as the answer
+        assert not curriculum.check_answer(wp, f" {wp['rationale']}")
+
+
 def test_word_problems_grow_harder_by_stage(splits):
     def mean_steps(stage):
         rows = [r for r in splits["train"] if r["task"] == "word_problem" and r["stage"] == stage]
@@ -81,6 +115,9 @@ def test_tokenizer_round_trips_and_loads_with_transformers(splits, tmp_path):
     assert bpe.roundtrip_rate(loaded, texts) == 1.0
     assert loaded.eos_token == bpe.EOS and loaded.pad_token == bpe.PAD
     assert len(loaded) <= 600 and bpe.chars_per_token(loaded, texts) > 2.0
+    # digits are single tokens, so every number is spelled the same way digit by digit
+    pieces = [loaded.decode([i]) for i in loaded.encode("What is 123 + 4567?", add_special_tokens=False)]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("1234567")
 
 
 # One row per registry entry, in that dataset's own schema (as documented on the Hub).

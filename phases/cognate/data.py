@@ -13,6 +13,28 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 
+def pack_whole(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
+    """Rows of whole examples, each followed by EOS, the rest of a row PAD (the trainer masks PAD out of
+    the loss). An example cut at a row boundary would ask for a code whose statement fell in the
+    previous row: training on it teaches guessing. Examples longer than a row are dropped."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows: list[list[int]] = []
+    row: list[int] = []
+    for t in texts:
+        ids = tokenizer.encode(t, add_special_tokens=False) + [eos]
+        if len(ids) > seq_len:
+            continue
+        if len(row) + len(ids) > seq_len:
+            rows.append(row + [pad] * (seq_len - len(row)))
+            row = []
+        row += ids
+    if row:
+        rows.append(row + [pad] * (seq_len - len(row)))
+    if not rows:
+        raise ValueError(f"none of {len(texts)} texts fits a row of {seq_len} tokens")
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def pack(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
     """Concatenate texts with EOS between them and cut into (N, seq_len) rows; the tail is dropped."""
     eos = tokenizer.eos_token_id

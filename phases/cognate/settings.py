@@ -24,6 +24,8 @@ class CognateTraining(Strict):
     foundation_steps: int = Field(default=120, ge=1, description="steps of the shared foundation stage")
     stage_steps: int = Field(default=50, ge=1, description="steps per later stage, per specialist")
     batch_size: int | None = Field(default=None, ge=1, description="empty: the size-adaptive strategy's")
+    rotate_regimes: bool = Field(default=True, description="foundation batches rotate through the specialists' runtime "
+                                 "settings, so no specialist starts in a regime the base never trained in")
     chunk_start: int = Field(default=32, ge=1, description="C_start of the memory chunk-size schedule")
     eval_every: int = Field(default=20, ge=1, description="held-out check + checkpoint every this many steps")
     niah_every: int = Field(default=25, ge=1)
@@ -38,7 +40,9 @@ class CognateTraining(Strict):
 
 
 class CognateEvaluation(Strict):
-    accuracy_examples: int = Field(default=60, ge=1, description="held-out problems decoded per model")
+    accuracy_per_skill: int = Field(default=200, ge=1, description="held-out test problems decoded per skill and model")
+    heldout_rows: int = Field(default=64, ge=1, description="packed test rows for held-out loss, halting, LTM usage")
+    memory_ablation: bool = Field(default=True, description="decode the recall problems again with the memory read zeroed")
 
 
 class CognateGates(Strict):
@@ -75,6 +79,6 @@ SMALL: dict[str, Any] = {
     "act_max_steps": 6, "window_size": 256,
     "train": {"foundation_steps": 3000, "stage_steps": 2000, "eval_every": 100, "niah_every": 1000, "eval_rows": 64,
               "optim": {"adam_lr": 1e-3}},
-    "eval": {"accuracy_examples": 300},
+    "eval": {"accuracy_per_skill": 300, "heldout_rows": 512},
     "gates": {"min_halting_spread": 2.0},
 }

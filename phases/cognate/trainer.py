@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,8 @@ class TrainResult:
     gate_polarized: float
     ltm_usage: float
     telemetry: str
+    first_lm_loss: float  # the stage's first training step: a jump over the last stage's end is a regime shock
+    last_lm_loss: float  # mean over the stage's last steps (one per regime when they rotate)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,11 +86,14 @@ def train(
     step_offset: int = 0,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    regimes: Sequence[dict[str, Any]] = (),
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` steps; resumable from ``workdir``. ``step_offset`` is the global
     step this stage starts at: the chunk-size schedule runs across stages.
 
-    ``loss_hook(step, loss) -> loss`` lets tests inject spikes (NaN, huge) into the real loop."""
+    ``loss_hook(step, loss) -> loss`` lets tests inject spikes (NaN, huge) into the real loop. ``regimes``:
+    runtime settings the training batches rotate through (one per step); held-out checks run under the
+    model's own settings, which are restored at the end."""
     workdir = Path(workdir)
     ckpts = CheckpointManager(workdir / "checkpoints", settings.keep_last, settings.max_rollbacks)
     telemetry = TelemetryWriter(workdir / "telemetry.jsonl")
@@ -114,6 +119,9 @@ def train(
             "clipper": clipper.state_dict(), "detector": detector.state_dict(), "batch_ppl": batch_ppl.state_dict(),
             "last": dict(last)})
 
+    own = {k: getattr(model.config, k) for r in regimes for k in r}
+    pad = model.config.pad_token_id
+
     model.train()
     resumed_from = None
     latest = ckpts.latest(model)
@@ -129,6 +137,7 @@ def train(
 
     niah_scores: list[float] = []
     niah_seconds, spikes, steps_run, collapse_run = 0.0, 0, 0, 0
+    lm_losses: list[float] = []
     last_eval = math.nan
     t_start = time.perf_counter()
     while step <= steps:
@@ -137,7 +146,12 @@ def train(
         model.set_runtime(mem_chunk_size=chunk)
         # after a rollback, draw fresh batches: replaying the same ones would replay the same spike
         x = batches(step + 7919 * ckpts.rollback_count)
-        out = model(x, labels=x)
+        regime = step % len(regimes) if regimes else None
+        if regime is not None:
+            model.set_runtime(**regimes[regime])
+        out = model(x, labels=x if pad is None else x.masked_fill(x == pad, -100))
+        if regime is not None:
+            model.set_runtime(**own)
         pol_w = settings.polarization_weight * min(1.0, step / max(1, steps // 2))
         loss = out.loss + pol_w * out.polarization_loss
         if loss_hook is not None:
@@ -155,6 +169,7 @@ def train(
         opt.step()
         opt.zero_grad()
         steps_run += 1
+        lm_losses.append(lm)
 
         gate_mean = out.gate.mean().item()
         last.update(gate_polarized=out.gate_polarized, ltm_usage=1.0 - gate_mean)
@@ -176,7 +191,8 @@ def train(
         record = dict(step=step, global_step=g_step, lm_loss=lm, perplexity=perplexity(lm), ppl_delta=delta,
                       is_spike=False, niah_accuracy=niah_score, rollback_count=ckpts.rollback_count,
                       lr=settings.optim.muon_lr, ponder=out.ponder_loss.item(), halting_steps=out.halting_steps.mean().item(),
-                      gate_mean=gate_mean, gate_polarized=out.gate_polarized, mem_write_fraction=out.mem_write_fraction, **clip)
+                      gate_mean=gate_mean, gate_polarized=out.gate_polarized, mem_write_fraction=out.mem_write_fraction,
+                      regime=regime, **clip)
 
         if step % settings.eval_every == 0 or step == steps:
             last_eval = heldout_loss(model, eval_rows)
@@ -201,4 +217,6 @@ def train(
         spikes=spikes, eval_loss=last_eval, niah=niah_scores, niah_seconds=niah_seconds,
         train_seconds=train_seconds, gate_polarized=last["gate_polarized"], ltm_usage=last["ltm_usage"],
         telemetry=str(telemetry.path),
+        first_lm_loss=lm_losses[0] if lm_losses else math.nan,
+        last_lm_loss=sum(lm_losses[-tail:]) / tail if (tail := min(len(lm_losses), max(3, len(regimes)))) else math.nan,
     )
