@@ -16,22 +16,24 @@ from transformers import PreTrainedTokenizerBase
 def pack_whole(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
     """Rows of whole examples, each followed by EOS, the rest of a row PAD (the trainer masks PAD out of
     the loss). An example cut at a row boundary would ask for a code whose statement fell in the
-    previous row: training on it teaches guessing. Examples longer than a row are dropped."""
+    previous row: training on it teaches guessing. An example longer than a row starts a fresh row and
+    runs on across as many as it needs, as ``pack`` would cut it."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     rows: list[list[int]] = []
     row: list[int] = []
     for t in texts:
         ids = tokenizer.encode(t, add_special_tokens=False) + [eos]
-        if len(ids) > seq_len:
-            continue
-        if len(row) + len(ids) > seq_len:
+        if len(row) + len(ids) > seq_len and row:
             rows.append(row + [pad] * (seq_len - len(row)))
             row = []
+        while len(ids) > seq_len:
+            rows.append(ids[:seq_len])
+            ids = ids[seq_len:]
         row += ids
     if row:
         rows.append(row + [pad] * (seq_len - len(row)))
     if not rows:
-        raise ValueError(f"none of {len(texts)} texts fits a row of {seq_len} tokens")
+        raise ValueError("no texts to pack")
     return torch.tensor(rows, dtype=torch.long)
 
 

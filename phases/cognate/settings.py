@@ -70,7 +70,9 @@ class CognateSection(Strict):
 # T_max 3 gives the specialists 4 / 3 / 1 recursion steps
 TINY: dict[str, Any] = {
     "act_max_steps": 3, "window_size": 64,
-    "train": {"foundation_steps": 120, "stage_steps": 50, "batch_size": 8},
+    # spike_threshold: the 16-row held-out batch of a specialist narrowing onto its own skills (the memory
+    # one under a 16-token window) moves by more than 5% in its first 20 steps without diverging
+    "train": {"foundation_steps": 120, "stage_steps": 50, "batch_size": 8, "spike_threshold": 0.15},
     # a 1M-parameter model after ~4 CPU-minutes cannot beat the majority baseline: its gates are shown
     # (FAIL where they fail) but do not stop the demo
     "gates": {"min_halting_spread": 2.0, "mode": "lenient"},
