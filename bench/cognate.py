@@ -6,7 +6,8 @@ tiny and the small preset's shapes in one run.
 Each model trains in its own subprocess on the same seeded batches with AdamW (so the optimizer is not
 what is compared), as the Cognate trainer runs it: activation checkpointing on, the memory chunk at the
 schedule's floor (the chunk most of a run spends at, and the most memory), glibc returning freed blocks.
-Reported per shape: tokens/s over the timed steps (Cognate with its full T_max recursion), peak memory
+Reported per shape: forward FLOPs per token of each (counted, so the ratio Cognate could reach at
+Llama's FLOP rate is known), tokens/s over the timed steps (Cognate with its full T_max recursion), peak memory
 growth over the process (CUDA: max allocated; CPU: peak RSS minus RSS before the model was built), and
 the sizing estimate preflight uses. The last line is one JSON object.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -109,7 +111,14 @@ def worker(kind: str, preset: str, steps: int, batch: int) -> dict:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return {"model": kind, "params": params, "device": device, "batch": batch, "seq": cfg.model.seq_len,
+    flops = math.nan
+    if kind != "titans-mac":
+        from phases.common.measure import forward_flops_per_token
+
+        with torch.no_grad():
+            flops = forward_flops_per_token(model, data[0][:1])
+    return {"forward_flops_per_token": flops, "model": kind, "params": params, "device": device, "batch": batch,
+            "seq": cfg.model.seq_len,
             "tokens_per_s": steps * batch * cfg.model.seq_len / seconds, "peak_mb": peak,
             "estimate_mb": _estimate_mb(kind, cfg, params, batch),
             "recursion": getattr(getattr(model, "config", None), "act_max_steps", 1)}
@@ -155,7 +164,13 @@ def main() -> None:
             ratio = c["tokens_per_s"] / b["tokens_per_s"]
             print(f"{preset:5s} cognate / llama: tokens/s {ratio:.3f}x (per recursion step, T_max={c['recursion']}: "
                   f"{c['recursion'] * ratio:.3f}x), peak memory {c['peak_mb'] / max(b['peak_mb'], 1e-9):.2f}x", flush=True)
-            shapes[preset] = {"tokens_per_s_ratio": round(ratio, 4), "peak_mb": round(c["peak_mb"], 1),
+            # at Llama's FLOP rate Cognate could reach at most this: the recursion's and the memory's
+            # arithmetic, not their implementation, set it
+            ceiling = b["forward_flops_per_token"] / c["forward_flops_per_token"]
+            print(f"{preset:5s} forward FLOPs/token: cognate {c['forward_flops_per_token']:.3g}, llama "
+                  f"{b['forward_flops_per_token']:.3g}: the ratio at equal FLOP rate is {ceiling:.3f}x", flush=True)
+            shapes[preset] = {"tokens_per_s_ratio": round(ratio, 4), "flops_ratio": round(ceiling, 4),
+                              "peak_mb": round(c["peak_mb"], 1),
                               "estimate_mb": round(c["estimate_mb"], 1), "llama_peak_mb": round(b["peak_mb"], 1),
                               "batch": c["batch"], "seq": c["seq"], "t_max": c["recursion"]}
     print(json.dumps({"bench": "cognate", "shapes": shapes, "steps": args.steps, "threads": torch.get_num_threads(),

@@ -98,7 +98,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "preset": "tiny",
         "model": {"n_layers": 2, "d_model": 192, "n_heads": 4, "seq_len": 128},
-        "data": {"train_per_stage": 4000, "eval_per_stage": 60},
+        "data": {"train_per_stage": 4000, "eval_per_stage": 400},
         "tokenizer": {"vocab_size": 1024},
         "tracking": {}, "preflight": {}, "gates": {},
         "cognate": cognate_settings.TINY,

@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from phases.cognate import steps
-from phases.cognate.specialists import specialists
+from phases.cognate.specialists import specialists, stage_steps_for
 from phases.config import PipelineConfig
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
@@ -87,7 +87,7 @@ def train_specialist(name: str, config: PipelineConfig, base: ArtifactRef, curri
     recipe = specialist_recipe(name, config, base, curriculum, batch_size)
     return _trained_model(home, recipe, name, f"cognate-specialist:{name}", lambda work, out: steps.train_specialist(
         spec, st.load(base), config.cognate, config.model.seq_len, st.load(curriculum), batch_size, config.seed,
-        work, out, _reporter(name, 2 * config.cognate.train.stage_steps)))
+        work, out, _reporter(name, 2 * stage_steps_for(spec, config.cognate.act_max_steps, config.cognate.train.stage_steps))))
 
 
 @task(name="cognate-evaluate", cache_policy=phase_cache("phases.cognate"), persist_result=True)
@@ -97,6 +97,11 @@ def evaluate_cognate(config: PipelineConfig, models: dict[str, ArtifactRef], cur
     st = store(home)
     evaluation = steps.evaluate_models({n: st.load(r) for n, r in models.items()}, st.load(curriculum),
                                           config.cognate, config.model.seq_len)
-    get_run_logger().info("cognate evaluation: diversity %s, majority baseline %.3f",
-                          evaluation["diversity"], evaluation["majority_baseline"])
+    logger = get_run_logger()
+    logger.info("cognate evaluation: diversity %s, majority baseline %.3f",
+                evaluation["diversity"], evaluation["majority_baseline"])
+    for name, m in evaluation["models"].items():
+        logger.info("%s held-out accuracy per skill: %s", name, ", ".join(
+            f"{s} {r['accuracy']:.1%} [{r['wilson_95'][0]:.1%}, {r['wilson_95'][1]:.1%}] (majority {r['majority_baseline']:.1%}, "
+            f"n={r['n']})" for s, r in m["per_skill"].items()))
     return evaluation

@@ -41,7 +41,7 @@ COGNATE_MICRO = {
     "cognate": {"window_size": 16,
                 "train": {"foundation_steps": 40, "stage_steps": 8, "batch_size": 4, "eval_every": 5, "niah_every": 5,
                           "eval_rows": 4},
-                "eval": {"accuracy_examples": 6}, "gates": {"mode": "lenient"}},
+                "eval": {"accuracy_per_skill": 2, "heldout_rows": 16}, "gates": {"mode": "lenient"}},
 }
 
 

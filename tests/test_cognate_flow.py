@@ -104,3 +104,11 @@ def test_specialists_are_merge_ready_where_independent_models_are_not(flow_run, 
     assert shared < max(ends) + 0.25, (shared, ends)  # the midpoint is as good as the endpoints
     assert indep > max(indep_ends) + 0.5, (indep, indep_ends)  # permutation symmetry breaks the midpoint
     assert shared < indep - 0.5, (shared, indep)
+
+
+def test_specialists_get_equal_compute_not_equal_steps():
+    from phases.cognate.specialists import runtime_for, specialists, stage_steps_for
+
+    cost = {s.name: stage_steps_for(s, 3, 80) * runtime_for(s, 3)["act_max_steps"] for s in specialists()}
+    assert max(cost.values()) / min(cost.values()) < 1.1, cost
+    assert stage_steps_for(specialists()[2], 3, 80) == 240  # speed recurses once: three steps for one

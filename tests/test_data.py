@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from phases.data import curriculum, dataset_files, hub_download, hub_registry
@@ -46,6 +47,40 @@ def test_every_answer_checks_out(splits):
     assert not curriculum.verify({**ar, "answer": "-999999"})
 
 
+def test_every_skill_is_named_and_held_out_skills_are_balanced(splits):
+    assert {r["task"] for r in splits["train"]} == set(curriculum.SKILLS)
+    for stage, mix in curriculum.MIX.items():
+        counts = [sum(r["task"] == t and r["stage"] == stage for r in splits["test"]) for t in mix]
+        assert max(counts) - min(counts) <= 1, (stage, counts)
+
+
+def test_recall_codes_lie_beyond_the_attention_window(splits, tmp_path):
+    tok = bpe.train_bpe((r["text"] for r in splits["train"]), vocab_size=600)
+    recall = [r for r in splits["test"] if r["task"] == "kv_recall"]
+    assert recall
+    for r in recall:
+        key = json.loads(r["program"])["key"]
+        passage, question = r["prompt"].split("\nQuestion:")
+        last = passage.rfind(f"code for {key} ")
+        gap = tok.encode(passage[last:].split(".", 1)[1] + "\nQuestion:" + question, add_special_tokens=False)
+        assert len(gap) > 64 and curriculum.pretokens(passage[last:]) > curriculum.RECALL_GAP
+    # the checker reads the gap from the passage: a code stated just before the question is refused
+    r = recall[0]
+    passage, question = r["prompt"].split("\nQuestion:")
+    key = json.loads(r["program"])["key"]
+    near = f"{passage} The code for {key} is {r['answer']}.\nQuestion:{question}"
+    assert not curriculum.verify({**r, "prompt": near, "text": f"{near} {r['answer']}"})
+
+
+def test_word_problems_carry_their_rationale_before_the_answer(splits):
+    wp = next(r for r in splits["train"] if r["task"] == "word_problem")
+    assert wp["text"] == f"{wp['prompt']} {wp['rationale']} {curriculum.ANSWER_MARK} {wp['answer']}"
+    first_step_result = wp["rationale"].split(" = ")[1].split(".")[0].split(";")[0]
+    assert curriculum.check_answer(wp, f" {wp['rationale']} {curriculum.ANSWER_MARK} {wp['answer']}")
+    if first_step_result != wp["answer"]:  # a rationale's numbers are not read as the answer
+        assert not curriculum.check_answer(wp, f" {wp['rationale']}")
+
+
 def test_word_problems_grow_harder_by_stage(splits):
     def mean_steps(stage):
         rows = [r for r in splits["train"] if r["task"] == "word_problem" and r["stage"] == stage]
@@ -81,6 +116,9 @@ def test_tokenizer_round_trips_and_loads_with_transformers(splits, tmp_path):
     assert bpe.roundtrip_rate(loaded, texts) == 1.0
     assert loaded.eos_token == bpe.EOS and loaded.pad_token == bpe.PAD
     assert len(loaded) <= 600 and bpe.chars_per_token(loaded, texts) > 2.0
+    # digits are single tokens, so every number is spelled the same way digit by digit
+    pieces = [loaded.decode([i]) for i in loaded.encode("What is 123 + 4567?", add_special_tokens=False)]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("1234567")
 
 
 # One row per registry entry, in that dataset's own schema (as documented on the Hub).
@@ -146,3 +184,42 @@ def test_offline_download_fails_naming_the_dataset(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(hub_download.DatasetUnavailable, match=r"'gsm8k' \(openai/gsm8k.*could not be downloaded"):
         hub_download.fetch(hub_registry.lookup("gsm8k"), 10)
+
+
+def test_arithmetic_is_worked_column_by_column_and_every_column_is_checked(splits):
+    ar = next(r for r in splits["train"] if r["task"] == "arithmetic" and r["stage"] == "advanced")
+    assert ar["text"] == f"{ar['prompt']}{ar['rationale']}. {curriculum.ANSWER_MARK} {ar['answer']}"
+    assert curriculum.column_steps(58, 67, "+") == ["8+7+0=5c1", "5+6+1=2c1"]  # 125: the last carry leads
+    assert curriculum.column_steps(402, 57, "-") == ["2-7-0=5c1", "0-5-1=4c1", "4-0-1=3c0"]  # 345
+    assert curriculum.verify(ar)
+    # one wrong column is a wrong label, even when the final answer is right
+    steps = ar["rationale"].split(",")
+    x = steps[0]
+    bad = f"{x[:-3]}{(int(x[-3]) + 1) % 10}{x[-2:]}"
+    wrong = ",".join([bad, *steps[1:]])
+    assert not curriculum.verify({**ar, "rationale": wrong,
+                                  "text": f"{ar['prompt']}{wrong}. {curriculum.ANSWER_MARK} {ar['answer']}"})
+    # the checker reads the answer after the working, not a column's digit
+    assert curriculum.check_answer(ar, f"{ar['rationale']}. {curriculum.ANSWER_MARK} {ar['answer']}")
+    assert not curriculum.check_answer(ar, ar["rationale"])
+
+
+def test_packed_rows_keep_examples_whole_and_put_the_loss_on_what_a_model_writes(splits):
+    from phases.cognate.data import Batches, pack_whole
+
+    tok = bpe.train_bpe((r["text"] for r in splits["train"]), vocab_size=600)
+    examples = [r for r in splits["train"] if r["task"] in ("arithmetic", "text")][:40]
+    ids, labels = pack_whole(examples, tok, 64)
+    assert ids.shape == labels.shape and ids.shape[1] == 64
+    assert bool((labels[ids == tok.pad_token_id] == -100).all())
+    # every example's text is in some row, whole; an arithmetic prompt carries no loss, its working does
+    flat, lab = ids.flatten().tolist(), labels.flatten().tolist()
+    for ex in examples:
+        text = tok.encode(ex["text"], add_special_tokens=False) + [tok.eos_token_id]
+        at = next(i for i in range(len(flat) - len(text) + 1) if flat[i:i + len(text)] == text)
+        assert at // 64 == (at + len(text) - 1) // 64, "an example was cut at a row boundary"
+        n_prompt = len(tok.encode(ex["prompt"], add_special_tokens=False)) if ex["answer"] else 0
+        assert lab[at:at + n_prompt] == [-100] * n_prompt
+        assert lab[at + n_prompt:at + len(text)] == text[n_prompt:]
+    x, y = Batches(ids, 4, seed=3, labels=labels)(7)
+    assert torch.equal(y[x == tok.pad_token_id], torch.full_like(y[x == tok.pad_token_id], -100))

@@ -30,7 +30,7 @@ MICRO = {
     "tokenizer": {"vocab_size": 400},
     "cognate": {"train": {"foundation_steps": 6, "stage_steps": 3, "batch_size": 2, "eval_every": 3, "niah_every": 3,
                           "eval_rows": 2},
-                "eval": {"accuracy_examples": 3}, "gates": {"mode": "lenient"}},
+                "eval": {"accuracy_per_skill": 1, "heldout_rows": 16}, "gates": {"mode": "lenient"}},
     "evomerge": {"search": {"generations": 2}, "fitness": {"eval_rows": 2, "accuracy_problems": 3, "probe_rows": 1},
                  "gates": {"mode": "lenient"}},
     "quietstar": {"data": {"examples_per_pair": 4},

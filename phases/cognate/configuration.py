@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 RUNTIME_KEYS = (
     "window_size", "mem_chunk_size", "shard_length", "act_max_steps", "act_threshold",
     "mem_lr_scale", "mem_decay_scale", "surprise_threshold", "ponder_cost", "gate_bias", "halt_bias",
+    "mem_read_scale",
 )
 
 
@@ -39,6 +40,7 @@ class CognateConfig(PretrainedConfig):
         surprise_threshold: float = 0.0,
         gate_bias: float = 0.0,
         halt_bias: float = 0.0,
+        mem_read_scale: float = 1.0,
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
@@ -73,6 +75,7 @@ class CognateConfig(PretrainedConfig):
         self.surprise_threshold = surprise_threshold
         self.gate_bias = gate_bias  # added to the MAG gate logit: < 0 leans on memory
         self.halt_bias = halt_bias  # added to the halting logit: < 0 thinks longer
+        self.mem_read_scale = mem_read_scale  # 0 ablates the memory read: what does the model lose without it?
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range

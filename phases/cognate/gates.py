@@ -7,6 +7,25 @@ from typing import Any
 
 from phases.cognate.settings import CognateSection
 from phases.common.gates import GateReport
+from phases.common.measure import difference_interval
+
+
+def skill_leaders(models: dict[str, Any], margin: float) -> dict[str, dict[str, Any]]:
+    """Per skill, the model that leads every other by at least ``margin``, significantly (the 95% interval
+    of its lead over the runner-up excludes 0); skills with no such leader are left out."""
+    leaders = {}
+    skills = sorted({s for m in models.values() for s in m["per_skill"]})
+    for skill in skills:
+        rows = sorted(((m["per_skill"][skill], name) for name, m in models.items() if skill in m["per_skill"]),
+                      key=lambda r: -r[0]["accuracy"])
+        if len(rows) < 2:
+            continue
+        (best, name), (second, _) = rows[0], rows[1]
+        lead = best["accuracy"] - second["accuracy"]
+        lo, hi = difference_interval(best["hits"], best["n"], second["hits"], second["n"])
+        if lead >= margin and lo > 0:
+            leaders[skill] = {"model": name, "lead": lead, "interval": (lo, hi)}
+    return leaders
 
 
 def cognate_gates(evaluation: dict[str, Any], training: dict[str, dict[str, Any]], sec: CognateSection,
@@ -34,6 +53,31 @@ def cognate_gates(evaluation: dict[str, Any], training: dict[str, dict[str, Any]
           ">", sec.gates.min_latency_spread_ms)
     r.add("resolution_cv", "largest CV of held-out PPL across memory chunk sizes 4..64",
           max(m["resolution"]["cv"] for m in models.values()), "<", 0.10)
+    skill = {name: m["per_skill"] for name, m in models.items()}
+
+    def best(task: str) -> tuple[str | None, float | None]:
+        scored = [(rows[task]["accuracy"], name) for name, rows in skill.items() if task in rows]
+        return (max(scored)[1], max(scored)[0]) if scored else (None, None)
+
+    _, arithmetic = best("arithmetic")
+    r.add("arithmetic", "best model's held-out arithmetic accuracy (generate, 2-3 digits)", arithmetic, ">=",
+          sec.gates.min_arithmetic)
+    recall_model, recall = best("kv_recall")
+    r.add("recall_beyond_window", "best model's held-out accuracy recalling a code stated beyond the attention window",
+          recall, ">=", sec.gates.min_recall)
+    ablated = models[recall_model].get("kv_recall_memory_ablated") if recall_model else None
+    if ablated is None:
+        r.add("memory_used", "recall drop of that model with its memory read zeroed", None, ">=", sec.gates.min_memory_drop)
+    else:
+        own = skill[recall_model]["kv_recall"]
+        r.add("memory_used", f"recall drop of that model ({recall_model}) with its memory read zeroed",
+              own["accuracy"] - ablated["accuracy"], ">=", sec.gates.min_memory_drop,
+              interval=difference_interval(own["hits"], own["n"], ablated["hits"], ablated["n"]))
+    leaders = skill_leaders(models, sec.gates.min_skill_margin)
+    named = ", ".join(f"{v['model']}: {k}" for k, v in leaders.items()) or "none"
+    r.add("specialists_differ", f"models that lead some skill by >= {sec.gates.min_skill_margin:g}, significantly "
+          f"({named})",
+          len({v["model"] for v in leaders.values()}), ">=", 2)
     r.add("accuracy_over_majority", "lowest held-out accuracy minus the majority-answer baseline",
           min(m["accuracy"] for m in models.values()) - evaluation["majority_baseline"], ">", 0.0)
     return r

@@ -174,6 +174,8 @@ class CognateLayer(nn.Module):
         else:
             state = MemoryState.empty(x.shape[0], x.shape[-1], x.device, x.dtype, pos=int(positions[0]))
         y = self.remember(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, persistent_qk(kp), cfg, state)
+        if cfg.mem_read_scale != 1.0:
+            y = y * cfg.mem_read_scale
         if slot is not None:
             slot["mem"] = state
         x, g = self.mix(x, h, a, y, cfg.gate_bias)

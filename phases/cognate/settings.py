@@ -22,8 +22,12 @@ class CognateTraining(Strict):
     weights, so all of it is in the models' recipe."""
 
     foundation_steps: int = Field(default=120, ge=1, description="steps of the shared foundation stage")
-    stage_steps: int = Field(default=50, ge=1, description="steps per later stage, per specialist")
+    stage_steps: int = Field(default=50, ge=1, description=(
+        "steps per later stage, per specialist, at the base's T_max: a specialist recursing less takes "
+        "proportionally more (equal compute)"))
     batch_size: int | None = Field(default=None, ge=1, description="empty: the size-adaptive strategy's")
+    rotate_regimes: bool = Field(default=True, description="foundation batches rotate through the specialists' runtime "
+                                 "settings, so no specialist starts in a regime the base never trained in")
     chunk_start: int = Field(default=32, ge=1, description="C_start of the memory chunk-size schedule")
     # Backward keeps three d×d matrices per memory write (W, S and the Q-K sum A), so a layer step's memory
     # grows as T/C. One layer step at d=512, T=512, one sequence, C = 32 / 16 / 8 / 4 / 2 / 1: 107 / 155 / 251 /
@@ -45,13 +49,19 @@ class CognateTraining(Strict):
 
 
 class CognateEvaluation(Strict):
-    accuracy_examples: int = Field(default=60, ge=1, description="held-out problems decoded per model")
+    accuracy_per_skill: int = Field(default=200, ge=1, description="held-out test problems decoded per skill and model")
+    heldout_rows: int = Field(default=64, ge=1, description="packed test rows for held-out loss, halting, LTM usage")
+    memory_ablation: bool = Field(default=True, description="decode the recall problems again with the memory read zeroed")
 
 
 class CognateGates(Strict):
     min_halting_spread: float = Field(default=2.0, description="diversity gate: max - min of mean halting steps")
     min_ltm_spread: float = Field(default=0.3, description="diversity gate: max - min of LTM usage")
     min_latency_spread_ms: float = Field(default=10.0, description="diversity gate: max - min latency")
+    min_arithmetic: float = Field(default=0.9, description="best model's held-out arithmetic accuracy")
+    min_recall: float = Field(default=0.6, description="best model's held-out recall accuracy (codes beyond the window)")
+    min_memory_drop: float = Field(default=0.3, description="that model's recall drop with its memory read zeroed")
+    min_skill_margin: float = Field(default=0.1, description="a model is a skill's specialist when it leads every other by this")
     mode: Literal["strict", "lenient"] | None = Field(
         default=None, description="Cognate's gates; empty: the pipeline's gates.mode")
 
@@ -74,8 +84,11 @@ class CognateSection(Strict):
 TINY: dict[str, Any] = {
     "act_max_steps": 3, "window_size": 64,
     # a 1.2M-parameter model trains in ~120 MB: recomputing layer steps would cost 1.4x the step time for
-    # memory it does not need
-    "train": {"foundation_steps": 120, "stage_steps": 50, "batch_size": 8, "activation_checkpointing": False},
+    # memory it does not need. spike_threshold: the 16-row held-out batch of a specialist narrowing onto its
+    # own skills (the memory one under a 16-token window) moves by more than 5% in its first 20 steps
+    # without diverging
+    "train": {"foundation_steps": 120, "stage_steps": 50, "batch_size": 8, "activation_checkpointing": False,
+              "spike_threshold": 0.15},
     # a 1M-parameter model after ~4 CPU-minutes cannot beat the majority baseline: its gates are shown
     # (FAIL where they fail) but do not stop the demo
     "gates": {"min_halting_spread": 2.0, "mode": "lenient"},
@@ -84,6 +97,6 @@ SMALL: dict[str, Any] = {
     "act_max_steps": 6, "window_size": 256,
     "train": {"foundation_steps": 3000, "stage_steps": 2000, "eval_every": 100, "niah_every": 1000, "eval_rows": 64,
               "optim": {"adam_lr": 1e-3}},
-    "eval": {"accuracy_examples": 300},
+    "eval": {"accuracy_per_skill": 300, "heldout_rows": 512},
     "gates": {"min_halting_spread": 2.0},
 }

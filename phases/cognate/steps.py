@@ -16,11 +16,11 @@ from transformers import PreTrainedTokenizerBase
 
 from phases.cognate import evaluate
 from phases.cognate.configuration import CognateConfig
-from phases.cognate.data import Batches, mixed_texts, pack
+from phases.cognate.data import Batches, mixed_examples, pack_whole
 from phases.cognate.modeling import CognateForCausalLM
 from phases.cognate.plots import loss_curve
 from phases.cognate.settings import CognateSection
-from phases.cognate.specialists import Specialist, runtime_for
+from phases.cognate.specialists import Specialist, runtime_for, specialists, stage_steps_for
 from phases.cognate.trainer import TrainResult, heldout_stats, niah, train
 from phases.common.config import ModelShape
 from phases.common.hf_io import build, load_pretrained, save_pretrained
@@ -51,12 +51,16 @@ def stage_rows(splits, split: str, stage: str | None) -> list[dict]:
 
 def train_stage(model: CognateForCausalLM, splits, tokenizer, stage: str, sec: CognateSection, seq_len: int,
                 batch_size: int, seed: int, workdir: Path, steps: int, step_offset: int,
-                mix: dict[str, float] | None, on_progress: Progress | None) -> TrainResult:
-    rows = pack(mixed_texts(stage_rows(splits, "train", stage), mix, seed), tokenizer, seq_len)
-    eval_rows = pack([r["text"] for r in stage_rows(splits, "validation", stage)], tokenizer, seq_len)[: sec.train.eval_rows]
+                mix: dict[str, float] | None, on_progress: Progress | None, regimes=()) -> TrainResult:
+    rows, labels = pack_whole(mixed_examples(stage_rows(splits, "train", stage), mix, seed), tokenizer, seq_len)
+    # the rollback detector watches the skills this stage trains: a specialist narrowing onto its own mix
+    # loses ground on the others by design, and that is no spike
+    held = [r for r in stage_rows(splits, "validation", stage) if not mix or mix.get(r["task"], 0) > 0]
+    eval_ids, eval_labels = pack_whole(held, tokenizer, seq_len)
+    eval_rows = (eval_ids[: sec.train.eval_rows], eval_labels[: sec.train.eval_rows])
     progress = (lambda rec: on_progress(rec | {"stage": stage})) if on_progress else None
-    return train(model, Batches(rows, batch_size, seed), eval_rows, sec.train, workdir, steps, step_offset,
-                 on_progress=progress)
+    return train(model, Batches(rows, batch_size, seed, labels), eval_rows, sec.train, workdir, steps, step_offset,
+                 on_progress=progress, regimes=regimes)
 
 
 def _finish(model: CognateForCausalLM, tokenizer, results: dict[str, TrainResult], out: Path) -> dict[str, Any]:
@@ -79,12 +83,15 @@ def _finish(model: CognateForCausalLM, tokenizer, results: dict[str, TrainResult
 def train_foundation(shape: ModelShape, sec: CognateSection, curriculum_dir: Path, tokenizer_dir: Path,
                      batch_size: int, seed: int, workdir: Path, out: Path,
                      on_progress: Progress | None = None) -> dict[str, Any]:
-    """The shared base: a fresh model trained once on the foundation stage."""
+    """The shared base: a fresh model trained once on the foundation stage, its batches rotating through
+    the specialists' runtime settings (``train.rotate_regimes``) so that each specialist starts in a regime
+    the base has trained in."""
     splits, tokenizer = load_inputs(curriculum_dir, tokenizer_dir)
     torch.manual_seed(seed)
     model = build(CognateForCausalLM, model_config(shape, sec, tokenizer))
+    regimes = [runtime_for(s, sec.act_max_steps) for s in specialists()] if sec.train.rotate_regimes else []
     result = train_stage(model, splits, tokenizer, "foundation", sec, shape.seq_len, batch_size, seed,
-                         workdir / "foundation", sec.train.foundation_steps, 0, None, on_progress)
+                         workdir / "foundation", sec.train.foundation_steps, 0, None, on_progress, regimes)
     return _finish(model, tokenizer, {"foundation": result}, out)
 
 
@@ -96,42 +103,58 @@ def train_specialist(spec: Specialist, base_dir: Path, sec: CognateSection, seq_
     model = load_pretrained(CognateForCausalLM, base_dir)
     model.set_runtime(**runtime_for(spec, sec.act_max_steps))
     results, offset = {}, sec.train.foundation_steps
+    n_steps = stage_steps_for(spec, sec.act_max_steps, sec.train.stage_steps)
     for i, stage in enumerate(("reasoning", "advanced")):
         results[stage] = train_stage(model, splits, tokenizer, stage, sec, seq_len, batch_size, seed + spec.seed_offset + i,
-                                     workdir / stage, sec.train.stage_steps, offset, spec.mix, on_progress)
-        offset += sec.train.stage_steps
+                                     workdir / stage, n_steps, offset, spec.mix, on_progress)
+        offset += n_steps
     return _finish(model, tokenizer, results, out) | {"specialist": spec.name}
 
 
 def evaluate_models(model_dirs: dict[str, Path], curriculum_dir: Path, sec: CognateSection, seq_len: int) -> dict[str, Any]:
-    """Held-out metrics per model, the diversity spreads across them, and the majority baseline."""
+    """Held-out metrics per model, the per-skill accuracy table, the diversity spreads across models, and
+    the majority baseline."""
     splits = dataset_files.load_splits(curriculum_dir)
     test = list(splits["test"])
     any_dir = next(iter(model_dirs.values()))
     tokenizer = bpe.load(any_dir)
-    test_rows = pack([r["text"] for r in test], tokenizer, seq_len)
-    problems = evaluate.answerable(test)
-    problems = problems[:: max(1, len(problems) // sec.eval.accuracy_examples)][: sec.eval.accuracy_examples]
+    # the loss on what a model writes, as in training (pack_whole's labels)
+    test_ids, test_labels = pack_whole(test, tokenizer, seq_len)
+    test_rows, test_labels = test_ids[: sec.eval.heldout_rows], test_labels[: sec.eval.heldout_rows]
+    problems = evaluate.by_skill(test, sec.eval.accuracy_per_skill)
     prompt = torch.tensor([tokenizer.encode(problems[0]["prompt"], add_special_tokens=False)])
-    baseline = evaluate.majority_baseline(list(splits["train"]), problems)
+    majority = evaluate.majority_hits(list(splits["train"]), problems)
+    baselines = {t: sum(v) / len(v) for t, v in majority.items()}
+    recall = [p for p in problems if p["task"] == "kv_recall"]
     per_model: dict[str, Any] = {}
     for name, path in model_dirs.items():
         model = load_pretrained(CognateForCausalLM, path).eval()
-        stats = heldout_stats(model, test_rows)
+        stats = heldout_stats(model, test_rows, labels=test_labels)
+        hits = evaluate.hits(model, tokenizer, problems)
+        flat = [h for v in hits.values() for h in v]
         per_model[name] = {
             "heldout_loss": stats["loss"],
             "heldout_ppl": perplexity(stats["loss"]),
-            **evaluate.accuracy(model, tokenizer, problems),
+            "accuracy": sum(flat) / len(flat),
+            "n": len(flat),
+            "per_skill": evaluate.per_skill(hits, baselines),
             "halting_steps": stats["halting_steps"],
             "ltm_usage": stats["ltm_usage"],
             "latency_ms": evaluate.latency_ms(model, prompt),
             "niah": niah(model, model.config.mem_chunk_size, seed=12345),
-            "resolution": evaluate.resolution_sensitivity(model, test_rows),
+            "resolution": evaluate.resolution_sensitivity(model, test_rows, labels=test_labels),
         }
+        if recall and sec.eval.memory_ablation:
+            model.set_runtime(mem_read_scale=0.0)
+            ablated = evaluate.hits(model, tokenizer, recall)["kv_recall"]
+            per_model[name]["kv_recall_memory_ablated"] = {
+                "accuracy": sum(ablated) / len(ablated), "hits": sum(ablated), "n": len(ablated),
+                "wilson_95": list(evaluate.wilson_interval(sum(ablated), len(ablated)))}
     names = list(per_model)
+    flat_majority = [h for v in majority.values() for h in v]
     return {
         "models": per_model,
-        "majority_baseline": baseline,
+        "majority_baseline": sum(flat_majority) / len(flat_majority),
         "accuracy_examples": len(problems),
         "diversity": {key: value_range([per_model[n][key] for n in names])
                       for key in ("halting_steps", "ltm_usage", "latency_ms")},

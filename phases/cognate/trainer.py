@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,15 +54,18 @@ class TrainResult:
     gate_polarized: float
     ltm_usage: float
     telemetry: str
+    first_lm_loss: float  # the stage's first training step: a jump over the last stage's end is a regime shock
+    last_lm_loss: float  # mean over the stage's last steps (one per regime when they rotate)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def heldout_stats(model: CognateForCausalLM, rows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
-    """One held-out pass: the mean next-token loss, mean ACT steps that contributed to each token, and LTM
-    usage (1 − mean MAG gate)."""
-    return heldout_means(model, rows, batch_size, extra=lambda out, _x: {
+def heldout_stats(model: CognateForCausalLM, rows: torch.Tensor, batch_size: int = 8,
+                  labels: torch.Tensor | None = None) -> dict[str, float]:
+    """One held-out pass: the mean next-token loss (on ``labels`` where given), mean ACT steps that
+    contributed to each token, and LTM usage (1 − mean MAG gate)."""
+    return heldout_means(model, rows, batch_size, labels=labels, extra=lambda out, _x: {
         "halting_steps": out.halt_steps_int.mean().item(), "ltm_usage": (1 - out.gate.mean()).item()})
 
 
@@ -77,20 +80,25 @@ def niah(model: CognateForCausalLM, chunk: int, seed: int = 0) -> float:
 
 def train(
     model: CognateForCausalLM,
-    batches: Callable[[int], torch.Tensor],
-    eval_rows: torch.Tensor,
+    batches: Callable[[int], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    eval_rows: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     settings: CognateTraining,
     workdir: Path,
     steps: int,
     step_offset: int = 0,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    regimes: Sequence[dict[str, Any]] = (),
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` steps; resumable from ``workdir``. ``step_offset`` is the global
     step this stage starts at: the chunk-size schedule runs across stages.
 
-    ``loss_hook(step, loss) -> loss`` lets tests inject spikes (NaN, huge) into the real loop."""
+    ``loss_hook(step, loss) -> loss`` lets tests inject spikes (NaN, huge) into the real loop. ``regimes``:
+    runtime settings the training batches rotate through (one per step); held-out checks run under the
+    model's own settings, which are restored at the end."""
     workdir = Path(workdir)
+    # (rows, labels): the held-out loss is on the tokens the training loss is on
+    held = (eval_rows[0], 8, eval_rows[1]) if isinstance(eval_rows, tuple) else (eval_rows, 8, None)
     ckpts = CheckpointManager(workdir / "checkpoints", settings.keep_last, settings.max_rollbacks)
     telemetry = TelemetryWriter(workdir / "telemetry.jsonl")
     opt = MuonGrokfast(model, settings.optim)
@@ -118,6 +126,9 @@ def train(
             "clipper": clipper.state_dict(), "detector": detector.state_dict(), "batch_ppl": batch_ppl.state_dict(),
             "last": dict(last)})
 
+    own = {k: getattr(model.config, k) for r in regimes for k in r}
+    pad = getattr(model.config, "pad_token_id", None)  # a config made without a tokenizer has none
+
     model.train()
     resumed_from = None
     latest = ckpts.latest(model)
@@ -126,13 +137,14 @@ def train(
         resumed_from = step - 1
         telemetry.write(step=resumed_from, event="resumed", rollback_count=ckpts.rollback_count)
     else:
-        loss0 = heldout_loss(model, eval_rows)
+        loss0 = heldout_loss(model, *held)
         detector.update(loss0)
         save(0, loss0)  # the initial weights: the first rollback target
         step = 1
 
     niah_scores: list[float] = []
     niah_seconds, spikes, steps_run, collapse_run = 0.0, 0, 0, 0
+    lm_losses: list[float] = []
     last_eval = math.nan
     t_start = time.perf_counter()
     while step <= steps:
@@ -140,8 +152,17 @@ def train(
         chunk = clipper.chunk_size(g_step)
         model.set_runtime(mem_chunk_size=chunk)
         # after a rollback, draw fresh batches: replaying the same ones would replay the same spike
-        x = batches(step + 7919 * ckpts.rollback_count)
-        out = model(x, labels=x)
+        batch = batches(step + 7919 * ckpts.rollback_count)
+        if isinstance(batch, tuple):
+            x, labels = batch
+        else:
+            x, labels = batch, batch if pad is None else batch.masked_fill(batch == pad, -100)
+        regime = step % len(regimes) if regimes else None
+        if regime is not None:
+            model.set_runtime(**regimes[regime])
+        out = model(x, labels=labels)
+        if regime is not None:
+            model.set_runtime(**own)
         pol_w = settings.polarization_weight * min(1.0, step / max(1, steps // 2))
         loss = out.loss + pol_w * out.polarization_loss
         if loss_hook is not None:
@@ -159,6 +180,7 @@ def train(
         opt.step()
         opt.zero_grad()
         steps_run += 1
+        lm_losses.append(lm)
 
         gate_mean = out.gate.mean().item()
         last.update(gate_polarized=out.gate_polarized, ltm_usage=1.0 - gate_mean)
@@ -180,10 +202,11 @@ def train(
         record = dict(step=step, global_step=g_step, lm_loss=lm, perplexity=perplexity(lm), ppl_delta=delta,
                       is_spike=False, niah_accuracy=niah_score, rollback_count=ckpts.rollback_count,
                       lr=settings.optim.muon_lr, ponder=out.ponder_loss.item(), halting_steps=out.halting_steps.mean().item(),
-                      gate_mean=gate_mean, gate_polarized=out.gate_polarized, mem_write_fraction=out.mem_write_fraction, **clip)
+                      gate_mean=gate_mean, gate_polarized=out.gate_polarized, mem_write_fraction=out.mem_write_fraction,
+                      regime=regime, **clip)
 
         if step % settings.eval_every == 0 or step == steps:
-            last_eval = heldout_loss(model, eval_rows)
+            last_eval = heldout_loss(model, *held)
             e_delta, spike = detector.update(last_eval)
             record.update(eval_loss=last_eval, eval_ppl_delta=e_delta, is_spike=spike)
             if spike:
@@ -199,10 +222,12 @@ def train(
 
     train_seconds = time.perf_counter() - t_start
     if math.isnan(last_eval):
-        last_eval = heldout_loss(model, eval_rows)
+        last_eval = heldout_loss(model, *held)
     return TrainResult(
         steps_run=steps_run, final_step=steps, resumed_from=resumed_from, rollbacks=ckpts.rollback_count,
         spikes=spikes, eval_loss=last_eval, niah=niah_scores, niah_seconds=niah_seconds,
         train_seconds=train_seconds, gate_polarized=last["gate_polarized"], ltm_usage=last["ltm_usage"],
         telemetry=str(telemetry.path),
+        first_lm_loss=lm_losses[0] if lm_losses else math.nan,
+        last_lm_loss=sum(lm_losses[-tail:]) / tail if (tail := min(len(lm_losses), max(3, len(regimes)))) else math.nan,
     )

@@ -24,12 +24,18 @@ class Gate(BaseModel):
     op: Literal[">=", ">", "<=", "<", "=="]
     threshold: float
     measured: float | None
+    # a difference's 95% interval: the gate passes only when the interval also excludes 0 (significant)
+    interval: tuple[float, float] | None = None
     passed: bool
 
     @classmethod
-    def check(cls, id: str, criterion: str, measured: float | None, op: str, threshold: float) -> Gate:
+    def check(cls, id: str, criterion: str, measured: float | None, op: str, threshold: float,
+              interval: tuple[float, float] | None = None) -> Gate:
         ok = measured is not None and not math.isnan(measured) and _OPS[op](measured, threshold)
-        return cls(id=id, criterion=criterion, op=op, threshold=threshold, measured=measured, passed=bool(ok))
+        if interval is not None:
+            ok = ok and (interval[0] > 0 if op in (">=", ">") else interval[1] < 0)
+        return cls(id=id, criterion=criterion, op=op, threshold=threshold, measured=measured, interval=interval,
+                   passed=bool(ok))
 
 
 class GateReport(BaseModel):
@@ -37,8 +43,9 @@ class GateReport(BaseModel):
     mode: Literal["strict", "lenient"] = "strict"
     gates: list[Gate] = Field(default_factory=list)
 
-    def add(self, id: str, criterion: str, measured: float | None, op: str, threshold: float) -> Gate:
-        gate = Gate.check(id, criterion, measured, op, threshold)
+    def add(self, id: str, criterion: str, measured: float | None, op: str, threshold: float,
+            interval: tuple[float, float] | None = None) -> Gate:
+        gate = Gate.check(id, criterion, measured, op, threshold, interval)
         self.gates.append(gate)
         return gate
 
@@ -56,7 +63,8 @@ class GateReport(BaseModel):
                 "gate": g.id,
                 "criterion": g.criterion,
                 "threshold": f"{g.op} {g.threshold:g}",
-                "measured": "not measured" if g.measured is None else f"{g.measured:.6g}",
+                "measured": "not measured" if g.measured is None else f"{g.measured:.6g}" + (
+                    f" (95% {g.interval[0]:.3g} to {g.interval[1]:.3g})" if g.interval is not None else ""),
                 "passed": "PASS" if g.passed else "FAIL",
             }
             for g in self.gates

@@ -22,10 +22,12 @@ def _lm_loss(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def heldout_means(model: nn.Module, rows: torch.Tensor, batch_size: int = 8,
-                  extra: Callable[[Any, torch.Tensor], dict[str, float]] | None = None) -> dict[str, float]:
-    """One pass over ``rows`` (eval mode, no gradient; the mode is restored): the mean next-token loss,
-    and the row-weighted mean of each figure ``extra(output, batch)`` reads off the same forward passes
-    (rows are packed to one length, so row-weighted is token-weighted)."""
+                  extra: Callable[[Any, torch.Tensor], dict[str, float]] | None = None,
+                  labels: torch.Tensor | None = None) -> dict[str, float]:
+    """One pass over ``rows`` (eval mode, no gradient; the mode is restored): the mean next-token loss
+    (on ``labels`` where given, -100 ignored; else on every token), and the row-weighted mean of each
+    figure ``extra(output, batch)`` reads off the same forward passes (rows are packed to one length, so
+    row-weighted is token-weighted)."""
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {"loss": 0.0}
@@ -33,7 +35,7 @@ def heldout_means(model: nn.Module, rows: torch.Tensor, batch_size: int = 8,
     try:
         for i in range(0, len(rows), batch_size):
             x = rows[i:i + batch_size]
-            out = model(x, labels=x)
+            out = model(x, labels=x if labels is None else labels[i:i + batch_size])
             figures = {"loss": float(_lm_loss(out))} | (extra(out, x) if extra else {})
             for k, v in figures.items():
                 sums[k] = sums.get(k, 0.0) + v * len(x)
@@ -43,8 +45,8 @@ def heldout_means(model: nn.Module, rows: torch.Tensor, batch_size: int = 8,
     return {k: v / max(1, n) for k, v in sums.items()}
 
 
-def heldout_loss(model: nn.Module, rows: torch.Tensor, batch_size: int = 8) -> float:
-    return heldout_means(model, rows, batch_size)["loss"]
+def heldout_loss(model: nn.Module, rows: torch.Tensor, batch_size: int = 8, labels: torch.Tensor | None = None) -> float:
+    return heldout_means(model, rows, batch_size, labels=labels)["loss"]
 
 
 @torch.no_grad()
@@ -85,6 +87,17 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def difference_interval(hits_a: int, n_a: int, hits_b: int, n_b: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of p_a − p_b from the two Wilson intervals (Newcombe's hybrid score method). For two
+    decodings of the same problems (an ablation) the samples are paired and positively correlated, so
+    this interval is wider than the paired one: a difference it calls significant is."""
+    pa, pb = hits_a / n_a, hits_b / n_b
+    la, ua = wilson_interval(hits_a, n_a, z)
+    lb, ub = wilson_interval(hits_b, n_b, z)
+    d = pa - pb
+    return (d - math.sqrt((pa - la) ** 2 + (ub - pb) ** 2), d + math.sqrt((ua - pa) ** 2 + (pb - lb) ** 2))
 
 
 @torch.no_grad()

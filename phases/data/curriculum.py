@@ -1,14 +1,21 @@
-"""The built-in curriculum: generated, deterministic by seed, with answers a program can check.
+"""The built-in curriculum: a skill ladder, generated, deterministic by seed, with answers a program can check.
 
-Three stages, each harder than the last:
-  foundation  plain text, one-operation arithmetic, short key-value recall
-  reasoning   2-3 step word problems, two-operation arithmetic, longer recall
-  advanced    3-5 step word problems, recall with distractors and overwritten values, bracketed arithmetic
+Each example names its skill in ``task``:
+  text          plain sentences: the language-modelling share
+  arithmetic    2-3-digit addition and subtraction, one operation, worked column by column
+  kv_recall     key-value codes stated more than RECALL_GAP tokens before the question, filler in between,
+                so a model whose attention window is shorter must read its long-term memory
+  word_problem  multi-step stories whose text carries the step-by-step rationale before the answer
+Three stages climb the ladder:
+  foundation  2-digit arithmetic, one code to recall, 1-step word problems, text
+  reasoning   up to 3-digit arithmetic, 1-2-step word problems, two codes to recall, text
+  advanced    3-digit arithmetic, 2-3-step word problems, two codes with one overwritten, text
 
 Every example has one schema (the hub datasets are converted onto it too):
   id, stage, source, task, prompt, answer, rationale, text, program
-``text`` is what a language model trains on (prompt + answer). ``program`` is a JSON record from which
-the answer is recomputed independently of the generator (``verify``), so a wrong label is caught.
+``text`` is what a language model trains on (prompt, then rationale where the skill has one, then the
+answer). ``program`` is a JSON record; the answer is recomputed from the prompt itself (``verify``), so a
+wrong label is caught.
 """
 
 from __future__ import annotations
@@ -23,13 +30,25 @@ from typing import Any
 STAGES = ("foundation", "reasoning", "advanced")
 SPLITS = ("train", "validation", "test")
 FIELDS = ("id", "stage", "source", "task", "prompt", "answer", "rationale", "text", "program")
+SKILLS = ("text", "arithmetic", "kv_recall", "word_problem")
 
-# Task mix per stage (weights).
+# Skill mix per stage (training weights). Validation and test draw every skill of a stage equally, so
+# each skill gets enough held-out problems for a per-skill figure.
 MIX: dict[str, dict[str, float]] = {
-    "foundation": {"text": 0.45, "arithmetic": 0.35, "kv_recall": 0.20},
-    "reasoning": {"text": 0.15, "arithmetic": 0.20, "word_problem": 0.45, "kv_recall": 0.20},
-    "advanced": {"text": 0.15, "arithmetic": 0.15, "word_problem": 0.40, "kv_recall": 0.30},
+    "foundation": {"text": 0.15, "arithmetic": 0.35, "word_problem": 0.2, "kv_recall": 0.3},
+    "reasoning": {"text": 0.1, "arithmetic": 0.3, "word_problem": 0.3, "kv_recall": 0.3},
+    "advanced": {"text": 0.1, "arithmetic": 0.3, "word_problem": 0.3, "kv_recall": 0.3},
 }
+
+# Fewest tokens between a code's statement and the question about it: more than the tiny preset's
+# 64-token attention window. Counted as words and punctuation runs, each at least one token of the
+# byte-level BPE (its pre-tokenizer never joins two of them), so the token gap is at least this.
+RECALL_GAP = 66
+
+# Where a worked rationale ends and its answer begins, in the text a model writes.
+ANSWER_MARK = "So the answer is"
+# Skills whose text works the problem out before the answer.
+WORKED = ("arithmetic", "word_problem")
 
 _NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lena", "Milo", "Nora"]
 _ITEMS = ["apples", "marbles", "books", "coins", "stamps", "pencils", "shells", "cards", "eggs", "beads"]
@@ -46,42 +65,65 @@ def _number(rng: random.Random, lo: int, hi: int) -> int:
     return rng.randint(lo, hi)
 
 
+def pretokens(text: str) -> int:
+    """Words and punctuation runs: a lower bound on the byte-level BPE's token count."""
+    return len(re.findall(r"\w+|[^\w\s]+", text))
+
+
 # ----------------------------------------------------------------------------- generators
+def _sentence(rng: random.Random, first: bool) -> str:
+    s = (f"The {rng.choice(_ADJ)} {rng.choice(_NOUN)} {rng.choice(_VERB)} "
+         f"the {rng.choice(_ADJ)} {rng.choice(_NOUN)} {rng.choice(_PLACE)}.")
+    return s if first else f"{rng.choice(_CONNECT)}, {s[0].lower()}{s[1:]}"
+
+
 def _text(rng: random.Random, stage: str) -> dict[str, Any]:
     n_sent = {"foundation": 2, "reasoning": 3, "advanced": 4}[stage]
-    sents = []
-    for i in range(n_sent):
-        s = (
-            f"The {rng.choice(_ADJ)} {rng.choice(_NOUN)} {rng.choice(_VERB)} "
-            f"the {rng.choice(_ADJ)} {rng.choice(_NOUN)} {rng.choice(_PLACE)}."
-        )
-        sents.append(s if i == 0 else f"{rng.choice(_CONNECT)}, {s[0].lower()}{s[1:]}")
-    text = " ".join(sents)
+    text = " ".join(_sentence(rng, i == 0) for i in range(n_sent))
     return {"task": "text", "prompt": "", "answer": "", "rationale": "", "text": text, "program": "{}"}
 
 
-def _expression(rng: random.Random, n_ops: int, brackets: bool) -> str:
-    expr = str(_number(rng, 2, 60))
-    for _ in range(n_ops):
-        op = rng.choice(["+", "-", "*"])
-        rhs = str(_number(rng, 2, 12) if op == "*" else _number(rng, 2, 60))
-        expr = f"({expr}) {op} {rhs}" if brackets and " " in expr and rng.random() < 0.5 else f"{expr} {op} {rhs}"
-    return expr
+_OPERAND_RANGE = {"foundation": (10, 99), "reasoning": (10, 999), "advanced": (100, 999)}
+
+
+def column_steps(a: int, b: int, op: str) -> list[str]:
+    """Column arithmetic, least significant digit first: one ``x+y+c=dcC`` step per column, c the carry
+    (or borrow) in, d the digit written, C the carry out. Each step is a lookup in a 200-entry table, so a
+    small model learns the rule once and applies it per column; asked for the whole sum at once it must
+    learn every carry chain (``bench/cognate_skills.py --format-only`` measures both)."""
+    da, db = str(a)[::-1], str(b)[::-1].ljust(len(str(a)), "0")
+    out, carry = [], 0
+    for x, y in zip(map(int, da), map(int, db)):
+        r = x + y + carry if op == "+" else x - y - carry
+        digit, nxt = r % 10, int(r >= 10 or r < 0)
+        out.append(f"{x}{op}{y}{op}{carry}={digit}c{nxt}")
+        carry = nxt
+    return out
 
 
 def _arithmetic(rng: random.Random, stage: str) -> dict[str, Any]:
-    n_ops, brackets = {"foundation": (1, False), "reasoning": (2, False), "advanced": (3, True)}[stage]
-    expr = _expression(rng, n_ops, brackets)
-    answer = str(safe_eval(expr))
-    prompt = f"Question: What is {expr}?\nAnswer:"
+    lo, hi = _OPERAND_RANGE[stage]
+    a, b = _number(rng, lo, hi), _number(rng, lo, hi)
+    op = rng.choice(["+", "-"])
+    if op == "-" and b > a:  # answers stay non-negative: no sign to learn
+        a, b = b, a
+    if b > a:  # the longer operand first, so every column has both digits written out
+        a, b = b, a
+    expr = f"{a}{op}{b}"
+    answer = str(a + b if op == "+" else a - b)
+    # Written the way a small model learns it: no words around the sum, the working in one token run.
+    # Measured on the tiny shape, 2-digit problems only, T_max 1, loss on the continuation: this form
+    # reaches 19% exact after 200 steps, the same working inside "Question: What is a + b?" 0%.
+    prompt = f"{expr}="
+    rationale = ",".join(column_steps(a, b, op))
     return {
-        "task": "arithmetic", "prompt": prompt, "answer": answer, "rationale": f"{expr} = {answer}",
-        "text": f"{prompt} {answer}", "program": json.dumps({"expr": expr}),
+        "task": "arithmetic", "prompt": prompt, "answer": answer, "rationale": rationale,
+        "text": f"{prompt}{rationale}. {ANSWER_MARK} {answer}", "program": json.dumps({"expr": expr}),
     }
 
 
 def _word_problem(rng: random.Random, stage: str) -> dict[str, Any]:
-    lo, hi = {"reasoning": (2, 3), "advanced": (3, 5)}.get(stage, (1, 2))
+    lo, hi = {"reasoning": (1, 2), "advanced": (2, 3)}.get(stage, (1, 1))
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     total = _number(rng, 5, 40)
     sentences = [f"{name} has {total} {item}."]
@@ -115,9 +157,10 @@ def _word_problem(rng: random.Random, stage: str) -> dict[str, Any]:
             total *= 2
     prompt = "Question: " + " ".join(sentences) + f" How many {item} does {name} have now?\nAnswer:"
     answer = str(total)
+    reasons = ". ".join(rationale) + "."
     return {
-        "task": "word_problem", "prompt": prompt, "answer": answer, "rationale": ". ".join(rationale) + ".",
-        "text": f"{prompt} {answer}", "program": json.dumps({"steps": steps}),
+        "task": "word_problem", "prompt": prompt, "answer": answer, "rationale": reasons,
+        "text": f"{prompt} {reasons} {ANSWER_MARK} {answer}", "program": json.dumps({"steps": steps}),
     }
 
 
@@ -126,7 +169,7 @@ def _key(rng: random.Random) -> str:
 
 
 def _kv_recall(rng: random.Random, stage: str) -> dict[str, Any]:
-    n_pairs, n_updates = {"foundation": (3, 0), "reasoning": (5, 0), "advanced": (8, 2)}[stage]
+    n_pairs, n_updates = {"foundation": (1, 0), "reasoning": (2, 0), "advanced": (2, 1)}[stage]
     keys: list[str] = []
     while len(keys) < n_pairs:
         k = _key(rng)
@@ -138,8 +181,11 @@ def _kv_recall(rng: random.Random, stage: str) -> dict[str, Any]:
         k = rng.choice(keys)
         values[k] = _number(rng, 100, 999)
         lines.append(f"Later, the code for {k} changed to {values[k]}.")
+    filler: list[str] = []
+    while pretokens(" ".join(filler)) < RECALL_GAP:
+        filler.append(_sentence(rng, not filler))
     target = rng.choice(keys)
-    prompt = " ".join(lines) + f"\nQuestion: What is the code for {target}?\nAnswer:"
+    prompt = " ".join(lines + filler) + f"\nQuestion: What is the code for {target}?\nAnswer:"
     answer = str(values[target])
     return {
         "task": "kv_recall", "prompt": prompt, "answer": answer, "rationale": f"The last code given for {target}.",
@@ -151,7 +197,8 @@ _GENERATORS = {"text": _text, "arithmetic": _arithmetic, "word_problem": _word_p
 
 
 def generate_stage(stage: str, split: str, n: int, seed: int, exclude: set[str]) -> list[dict[str, Any]]:
-    """``n`` unique examples for one stage and split; ``exclude`` (updated) keeps splits disjoint."""
+    """``n`` unique examples for one stage and split; ``exclude`` (updated) keeps splits disjoint. Training
+    draws skills by the stage's mix; validation and test cycle through them, an equal share each."""
     if stage not in STAGES or split not in SPLITS:
         raise ValueError(f"unknown stage/split {stage}/{split}")
     rng = random.Random(f"{seed}:{stage}:{split}")
@@ -162,7 +209,8 @@ def generate_stage(stage: str, split: str, n: int, seed: int, exclude: set[str])
         attempts += 1
         if attempts > 50 * n + 1000:
             raise RuntimeError(f"could not generate {n} unique {stage}/{split} examples (got {len(out)})")
-        ex = _GENERATORS[rng.choices(tasks, weights)[0]](rng, stage)
+        task = rng.choices(tasks, weights)[0] if split == "train" else tasks[len(out) % len(tasks)]
+        ex = _GENERATORS[task](rng, stage)
         if ex["text"] in exclude:
             continue
         exclude.add(ex["text"])
@@ -214,8 +262,13 @@ def normalize_answer(text: str) -> str:
     return text.strip().lower().rstrip(".")
 
 
+def final_part(prediction: str) -> str:
+    """What follows the last ANSWER_MARK (a rationale's numbers are not the answer), else all of it."""
+    return prediction.rsplit(ANSWER_MARK, 1)[-1]
+
+
 def check_answer(example: dict[str, Any], prediction: str) -> bool:
-    return bool(example["answer"]) and normalize_answer(prediction) == normalize_answer(example["answer"])
+    return bool(example["answer"]) and normalize_answer(final_part(prediction)) == normalize_answer(example["answer"])
 
 
 def recompute_answer(example: dict[str, Any]) -> str | None:
@@ -223,9 +276,8 @@ def recompute_answer(example: dict[str, Any]) -> str | None:
     prog = json.loads(example["program"] or "{}")
     task = example["task"]
     if task == "arithmetic":
-        if f"What is {prog['expr']}?" not in example["prompt"]:
-            return None
-        return str(safe_eval(prog["expr"]))
+        m = re.fullmatch(r"([-+*\d]+)=", example["prompt"])
+        return str(safe_eval(m.group(1))) if m and m.group(1) == prog["expr"] else None
     if task == "word_problem":
         # Replay the story's sentences in order; the program must agree with the text.
         total: int | None = None
@@ -245,10 +297,14 @@ def recompute_answer(example: dict[str, Any]) -> str | None:
             replay = v if op == "start" else {"add": replay + v, "sub": replay - v, "mul": replay * v}[op]
         return str(total) if total == replay else None
     if task == "kv_recall":
-        # Read the passage itself: the last statement about the key wins.
+        # Read the passage itself: the last statement about the key wins, and it must lie at least
+        # RECALL_GAP tokens before the question or the example would not test recall beyond the window.
         key = prog["key"]
-        found = re.findall(rf"code for {re.escape(key)} (?:is|changed to) (\d+)\.", example["prompt"])
-        return found[-1] if found else None
+        passage = example["prompt"].split("\nQuestion:")[0]
+        found = list(re.finditer(rf"code for {re.escape(key)} (?:is|changed to) (\d+)\.", passage))
+        if not found or pretokens(passage[found[-1].end():]) < RECALL_GAP:
+            return None
+        return found[-1].group(1)
     return None
 
 
@@ -257,4 +313,13 @@ def verify(example: dict[str, Any]) -> bool:
         return bool(example["text"]) and not example["answer"]
     if example["task"] not in _GENERATORS:
         return bool(example["answer"])  # converted hub rows: checked by their own converters
-    return recompute_answer(example) == example["answer"] and example["text"].endswith(example["answer"])
+    if example["task"] == "arithmetic":  # the worked columns are recomputed too: a wrong step is a wrong label
+        m = re.fullmatch(r"(\d+)([+-])(\d+)=", example["prompt"])
+        if not m or example["rationale"] != ",".join(column_steps(int(m[1]), int(m[3]), m[2])):
+            return False
+        expected = f"{example['prompt']}{example['rationale']}. {ANSWER_MARK} "
+    elif example["task"] == "word_problem":
+        expected = f"{example['prompt']} {example['rationale']} {ANSWER_MARK} "
+    else:
+        expected = f"{example['prompt']} "
+    return recompute_answer(example) == example["answer"] and example["text"] == expected + example["answer"]

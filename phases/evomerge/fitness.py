@@ -2,8 +2,9 @@
 
 - perplexity: exp of the mean next-token loss over packed held-out rows;
 - accuracy: share of held-out problems whose greedy continuation after the prompt is exactly the
-  answer's tokens and then EOS, read off one teacher-forced pass per problem (the argmax at every answer
-  position equals the answer token: the same as greedy decoding, without a decode loop);
+  reference continuation (the working, where the skill writes one, then the answer) and then EOS, read
+  off one teacher-forced pass per problem (the argmax at every position equals the reference token:
+  the same as greedy decoding, without a decode loop);
 - speed: forward FLOPs per token on a fixed batch of those rows, counted, not timed
   (``measure.forward_flops_per_token``): a timing differs between processes and machine loads, and a
   champion chosen by it would change with them under the same recipe id;

@@ -1,0 +1,71 @@
+"""The skill gates read measured per-skill hits: each fails on the case built to fail it."""
+
+from __future__ import annotations
+
+import pytest
+
+from phases.cognate.gates import cognate_gates, skill_leaders
+from phases.cognate.settings import CognateSection
+from phases.common.measure import difference_interval
+
+
+def _row(hits: int, n: int = 200) -> dict:
+    return {"accuracy": hits / n, "hits": hits, "n": n}
+
+
+def _evaluation(arith: dict[str, int], recall: dict[str, int], ablated_recall: int, n: int = 200) -> dict:
+    models = {}
+    for name in arith:
+        models[name] = {
+            "heldout_loss": 1.0, "niah": 0.9, "resolution": {"cv": 0.01}, "accuracy": 0.5,
+            "per_skill": {"arithmetic": _row(arith[name], n), "kv_recall": _row(recall[name], n)},
+            "kv_recall_memory_ablated": _row(ablated_recall, n),
+        }
+    return {"models": models, "majority_baseline": 0.0,
+            "diversity": {"halting_steps": 3.0, "ltm_usage": 0.5, "latency_ms": 20.0}}
+
+
+def _training(names) -> dict:
+    return {n: {"non_finite_tensors": 0, "telemetry": {"non_finite_steps": 0, "steps_with_ppl_delta": 1, "steps_logged": 1},
+                "stages": {"s": {"rollbacks": 0, "gate_polarized": 0.5}}} for n in names}
+
+
+def _gates(ev) -> dict:
+    report = cognate_gates(ev, _training(ev["models"]), CognateSection(), "strict")
+    return {g.id: g for g in report.gates}
+
+
+def test_skilled_specialists_with_a_used_memory_pass():
+    g = _gates(_evaluation({"speed": 190, "memory": 20}, {"speed": 10, "memory": 150}, ablated_recall=8))
+    for gate in ("arithmetic", "recall_beyond_window", "memory_used", "specialists_differ"):
+        assert g[gate].passed, g[gate]
+    assert g["memory_used"].interval[0] > 0
+
+
+@pytest.mark.parametrize("case,arith,recall,ablated,failing", [
+    ("untrained: nothing right", {"a": 2, "b": 1}, {"a": 1, "b": 0}, 0,
+     {"arithmetic", "recall_beyond_window", "memory_used", "specialists_differ"}),
+    ("memory read zeroed costs nothing: the answers came from elsewhere", {"a": 190, "b": 20}, {"a": 10, "b": 150}, 150,
+     {"memory_used"}),
+    ("one model best at everything", {"a": 190, "b": 20}, {"a": 150, "b": 10}, 5, {"specialists_differ"}),
+])
+def test_each_skill_gate_fails_on_its_failing_case(case, arith, recall, ablated, failing):
+    g = _gates(_evaluation(arith, recall, ablated))
+    assert {k for k in ("arithmetic", "recall_beyond_window", "memory_used", "specialists_differ")
+            if not g[k].passed} == failing, case
+
+
+def test_a_large_drop_on_few_problems_is_not_significant_and_fails():
+    # 2 of 4 right, 0 of 4 with the memory zeroed: a 50-point drop, but 4 problems cannot show it
+    g = _gates(_evaluation({"a": 4, "b": 0}, {"a": 0, "b": 2}, ablated_recall=0, n=4))
+    assert g["memory_used"].measured == pytest.approx(0.5) and not g["memory_used"].passed
+    assert difference_interval(2, 4, 0, 4)[0] < 0
+
+
+def test_a_lead_must_clear_the_margin_and_be_significant():
+    near = {"a": {"per_skill": {"x": _row(120)}}, "b": {"per_skill": {"x": _row(110)}}}
+    assert skill_leaders(near, 0.1) == {}  # 5 points: under the margin
+    small = {"a": {"per_skill": {"x": _row(6, 10)}}, "b": {"per_skill": {"x": _row(4, 10)}}}
+    assert skill_leaders(small, 0.1) == {}  # 20 points on 10 problems: not significant
+    clear = {"a": {"per_skill": {"x": _row(150)}}, "b": {"per_skill": {"x": _row(100)}}}
+    assert skill_leaders(clear, 0.1)["x"]["model"] == "a"
