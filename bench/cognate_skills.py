@@ -108,12 +108,13 @@ def main() -> None:
         base_model = load_pretrained(CognateForCausalLM, tmp / "base").eval()
         regime_loss = {}
         for spec in specialists():
-            texts = [r["text"] for r in splits["validation"] if r["stage"] == "reasoning" and spec.mix.get(r["task"], 0) > 0]
-            rows = pack(texts, bpe.load(tmp / "base"), shape.seq_len)[:32]
-            own = heldout_loss(base_model, rows)
+            held = [r for r in splits["validation"] if r["stage"] == "reasoning" and spec.mix.get(r["task"], 0) > 0]
+            ids, labels = pack_whole(held, bpe.load(tmp / "base"), shape.seq_len)
+            rows, labels = ids[:32], labels[:32]
+            own = heldout_loss(base_model, rows, labels=labels)
             saved = {k: getattr(base_model.config, k) for k in runtime_for(spec, sec.act_max_steps)}
             base_model.set_runtime(**runtime_for(spec, sec.act_max_steps))
-            regime_loss[spec.name] = {"base_runtime": own, "specialist_runtime": heldout_loss(base_model, rows)}
+            regime_loss[spec.name] = {"base_runtime": own, "specialist_runtime": heldout_loss(base_model, rows, labels=labels)}
             base_model.set_runtime(**saved)
         print("base held-out loss on each specialist's data, by runtime", regime_loss, flush=True)
         dirs, shock = {}, {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from phases.cognate.trainer import TrainResult, heldout_stats, niah, train
 from phases.common.config import ModelShape
 from phases.common.hf_io import build, load_pretrained, save_pretrained
 from phases.common.measure import value_range
+from phases.common.resources import usable_cpus
 from phases.common.telemetry import perplexity
 from phases.data import dataset_files
 from phases.data import tokenizer as bpe
@@ -126,13 +128,13 @@ def evaluate_models(model_dirs: dict[str, Path], curriculum_dir: Path, sec: Cogn
     majority = evaluate.majority_hits(list(splits["train"]), problems)
     baselines = {t: sum(v) / len(v) for t, v in majority.items()}
     recall = [p for p in problems if p["task"] == "kv_recall"]
-    per_model: dict[str, Any] = {}
-    for name, path in model_dirs.items():
+
+    def one(path: Path) -> dict[str, Any]:
         model = load_pretrained(CognateForCausalLM, path).eval()
         stats = heldout_stats(model, test_rows, labels=test_labels)
         hits = evaluate.hits(model, tokenizer, problems)
         flat = [h for v in hits.values() for h in v]
-        per_model[name] = {
+        result = {
             "heldout_loss": stats["loss"],
             "heldout_ppl": perplexity(stats["loss"]),
             "accuracy": sum(flat) / len(flat),
@@ -147,9 +149,14 @@ def evaluate_models(model_dirs: dict[str, Path], curriculum_dir: Path, sec: Cogn
         if recall and sec.eval.memory_ablation:
             model.set_runtime(mem_read_scale=0.0)
             ablated = evaluate.hits(model, tokenizer, recall)["kv_recall"]
-            per_model[name]["kv_recall_memory_ablated"] = {
+            result["kv_recall_memory_ablated"] = {
                 "accuracy": sum(ablated) / len(ablated), "hits": sum(ablated), "n": len(ablated),
                 "wilson_95": list(evaluate.wilson_interval(sum(ablated), len(ablated)))}
+        return result
+
+    # one model per core: torch releases the GIL in its kernels, so threads run the models side by side
+    with ThreadPoolExecutor(max(1, min(len(model_dirs), usable_cpus()))) as pool:
+        per_model = dict(zip(model_dirs, pool.map(one, model_dirs.values())))
     names = list(per_model)
     flat_majority = [h for v in majority.values() for h in v]
     return {
