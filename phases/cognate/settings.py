@@ -89,7 +89,7 @@ TINY: dict[str, Any] = {
     # without diverging
     # polarization_weight: at 0.2 the gate polarization loss halved how fast the tiny shape learned
     # arithmetic (20% exact after 350 steps against 50% at 0.05, T_max 1, 2-digit problems)
-    "train": {"foundation_steps": 120, "stage_steps": 100, "batch_size": 8, "activation_checkpointing": False,
+    "train": {"foundation_steps": 120, "stage_steps": 50, "batch_size": 8, "activation_checkpointing": False,
               "spike_threshold": 0.15, "polarization_weight": 0.05},
     # a 1M-parameter model after ~4 CPU-minutes cannot beat the majority baseline: its gates are shown
     # (FAIL where they fail) but do not stop the demo
