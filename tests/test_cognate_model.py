@@ -219,3 +219,13 @@ def test_batched_greedy_decoding_matches_one_problem_at_a_time():
     batched = evaluate.answers(model, Digits(), prompts, 8, first_line=False)
     alone = [evaluate.answer(model, Digits(), p, 8, first_line=False) for p in prompts]
     assert batched == alone and len(set(batched)) > 1
+
+
+def test_a_batch_whose_labels_are_all_ignored_has_zero_loss_not_nan():
+    model = _model()
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    out = model(x, labels=torch.full_like(x, -100))
+    assert out.lm_loss.item() == 0.0 and torch.isfinite(out.loss)
+    mean = model(x, labels=x).lm_loss  # with targets, the usual mean over them
+    logits = model(x).logits[:, :-1]
+    torch.testing.assert_close(mean, torch.nn.functional.cross_entropy(logits.reshape(-1, 300), x[:, 1:].reshape(-1)))

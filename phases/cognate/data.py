@@ -51,9 +51,12 @@ def pack_whole(examples: Sequence[dict], tokenizer: PreTrainedTokenizerBase, seq
         lab += target
     if row:
         close()
-    if not rows:
-        raise ValueError("no texts to pack")
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+    # rows are independent (no state crosses one), so a row with no target (the head of a prompt longer
+    # than a row) teaches nothing: it is dropped, not trained on at the cost of a step
+    kept = [i for i, lab in enumerate(labels) if any(t != -100 for t in lab)]
+    if not kept:
+        raise ValueError(f"no target tokens in {len(examples)} examples packed into rows of {seq_len}")
+    return torch.tensor([rows[i] for i in kept], dtype=torch.long), torch.tensor([labels[i] for i in kept], dtype=torch.long)
 
 
 def pack(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:

@@ -363,8 +363,9 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
         loss = lm_loss = ponder_loss = None
         if labels is not None:
             shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+            # summed, then divided by at least 1: a batch whose labels are all ignored has loss 0, not NaN
             lm_loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                      ignore_index=-100)
+                                      ignore_index=-100, reduction="sum") / (shift_labels != -100).sum().clamp_min(1)
             valid = (labels != -100).to(out.ponder.dtype)
             ponder_loss = (out.ponder * valid).sum() / valid.sum().clamp_min(1)
             loss = lm_loss + self.config.ponder_cost * ponder_loss
