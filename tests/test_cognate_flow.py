@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import phases.cognate  # noqa: F401
 from phases.cognate import steps
-from phases.cognate.data import pack
-from phases.common.measure import heldout_loss
+from phases.cognate.data import pack_whole
+from phases.common import measure
 from phases.data import dataset_files
 from phases.data import tokenizer as bpe
 from storage import ArtifactStore
@@ -83,7 +83,11 @@ def test_specialists_are_merge_ready_where_independent_models_are_not(flow_run, 
     cur = next(m for m in store.list() if m["kind"] == "curriculum")
     cur_path = store.load(cur["id"])
     tok = bpe.load(paths["reasoning"])
-    test_rows = pack([r["text"] for r in dataset_files.load_splits(cur_path)["test"]], tok, config.model.seq_len)
+    # the loss the models train on: what a model writes, not the prompts
+    test_rows, labels = pack_whole(dataset_files.load_splits(cur_path)["test"], tok, config.model.seq_len)
+
+    def heldout_loss(model, rows):
+        return measure.heldout_loss(model, rows, labels=labels)
 
     def load(p):
         return AutoModelForCausalLM.from_pretrained(p).eval()

@@ -233,5 +233,6 @@ def test_failed_run_is_retried_like_the_ui_and_resumes(stack, tmp_path):
         store.verify(m["id"])
         if m["kind"] == "cognate-model":  # the retried specialists resumed from their last checkpoints
             stages = store.manifest(store.ref(m["id"]))["metrics"]["stages"]
-            assert stages["advanced"]["resumed_from"] == MICRO["cognate"]["train"]["stage_steps"], stages
+            # (a specialist's stage length is its equal-compute share, so read it off the stage)
+            assert stages["advanced"]["resumed_from"] == stages["advanced"]["final_step"] > 0, stages
             assert stages["advanced"]["steps_run"] == 0, stages
