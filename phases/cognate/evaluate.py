@@ -83,17 +83,27 @@ def hits(model: CognateForCausalLM, tokenizer: PreTrainedTokenizerBase, examples
     return per_task
 
 
+def pooled(per_task: dict[str, list[bool]]) -> list[bool]:
+    """Every task's hits in one list."""
+    return [ok for oks in per_task.values() for ok in oks]
+
+
 def accuracy(model: CognateForCausalLM, tokenizer: PreTrainedTokenizerBase, examples: Sequence[dict]) -> dict[str, Any]:
     per_task = hits(model, tokenizer, examples)
-    flat = [ok for oks in per_task.values() for ok in oks]
+    flat = pooled(per_task)
     return {"accuracy": sum(flat) / max(1, len(flat)), "n": len(flat),
             "per_task": {t: sum(v) / len(v) for t, v in per_task.items()}}
 
 
+def proportion(oks: Sequence[bool]) -> dict[str, Any]:
+    """Accuracy, hits, n and the 95% Wilson interval of one list of hits."""
+    k, n = sum(oks), len(oks)
+    return {"accuracy": k / n, "hits": k, "n": n, "wilson_95": list(wilson_interval(k, n))}
+
+
 def per_skill(per_task: dict[str, list[bool]], baselines: dict[str, float]) -> dict[str, dict[str, Any]]:
     """The per-skill table: accuracy, its 95% Wilson interval, the majority-answer baseline."""
-    return {t: {"accuracy": sum(v) / len(v), "hits": sum(v), "n": len(v), "wilson_95": list(wilson_interval(sum(v), len(v))),
-                "majority_baseline": baselines[t]} for t, v in sorted(per_task.items())}
+    return {t: proportion(v) | {"majority_baseline": baselines[t]} for t, v in sorted(per_task.items())}
 
 
 def by_skill(examples: Sequence[dict], per_skill_n: int) -> list[dict]:
@@ -121,10 +131,6 @@ def majority_hits(train: Sequence[dict], test: Sequence[dict]) -> dict[str, list
         out.setdefault(ex["task"], []).append(normalize_answer(ex["answer"]) == common[ex["task"]])
     return out
 
-
-def majority_baseline(train: Sequence[dict], test: Sequence[dict]) -> float:
-    flat = [h for v in majority_hits(train, test).values() for h in v]
-    return sum(flat) / max(1, len(flat))
 
 
 def latency_ms(model: CognateForCausalLM, prompt_ids: torch.Tensor, new_tokens: int = 16, repeats: int = 3) -> float:

@@ -98,7 +98,7 @@ def train(
     model's own settings, which are restored at the end."""
     workdir = Path(workdir)
     # (rows, labels): the held-out loss is on the tokens the training loss is on
-    held = (eval_rows[0], 8, eval_rows[1]) if isinstance(eval_rows, tuple) else (eval_rows, 8, None)
+    eval_ids, eval_labels = eval_rows if isinstance(eval_rows, tuple) else (eval_rows, None)
     ckpts = CheckpointManager(workdir / "checkpoints", settings.keep_last, settings.max_rollbacks)
     telemetry = TelemetryWriter(workdir / "telemetry.jsonl")
     opt = MuonGrokfast(model, settings.optim)
@@ -137,7 +137,7 @@ def train(
         resumed_from = step - 1
         telemetry.write(step=resumed_from, event="resumed", rollback_count=ckpts.rollback_count)
     else:
-        loss0 = heldout_loss(model, *held)
+        loss0 = heldout_loss(model, eval_ids, labels=eval_labels)
         detector.update(loss0)
         save(0, loss0)  # the initial weights: the first rollback target
         step = 1
@@ -206,7 +206,7 @@ def train(
                       regime=regime, **clip)
 
         if step % settings.eval_every == 0 or step == steps:
-            last_eval = heldout_loss(model, *held)
+            last_eval = heldout_loss(model, eval_ids, labels=eval_labels)
             e_delta, spike = detector.update(last_eval)
             record.update(eval_loss=last_eval, eval_ppl_delta=e_delta, is_spike=spike)
             if spike:
@@ -222,7 +222,7 @@ def train(
 
     train_seconds = time.perf_counter() - t_start
     if math.isnan(last_eval):
-        last_eval = heldout_loss(model, *held)
+        last_eval = heldout_loss(model, eval_ids, labels=eval_labels)
     return TrainResult(
         steps_run=steps_run, final_step=steps, resumed_from=resumed_from, rollbacks=ckpts.rollback_count,
         spikes=spikes, eval_loss=last_eval, niah=niah_scores, niah_seconds=niah_seconds,
