@@ -13,6 +13,8 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from phases.cognate import steps
 from phases.cognate.specialists import specialists, stage_steps_for
+from phases.common.resources import usable_cpus
+from phases.common.workers import run_in_worker
 from phases.config import PipelineConfig
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
@@ -85,9 +87,12 @@ def train_specialist(name: str, config: PipelineConfig, base: ArtifactRef, curri
     spec = {s.name: s for s in specialists()}[name]
     st = store(home)
     recipe = specialist_recipe(name, config, base, curriculum, batch_size)
-    return _trained_model(home, recipe, name, f"cognate-specialist:{name}", lambda work, out: steps.train_specialist(
-        spec, st.load(base), config.cognate, config.model.seq_len, st.load(curriculum), batch_size, config.seed,
-        work, out, _reporter(name, 2 * stage_steps_for(spec, config.cognate.act_max_steps, config.cognate.train.stage_steps))))
+    # the flow trains every specialist side by side: each in its own process, with its share of the cores
+    threads = max(1, usable_cpus() // len(specialists()))
+    return _trained_model(home, recipe, name, f"cognate-specialist:{name}", lambda work, out: run_in_worker(
+        steps.train_specialist, spec, st.load(base), config.cognate, config.model.seq_len, st.load(curriculum),
+        batch_size, config.seed, work, out, threads=threads,
+        on_progress=_reporter(name, 2 * stage_steps_for(spec, config.cognate.act_max_steps, config.cognate.train.stage_steps))))
 
 
 @task(name="cognate-evaluate", cache_policy=phase_cache("phases.cognate"), persist_result=True)

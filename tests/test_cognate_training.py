@@ -89,3 +89,15 @@ def test_sigkilled_training_resumes_from_its_checkpoint_and_ends_where_an_unbrok
     # batches, optimizer, Grokfast EMA, clipper and detector all come back: the same end point
     assert r["weight_sum"] == pytest.approx(u["weight_sum"], rel=1e-5)
     assert r["eval_loss"] == pytest.approx(u["eval_loss"], rel=1e-4)
+
+
+def test_a_specialist_stage_climbs_the_ladder_and_a_foundation_stage_does_not():
+    from phases.cognate.steps import stage_rows
+
+    splits = {"train": [{"stage": s, "i": i} for i, s in enumerate(["foundation", "reasoning", "advanced"] * 2)]}
+    stages = lambda stage, climb: sorted({r["stage"] for r in stage_rows(splits, "train", stage, climb)})  # noqa: E731
+    assert stages("reasoning", False) == ["reasoning"]
+    assert stages("reasoning", True) == ["foundation", "reasoning"]
+    assert stages("advanced", True) == ["advanced", "foundation", "reasoning"]
+    assert stages("foundation", True) == ["foundation"]
+    assert len(stage_rows(splits, "train", None)) == 6

@@ -155,3 +155,4 @@ def usable_cpus() -> int:
     """Cores this process may run on (its affinity mask, which a container's CPU set narrows), not the
     machine's count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
