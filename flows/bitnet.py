@@ -49,7 +49,7 @@ def bitnet(config: PipelineConfig = PipelineConfig(), home: str | None = None, r
 
     st = store(home)
     report = st.read_json(report_ref, REPORT)
-    gates = bitnet_gates(report, config.bitnet.gates, config.bitnet.gates.mode or config.gates.mode)
+    gates = bitnet_gates(report, config.bitnet.gates, config.gate_mode("bitnet"))
     close_phase(gates, config, run_group, home,
                 {"report": report, "quantize": st.manifest(staged)["metrics"], "finetune": st.manifest(packed)["metrics"]},
                 [packed, report_ref], images={"bitnet/sparsity_accuracy": str(st.file(report_ref, FIGURE))})

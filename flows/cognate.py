@@ -40,7 +40,7 @@ def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
 
     st = store(home)
     training = {name: st.manifest(ref)["metrics"] for name, ref in models.items()}
-    report = cognate_gates(evaluation, training, config.cognate, config.cognate.gates.mode or config.gates.mode)
+    report = cognate_gates(evaluation, training, config.cognate, config.gate_mode("cognate"))
     close_phase(report, config, run_group, home,
                 {"evaluation": evaluation, "training": training, "base": st.manifest(base)["metrics"]},
                 [base, *models.values()],

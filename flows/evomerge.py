@@ -96,7 +96,7 @@ def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None,
         logger.info("EvoMerge champion for this recipe already stored (%s): not evolving again", existing.id)
         ref = existing
     metrics = st.manifest(ref)["metrics"]
-    report = evomerge_gates(metrics["final"], metrics["run"], sec.gates, sec.gates.mode or config.gates.mode)
+    report = evomerge_gates(metrics["final"], metrics["run"], sec.gates, config.gate_mode("evomerge"))
     final = metrics["final"]
     best_input = max(final["inputs"].values(), key=lambda m: m["fitness"])["fitness"]
     logger.info("champion %s: test fitness %.4f vs best input %.4f (×%.3f); %s", metrics["champion"]["techniques"],

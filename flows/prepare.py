@@ -47,7 +47,7 @@ def prepare(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
     st = store(home)
     cur_metrics, tok_metrics = st.manifest(curriculum)["metrics"], st.manifest(tokenizer)["metrics"]
     report = prepare_gates(cur_metrics, tok_metrics, len(config.data.hub_datasets), len(hub_refs),
-                           config.data.offline_fallback, config.gates.mode)
+                           config.data.offline_fallback, config.gate_mode("prepare"))
     close_phase(report, config, run_group, home,
                 {"curriculum": cur_metrics, "tokenizer": tok_metrics, "preflight": checked["needs"]},
                 [curriculum, *hub_refs, tokenizer])

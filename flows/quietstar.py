@@ -50,7 +50,7 @@ def quietstar(config: PipelineConfig = PipelineConfig(), home: str | None = None
     st = store(home)
     baking, reinforcement = st.manifest(baked)["metrics"], st.manifest(reinforced)["metrics"]
     report = quietstar_gates(baking, reinforcement, evaluation, config.quietstar,
-                             config.quietstar.gates.mode or config.gates.mode)
+                             config.gate_mode("quietstar"))
     close_phase(report, config, run_group, home,
                 {"data": st.manifest(data)["metrics"], "baking": baking, "reinforcement": reinforcement,
                  "evaluation": evaluation},

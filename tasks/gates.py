@@ -16,11 +16,8 @@ from tasks.tracking import log_phase_boundary
 def publish_gates(report: GateReport) -> None:
     """A table artifact under key `<phase>-gates`, so each run's gates sit in the UI side by side."""
     logger = get_run_logger()
-    create_table_artifact(
-        key=f"{report.phase}-gates", table=report.rows(),
-        description=f"{report.phase} exit gates ({report.mode}): {'PASS' if report.passed else 'FAIL'}",
-    )
-    logger.info("%s exit gates (%s):\n%s", report.phase, report.mode, report.markdown())
+    create_table_artifact(key=f"{report.phase}-gates", table=report.rows(), description=report.title())
+    logger.info("%s:\n%s", report.title(), report.markdown())
 
 
 def enforce_gates(report: GateReport) -> None:
@@ -37,6 +34,8 @@ def close_phase(report: GateReport, config: PipelineConfig, run_group: str, home
     """How every phase ends: its gate table in the UI and the log, one W&B run at the boundary (config,
     metrics, gates, outputs, images), then strict or lenient applied, so a strict failure comes after
     everything a user needs to see why."""
+    if report.mode == "lenient" and config.gates.mode == "lenient":  # the pipeline's leniency, and its reason
+        report.reason = config.gates.reason
     publish_gates(report)
     log_phase_boundary(report.phase, run_group, home, config.tracking.wandb_mode, config.tracking.project,
                        config.model_dump(mode="json"), metrics, report, outputs, images=images)

@@ -112,3 +112,15 @@ def test_input_selection_prefers_the_latest_phase_and_fails_clearly_without_one(
             Recipe(kind=kind, config={"n": len(made.get(kind, []))}), lambda out: (out / "f").write_text("x") and {}))
         expected = (made.get("quietstar-model") or made.get("evomerge-champion") or made["cognate-model"])[-1]
         assert latest_model(str(tmp_path)) == expected
+
+
+def test_strict_stops_the_flow_at_its_failing_gate_naming_it(flow_run):
+    """Quantization, fine-tuning and the report are cached (gates are not in their recipes). The phase's own
+    mode, so that prepare's micro tokenizer (which fails its compression gate) does not stop the run first."""
+    from flows.bitnet import bitnet
+    from phases.common.gates import GateFailed
+
+    config, home, _, _ = flow_run
+    strict = PipelineConfig.from_preset("tiny", **{**MICRO, "bitnet": {**MICRO["bitnet"], "gates": {"mode": "strict"}}})
+    with pytest.raises(GateFailed, match=r"bitnet exit gates failed: .*accuracy_drop: measured"):
+        bitnet(strict, str(home))

@@ -116,3 +116,18 @@ def test_specialists_get_equal_compute_not_equal_steps():
     cost = {s.name: stage_steps_for(s, 3, 80) * runtime_for(s, 3)["act_max_steps"] for s in specialists()}
     assert max(cost.values()) / min(cost.values()) < 1.1, cost
     assert stage_steps_for(specialists()[2], 3, 80) == 240  # speed recurses once: three steps for one
+
+
+def test_set_gates_mode_strict_stops_the_flow_at_its_failing_gate_naming_it(cognate_micro):
+    """The training is cached (gates are not in its recipe); only the evaluation and the gates run again."""
+    from conftest import COGNATE_MICRO
+
+    from flows.cognate import cognate
+    from phases.common.gates import GateFailed
+    from phases.config import PipelineConfig, deep_merge
+
+    _, home, _ = cognate_micro
+    strict = PipelineConfig.from_preset("tiny", **deep_merge(
+        COGNATE_MICRO, {"gates": {"mode": "strict"}, "cognate": {"gates": {"mode": None}}}))
+    with pytest.raises(GateFailed, match=r"cognate exit gates failed: .*arithmetic: measured 0 not >= 0.9"):
+        cognate(strict, str(home))

@@ -120,3 +120,18 @@ def test_gate_table_has_real_figures(flow_run):
     assert float(by_id["latency_with_thoughts"]["measured"]) > 0
     _, _, result = flow_run
     assert result.gates_passed is False  # a micro model is no reasoner: lenient mode shows it, FAIL rows and all
+
+
+
+def test_strict_stops_the_flow_at_its_failing_gate_naming_it(flow_run):
+    """Baking and reinforcement are cached (gates are not in their recipes); the evaluation runs again. The
+    phase's own mode, so that prepare's micro tokenizer (which fails its compression gate) does not stop the
+    run first."""
+    from flows.quietstar import quietstar
+    from phases.common.gates import GateFailed
+
+    _, home, _ = flow_run
+    qs = MICRO["quietstar"]
+    strict = PipelineConfig.from_preset("tiny", **{**MICRO, "quietstar": {**qs, "gates": {"mode": "strict"}}})
+    with pytest.raises(GateFailed, match=r"quietstar exit gates failed: .*theater_"):
+        quietstar(strict, str(home))

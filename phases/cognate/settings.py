@@ -92,9 +92,7 @@ TINY: dict[str, Any] = {
     # most the 5-minute Cognate budget holds on 2 cores with the specialists in their own processes (281 s)
     "train": {"foundation_steps": 120, "stage_steps": 60, "batch_size": 8, "activation_checkpointing": False,
               "spike_threshold": 0.15, "polarization_weight": 0.05},
-    # a 1M-parameter model after ~4 CPU-minutes cannot beat the majority baseline: its gates are shown
-    # (FAIL where they fail) but do not stop the demo
-    "gates": {"min_halting_spread": 2.0, "mode": "lenient"},
+    "gates": {"min_halting_spread": 2.0},
 }
 SMALL: dict[str, Any] = {
     "act_max_steps": 6, "window_size": 256,

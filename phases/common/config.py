@@ -72,4 +72,9 @@ class PreflightConfig(Strict):
 
 
 class GateConfig(Strict):
+    """The pipeline's gate mode. A phase's own ``gates.mode``, where set, wins for that phase (the one rule:
+    ``PipelineConfig.gate_mode``); presets set only this one, so ``--set gates.mode=strict`` makes every
+    phase strict."""
+
     mode: Literal["strict", "lenient"] = Field(default="strict", description="strict gates fail the flow")
+    reason: str = Field(default="", description="why the gates are lenient: shown in every lenient gate table's title")

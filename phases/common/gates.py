@@ -41,6 +41,7 @@ class Gate(BaseModel):
 class GateReport(BaseModel):
     phase: str
     mode: Literal["strict", "lenient"] = "strict"
+    reason: str = ""  # why a lenient report is lenient (the preset's written reason)
     gates: list[Gate] = Field(default_factory=list)
 
     def add(self, id: str, criterion: str, measured: float | None, op: str, threshold: float,
@@ -69,6 +70,11 @@ class GateReport(BaseModel):
             }
             for g in self.gates
         ]
+
+    def title(self) -> str:
+        """``<phase> exit gates (<mode>[: reason]): PASS|FAIL``."""
+        mode = f"lenient: {self.reason}" if self.mode == "lenient" and self.reason else self.mode
+        return f"{self.phase} exit gates ({mode}): {'PASS' if self.passed else 'FAIL'}"
 
     def markdown(self) -> str:
         head = "| gate | criterion | threshold | measured | passed |\n|---|---|---|---|---|\n"

@@ -57,6 +57,5 @@ TINY: dict[str, Any] = {
     # a 1M-parameter merge's fitness creeps up by < 0.5% per generation for dozens of generations
     # on perplexity noise-level gains; the tiny demo stops when 5 generations gain < 0.005
     "search": {"min_improvement": 0.005},
-    "gates": {"mode": "lenient"},
 }
 SMALL: dict[str, Any] = {"fitness": {"eval_rows": 64, "accuracy_problems": 200, "probe_rows": 4}}

@@ -145,8 +145,7 @@ class QuietStarGates(Strict):
     min_accuracy_delta: float = Field(default=0.03, description="accuracy after RL - after baking (target: +3 points)")
     max_latency_ms_per_token: float = Field(default=200.0, gt=0, description="target: < 200 ms with thoughts")
     mode: Literal["strict", "lenient"] | None = Field(
-        default="lenient", description="Quiet-STaR's gates; empty: the pipeline's gates.mode. Tiny: lenient (a "
-        "1M-parameter model after a few CPU-minutes is not expected to pass; the table shows FAIL where it fails)")
+        default=None, description="Quiet-STaR's gates; empty: the pipeline's gates.mode")
 
 
 class QuietStarSection(Strict):
@@ -167,5 +166,4 @@ SMALL: dict[str, Any] = {
     "rl": {"thought_count_cap": None, "thought_length_cap": None, "steps": 1000, "batch_size": 4, "seq_len": 128,
            "theater": {"check_every": 250, "max_retries": 3, "problems": 64}},
     "eval": {"problems": 300, "max_new_tokens": 256},
-    "gates": {"mode": None},
 }
