@@ -17,6 +17,10 @@ def publish_gates(report: GateReport) -> None:
     """A table artifact under key `<phase>-gates`, so each run's gates sit in the UI side by side."""
     logger = get_run_logger()
     create_table_artifact(key=f"{report.phase}-gates", table=report.rows(), description=report.title())
+    if report.facts:
+        create_table_artifact(key=f"{report.phase}-facts", description=f"{report.phase}: reported, not gated",
+                              table=[{"fact": f.id, "what": f.description, "value": "not measured" if f.value is None
+                                      else f"{f.value:.6g}"} for f in report.facts])
     logger.info("%s:\n%s", report.title(), report.markdown())
 
 

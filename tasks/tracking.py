@@ -71,6 +71,8 @@ def log_phase_boundary(
         for g in gates.gates:
             run.summary[f"gates/{g.id}/measured"] = g.measured
             run.summary[f"gates/{g.id}/passed"] = g.passed
+        for f in gates.facts:
+            run.summary[f"facts/{f.id}"] = f.value
         rows = gates.rows()
         run.log({"gates": wandb.Table(columns=list(rows[0]) if rows else ["gate"], data=[list(r.values()) for r in rows])})
         for name, path in (images or {}).items():

@@ -11,6 +11,9 @@ Definitions (also in the README):
   interval, on ``accuracy_per_skill`` test problems of each skill.
 - majority baseline: for each task, always answer the task's most frequent training answer.
 - memory ablation: the same decoding with the memory read zeroed (runtime ``mem_read_scale`` 0).
+- prediction disagreement: for two models, the share of held-out positions (those a model writes) where
+  their greedy next tokens differ; the diversity gate takes the mean over pairs. Behaviour on the same
+  inputs, so copies of one model measure 0 whatever their settings say.
 - mean halting steps: ACT steps that contributed to each held-out token's output, averaged.
 - LTM usage: 1 − mean MAG gate, i.e. the share of the mixed layer output taken from the memory branch.
 - latency: median wall time of one greedy generation of ``latency_tokens`` tokens from a fixed
@@ -131,6 +134,31 @@ def majority_hits(train: Sequence[dict], test: Sequence[dict]) -> dict[str, list
         out.setdefault(ex["task"], []).append(normalize_answer(ex["answer"]) == common[ex["task"]])
     return out
 
+
+
+@torch.no_grad()
+def next_token_predictions(model: CognateForCausalLM, rows: torch.Tensor, labels: torch.Tensor,
+                           batch_size: int = 8) -> list[int]:
+    """The greedy next token at every position whose next label is scored (what a model writes), in order."""
+    was_training = model.training
+    model.eval()
+    out: list[int] = []
+    try:
+        for i in range(0, len(rows), batch_size):
+            logits = model(rows[i:i + batch_size]).logits[:, :-1]
+            scored = labels[i:i + batch_size, 1:] != -100
+            out += logits.argmax(-1)[scored].tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def disagreement(predictions: dict[str, Sequence[int]]) -> dict[str, Any]:
+    """Pairwise share of positions where two models' greedy next tokens differ, and its mean over pairs."""
+    names = sorted(predictions)
+    pairs = {f"{a}/{b}": sum(x != y for x, y in zip(predictions[a], predictions[b])) / max(1, len(predictions[a]))
+             for i, a in enumerate(names) for b in names[i + 1:]}
+    return {"pairs": pairs, "mean": statistics.fmean(pairs.values()) if pairs else 0.0}
 
 
 def latency_ms(model: CognateForCausalLM, prompt_ids: torch.Tensor, new_tokens: int = 16, repeats: int = 3) -> float:

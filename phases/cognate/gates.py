@@ -36,21 +36,25 @@ def cognate_gates(evaluation: dict[str, Any], training: dict[str, dict[str, Any]
     r.add("no_nan", "models with a non-finite held-out loss, weight, or training step",
           sum(not math.isfinite(m["heldout_loss"]) for m in models.values())
           + sum(t["non_finite_tensors"] + t["telemetry"]["non_finite_steps"] for t in training.values()), "==", 0)
-    r.add("niah", "lowest NIAH cosine (needle under 100 random keys) over the models",
-          min(m["niah"] for m in models.values()), ">=", 0.8)
-    r.add("ppl_delta_visible", "fraction of training steps whose telemetry line carries a PPL delta",
-          min(t["telemetry"]["steps_with_ppl_delta"] / max(1, t["telemetry"]["steps_logged"]) for t in training.values()),
-          ">=", 1.0)
-    r.add("rollbacks", "most auto-rollbacks in any training stage",
-          max(s["rollbacks"] for t in training.values() for s in t["stages"].values()), "<=", 3)
     r.add("gate_polarization", "lowest share of MAG gate values < 0.1 or > 0.9 at the end of training",
           min(s["gate_polarized"] for t in training.values() for s in t["stages"].values()), ">=", 0.2)
-    r.add("diversity_halting", "spread (max - min) of mean ACT halting steps", evaluation["diversity"]["halting_steps"],
-          ">", sec.gates.min_halting_spread)
-    r.add("diversity_ltm", "spread of LTM usage (1 - mean MAG gate)", evaluation["diversity"]["ltm_usage"],
-          ">", sec.gates.min_ltm_spread)
-    r.add("diversity_latency", "spread of 16-token generation latency (ms)", evaluation["diversity"]["latency_ms"],
-          ">", sec.gates.min_latency_spread_ms)
+    disagreement = evaluation["diversity"]["prediction_disagreement"]
+    r.add("diversity_predictions", "mean share of held-out positions where two models' greedy next tokens differ "
+          "(" + ", ".join(f"{k} {v:.3f}" for k, v in disagreement["pairs"].items()) + ")",
+          disagreement["mean"], ">=", sec.gates.min_disagreement)
+    # decided by the configuration or the code, so reported, never gated: the probe writes random keys with the
+    # layer's gate scalars alone (the token-level test is recall_beyond_window with memory_used); the trainer
+    # writes a PPL delta on every step and raises on the rollback past its limit; halting, LTM usage and latency
+    # follow each specialist's hand-set step cap, gate bias and window
+    r.fact("niah", "lowest NIAH cosine over the models (the memory's write rule on 100 random keys, no tokens)",
+           min(m["niah"] for m in models.values()))
+    r.fact("ppl_delta_visible", "fraction of training steps whose telemetry line carries a PPL delta",
+           min(t["telemetry"]["steps_with_ppl_delta"] / max(1, t["telemetry"]["steps_logged"]) for t in training.values()))
+    r.fact("rollbacks", "most auto-rollbacks in any training stage (past train.max_rollbacks training stops)",
+           max(s["rollbacks"] for t in training.values() for s in t["stages"].values()))
+    r.fact("halting_spread", "max - min of mean ACT steps over the models", evaluation["diversity"]["halting_steps"])
+    r.fact("ltm_spread", "max - min of LTM usage (1 - mean MAG gate)", evaluation["diversity"]["ltm_usage"])
+    r.fact("latency_spread_ms", "max - min of 16-token generation latency", evaluation["diversity"]["latency_ms"])
     r.add("resolution_cv", "largest CV of held-out PPL across memory chunk sizes 4..64",
           max(m["resolution"]["cv"] for m in models.values()), "<", 0.10)
     skill = {name: m["per_skill"] for name, m in models.items()}

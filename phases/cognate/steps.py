@@ -148,6 +148,7 @@ def evaluate_models(model_dirs: dict[str, Path], curriculum_dir: Path, sec: Cogn
             futures = {n: pool.submit(evaluate_one, model_dirs[n], *args) for n in order}
             per_model = {n: futures[n].result() for n in order}
     per_model = {n: per_model[n] for n in model_dirs}
+    disagreement = evaluate.disagreement({n: m.pop("predictions") for n, m in per_model.items()})
     names = list(per_model)
     flat_majority = evaluate.pooled(majority)
     return {
@@ -155,7 +156,7 @@ def evaluate_models(model_dirs: dict[str, Path], curriculum_dir: Path, sec: Cogn
         "majority_baseline": sum(flat_majority) / len(flat_majority),
         "accuracy_examples": len(problems),
         "diversity": {key: value_range([per_model[n][key] for n in names])
-                      for key in ("halting_steps", "ltm_usage", "latency_ms")},
+                      for key in ("halting_steps", "ltm_usage", "latency_ms")} | {"prediction_disagreement": disagreement},
     }
 
 
@@ -179,6 +180,7 @@ def evaluate_one(path: Path, test_rows: torch.Tensor, test_labels: torch.Tensor,
         "latency_ms": evaluate.latency_ms(model, prompt),
         "niah": niah(model, model.config.mem_chunk_size, seed=12345),
         "resolution": evaluate.resolution_sensitivity(model, test_rows, labels=test_labels),
+        "predictions": evaluate.next_token_predictions(model, test_rows, test_labels),
     }
     recall = [p for p in problems if p["task"] == "kv_recall"]
     if recall and memory_ablation:

@@ -38,11 +38,25 @@ class Gate(BaseModel):
                    passed=bool(ok))
 
 
+class Fact(BaseModel):
+    """A measured figure shown beside the gates but never gated: one that the configuration or the code
+    decides (a spread of hand-set runtime settings, a count the trainer caps), so a gate on it could not fail
+    on merit."""
+
+    id: str
+    description: str
+    value: float | None
+
+
 class GateReport(BaseModel):
     phase: str
     mode: Literal["strict", "lenient"] = "strict"
     reason: str = ""  # why a lenient report is lenient (the preset's written reason)
     gates: list[Gate] = Field(default_factory=list)
+    facts: list[Fact] = Field(default_factory=list)
+
+    def fact(self, id: str, description: str, value: float | None) -> None:
+        self.facts.append(Fact(id=id, description=description, value=value))
 
     def add(self, id: str, criterion: str, measured: float | None, op: str, threshold: float,
             interval: tuple[float, float] | None = None) -> Gate:
@@ -78,7 +92,12 @@ class GateReport(BaseModel):
 
     def markdown(self) -> str:
         head = "| gate | criterion | threshold | measured | passed |\n|---|---|---|---|---|\n"
-        return head + "\n".join("| " + " | ".join(r.values()) + " |" for r in self.rows())
+        table = head + "\n".join("| " + " | ".join(r.values()) + " |" for r in self.rows())
+        if self.facts:
+            table += "\n\nReported, not gated:\n\n| fact | what | value |\n|---|---|---|\n" + "\n".join(
+                f"| {f.id} | {f.description} | {'not measured' if f.value is None else f'{f.value:.6g}'} |"
+                for f in self.facts)
+        return table
 
     def enforce(self) -> list[str]:
         """Strict: raise on any failure. Lenient: return the failures as warnings."""
