@@ -82,9 +82,13 @@ def test_gate_table_and_report_reach_the_prefect_ui(flow_run):
     assert tables
     rows = tables[-1].data if isinstance(tables[-1].data, list) else json.loads(tables[-1].data)
     ids = {r["gate"] for r in rows}
-    assert ids == {"compression", "accuracy_drop", "token_accuracy_drop", "sparsity", "speedup", "no_nan"}
+    # tiny's sparsity target (25%) is below what absmean ternarization gives the input for free: reported, not gated
+    assert ids == {"compression", "accuracy_drop", "token_accuracy_drop", "speedup", "no_nan"}
     measured = {r["gate"]: r["measured"] for r in rows}
-    assert all(measured[g] != "not measured" for g in ("compression", "sparsity", "speedup", "token_accuracy_drop"))
+    assert all(measured[g] != "not measured" for g in ("compression", "speedup", "token_accuracy_drop"))
+    facts = _artifacts(["bitnet-facts"])
+    assert {r["fact"] for r in (facts[-1].data if isinstance(facts[-1].data, list) else json.loads(facts[-1].data))} == {
+        "sparsity", "sparsity_free"}
     report = _artifacts(["bitnet-report"])
     assert report and "data:image/png;base64," in report[-1].data and "layer group" in report[-1].data
     assert isinstance(result.gates_passed, bool)

@@ -170,3 +170,29 @@ def test_killed_evolution_resumes_without_reevaluating(models, tmp_path):
 
     killed, clean = raw_by_key(evals), raw_by_key(fresh / "evaluations.jsonl")
     assert killed.keys() == clean.keys() and all(killed[k] == clean[k] for k in clean)
+
+
+def test_accuracy_kept_fails_when_nothing_answers_and_when_the_champion_loses_accuracy():
+    from phases.evomerge.gates import evomerge_gates
+    from phases.evomerge.settings import EvoMergeGates
+
+    def kept(champion: float, inputs: list[float]):
+        final = {"champion": {"fitness": 1.5, "accuracy": champion},
+                 "inputs": {f"m{i}": {"fitness": 1.0, "accuracy": a} for i, a in enumerate(inputs)}}
+        run = {"min_diversity": 0.5, "combos_evaluated": 8}
+        return {g.id: g for g in evomerge_gates(final, run, EvoMergeGates(), "lenient").gates}["accuracy_kept"]
+
+    assert kept(0.0, [0.0, 0.0, 0.0]).measured is None and not kept(0.0, [0.0, 0.0, 0.0]).passed  # never 0 >= 0
+    assert not kept(0.10, [0.20, 0.05, 0.0]).passed
+    assert kept(0.25, [0.20, 0.05, 0.0]).passed
+
+
+def test_the_combination_count_is_checked_where_it_is_produced():
+    from phases.evomerge.genome import Genome
+    from phases.evomerge.steps import run_summary
+
+    population = [{"genome": Genome(combo=c, weights=(0.4, 0.3, 0.3), density=0.5, blend=0.5, pattern=(0, 1),
+                                    path=(), runtime_from=0).model_dump(mode="json")} for c in range(7)]
+    with pytest.raises(RuntimeError, match="generation 0 evaluated 7 of the 8 technique combinations"):
+        run_summary({"history": [{"population": population, "diversity": 0.5, "best": 1.0}], "generations_run": 1,
+                     "stop_reason": "x", "evaluated": 7}, 1.0)

@@ -114,7 +114,10 @@ def test_gate_table_has_real_figures(flow_run):
     rows = tables[-1].data if isinstance(tables[-1].data, list) else json.loads(tables[-1].data)
     by_id = {r["gate"]: r for r in rows}
     assert set(by_id) == {"baking_convergence", "reasoning_accuracy_delta", "theater_divergence", "theater_ablation",
-                          "theater_correlation", "latency_with_thoughts", "no_nan"}
+                          "latency_with_thoughts", "no_nan"}
+    facts = _artifacts(["quietstar-facts"])
+    assert [r["fact"] for r in (facts[-1].data if isinstance(facts[-1].data, list) else json.loads(facts[-1].data))] == [
+        "theater_correlation"]
     assert all(r["measured"] != "not measured" for r in rows)
     assert by_id["no_nan"]["passed"] == "PASS"
     assert float(by_id["latency_with_thoughts"]["measured"]) > 0

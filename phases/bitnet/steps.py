@@ -34,6 +34,7 @@ from phases.bitnet import evaluate as ev
 from phases.bitnet.finetune import finetune as qat
 from phases.bitnet.packed_format import load_packed, packed_layers, save_packed
 from phases.bitnet.plots import bitnet_report_png
+from phases.bitnet.quantizer import ternarize
 from phases.bitnet.settings import BitNetEvaluate, BitNetFinetune, BitNetHeldout, BitNetQuantize
 from phases.cognate.data import Batches, mixed_texts, pack
 from phases.cognate.evaluate import answerable
@@ -239,6 +240,10 @@ def evaluate(input_dir: Path, staged_metrics: dict[str, Any], packed_dir: Path, 
     prompts = data.prompts()
     rates = decode_rates({"fp32": fp32, "packed": packed}, prompts, sec.speed_tokens, sec.speed_repeats)
     sparsity = ev.sparsity_by_layer(ternary)
+    # what absmean ternarization zeroes on the FP32 input's own weights, before any fine-tuning: the sparsity the
+    # quantizer gives for free (|w| < mean|w| / 2; 0.31 for Gaussian weights, 0.25 for uniform)
+    sparsity["input_free"] = ev.sparsity_by_layer(
+        {n: ternarize(fp32.get_submodule(n).weight)[0] for n in ternary})["overall"]
     fp16_linear = [n for n in qc["fp16_modules"] if n not in convert.lm_heads(packed)]
     report = {
         "targets": staged_metrics["targets"],

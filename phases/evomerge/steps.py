@@ -117,6 +117,8 @@ def search(raws: Sequence[dict[str, Any]], names: Sequence[str], base: Path, sec
 def run_summary(result: dict[str, Any], input_best_fitness: float) -> dict[str, Any]:
     history = result["history"]
     combos = {Genome.model_validate(r["genome"]).combo for h in history[:1] for r in h["population"]}
+    if len(combos) != 8:  # checked here, where it is produced: generation 0 seeds one genome per combination
+        raise RuntimeError(f"generation 0 evaluated {len(combos)} of the 8 technique combinations: {sorted(combos)}")
     return {
         "generations_run": result["generations_run"], "stop_reason": result["stop_reason"],
         "evaluated": result["evaluated"], "min_diversity": min(h["diversity"] for h in history),
