@@ -63,6 +63,32 @@ def test_a_large_drop_on_few_problems_is_not_significant_and_fails():
     assert difference_interval(2, 4, 0, 4)[0] < 0
 
 
+def test_mcnemar_counts_only_the_problems_that_changed():
+    from phases.common.measure import mcnemar_p
+
+    assert mcnemar_p([True] * 10 + [False] * 90, [False] * 100) == pytest.approx(2 / 2**10)
+    assert mcnemar_p([True, False] * 50, [True, False] * 50) == 1.0  # nothing changed
+    assert mcnemar_p([True] * 5 + [False] * 5, [False] * 5 + [True] * 5) == 1.0  # as many gained as lost
+    with pytest.raises(ValueError, match="different lengths"):
+        mcnemar_p([True], [True, False])
+
+
+def test_the_ablation_gate_needs_the_paired_test_too():
+    """3 of 5 recalled, 0 of 5 with the memory zeroed: a 60-point drop whose unpaired interval excludes 0, but
+    three discordant problems give McNemar p = 0.25: FAIL. The same pattern on 200 problems: PASS."""
+    from phases.common.measure import mcnemar_p
+
+    for n, own_hits, verdict in ((5, 3, False), (200, 120, True)):
+        own = [True] * own_hits + [False] * (n - own_hits)
+        ev = _evaluation({"a": n, "b": 0}, {"a": 0, "b": own_hits}, ablated_recall=0, n=n)
+        ev["models"]["b"]["kv_recall_memory_ablated"]["mcnemar_p"] = mcnemar_p(own, [False] * n)
+        g = _gates(ev)["memory_used"]
+        assert g.interval[0] > 0 and g.measured >= 0.3 and g.passed is verdict, (n, g)
+        assert f"McNemar p = {g.p_value:.3g}" in cognate_gates(ev, _training(ev["models"]), CognateSection(),
+                                                               "strict").markdown()
+    assert mcnemar_p([True] * 3 + [False] * 2, [False] * 5) == pytest.approx(0.25)
+
+
 def test_a_lead_must_clear_the_margin_and_be_significant():
     near = {"a": {"per_skill": {"x": _row(120)}}, "b": {"per_skill": {"x": _row(110)}}}
     assert skill_leaders(near, 0.1) == {}  # 5 points: under the margin

@@ -10,7 +10,8 @@ Definitions (also in the README):
   writes one, equals the recomputed answer (curriculum.check_answer). Per skill, with the 95% Wilson
   interval, on ``accuracy_per_skill`` test problems of each skill.
 - majority baseline: for each task, always answer the task's most frequent training answer.
-- memory ablation: the same decoding with the memory read zeroed (runtime ``mem_read_scale`` 0).
+- memory ablation: the same decoding with the memory read zeroed (runtime ``mem_read_scale`` 0), with the
+  exact McNemar p-value of the paired hits (measure.mcnemar_p).
 - prediction disagreement: for two models, the share of held-out positions (those a model writes) where
   their greedy next tokens differ; the diversity gate takes the mean over pairs. Behaviour on the same
   inputs, so copies of one model measure 0 whatever their settings say.

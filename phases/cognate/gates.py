@@ -74,9 +74,10 @@ def cognate_gates(evaluation: dict[str, Any], training: dict[str, dict[str, Any]
         r.add("memory_used", "recall drop of that model with its memory read zeroed", None, ">=", sec.gates.min_memory_drop)
     else:
         own = skill[recall_model]["kv_recall"]
-        r.add("memory_used", f"recall drop of that model ({recall_model}) with its memory read zeroed",
-              own["accuracy"] - ablated["accuracy"], ">=", sec.gates.min_memory_drop,
-              interval=difference_interval(own["hits"], own["n"], ablated["hits"], ablated["n"]))
+        r.add("memory_used", f"recall drop of that model ({recall_model}) with its memory read zeroed (the same "
+              "problems: paired)", own["accuracy"] - ablated["accuracy"], ">=", sec.gates.min_memory_drop,
+              interval=difference_interval(own["hits"], own["n"], ablated["hits"], ablated["n"]),
+              p_value=ablated.get("mcnemar_p"))
     leaders = skill_leaders(models, sec.gates.min_skill_margin)
     named = ", ".join(f"{v['model']}: {k}" for k, v in leaders.items()) or "none"
     r.add("specialists_differ", f"models that lead some skill by >= {sec.gates.min_skill_margin:g}, significantly "

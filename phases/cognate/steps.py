@@ -26,7 +26,7 @@ from phases.cognate.specialists import Specialist, runtime_for, specialists, sta
 from phases.cognate.trainer import TrainResult, heldout_stats, niah, train
 from phases.common.config import ModelShape
 from phases.common.hf_io import build, load_pretrained, save_pretrained
-from phases.common.measure import value_range
+from phases.common.measure import mcnemar_p, value_range
 from phases.common.resources import usable_cpus
 from phases.common.telemetry import perplexity
 from phases.data import curriculum, dataset_files
@@ -186,7 +186,9 @@ def evaluate_one(path: Path, test_rows: torch.Tensor, test_labels: torch.Tensor,
     if recall and memory_ablation:
         model.set_runtime(mem_read_scale=0.0)
         ablated = evaluate.hits(model, tokenizer, recall)["kv_recall"]
-        result["kv_recall_memory_ablated"] = evaluate.proportion(ablated)
+        # the same problems in the same order both times: a paired test
+        result["kv_recall_memory_ablated"] = evaluate.proportion(ablated) | {
+            "mcnemar_p": mcnemar_p(hits["kv_recall"], ablated)}
     return result
 
 

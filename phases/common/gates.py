@@ -26,16 +26,20 @@ class Gate(BaseModel):
     measured: float | None
     # a difference's 95% interval: the gate passes only when the interval also excludes 0 (significant)
     interval: tuple[float, float] | None = None
+    # a paired difference's test: the gate passes only when p < 0.05 too
+    p_value: float | None = None
     passed: bool
 
     @classmethod
     def check(cls, id: str, criterion: str, measured: float | None, op: str, threshold: float,
-              interval: tuple[float, float] | None = None) -> Gate:
+              interval: tuple[float, float] | None = None, p_value: float | None = None) -> Gate:
         ok = measured is not None and not math.isnan(measured) and _OPS[op](measured, threshold)
         if interval is not None:
             ok = ok and (interval[0] > 0 if op in (">=", ">") else interval[1] < 0)
+        if p_value is not None:
+            ok = ok and p_value < 0.05
         return cls(id=id, criterion=criterion, op=op, threshold=threshold, measured=measured, interval=interval,
-                   passed=bool(ok))
+                   p_value=p_value, passed=bool(ok))
 
 
 class Fact(BaseModel):
@@ -59,8 +63,8 @@ class GateReport(BaseModel):
         self.facts.append(Fact(id=id, description=description, value=value))
 
     def add(self, id: str, criterion: str, measured: float | None, op: str, threshold: float,
-            interval: tuple[float, float] | None = None) -> Gate:
-        gate = Gate.check(id, criterion, measured, op, threshold, interval)
+            interval: tuple[float, float] | None = None, p_value: float | None = None) -> Gate:
+        gate = Gate.check(id, criterion, measured, op, threshold, interval, p_value)
         self.gates.append(gate)
         return gate
 
@@ -79,7 +83,8 @@ class GateReport(BaseModel):
                 "criterion": g.criterion,
                 "threshold": f"{g.op} {g.threshold:g}",
                 "measured": "not measured" if g.measured is None else f"{g.measured:.6g}" + (
-                    f" (95% {g.interval[0]:.3g} to {g.interval[1]:.3g})" if g.interval is not None else ""),
+                    f" (95% {g.interval[0]:.3g} to {g.interval[1]:.3g})" if g.interval is not None else "") + (
+                    f" (McNemar p = {g.p_value:.3g})" if g.p_value is not None else ""),
                 "passed": "PASS" if g.passed else "FAIL",
             }
             for g in self.gates

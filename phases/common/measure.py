@@ -100,6 +100,19 @@ def difference_interval(hits_a: int, n_a: int, hits_b: int, n_b: int, z: float =
     return (d - math.sqrt((pa - la) ** 2 + (ub - pb) ** 2), d + math.sqrt((ua - pa) ** 2 + (pb - lb) ** 2))
 
 
+def mcnemar_p(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """Exact two-sided McNemar test of paired hits (the same problems decoded two ways): only the discordant
+    problems count, and under "no difference" each goes either way with probability 1/2. Returns the p-value."""
+    if len(a) != len(b):
+        raise ValueError(f"paired hits of different lengths: {len(a)} and {len(b)}")
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
 @torch.no_grad()
 def teacher_forced_accuracy(model, problems: Sequence[tuple[list[int], list[int]]]) -> float:
     hits = 0
