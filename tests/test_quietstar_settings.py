@@ -76,3 +76,26 @@ def test_the_ledger_directory_keeps_its_name(preset, source, key):
     base_url = "http://127.0.0.1:9/v1" if source == "openrouter" else None
     content = content_config(config, base_url)
     assert Recipe(kind="reasoning-data", inputs=("cur",), config=content, code_version=LEDGER_VERSION).key == key
+
+
+def test_the_accuracy_gain_passes_only_when_significant_on_the_same_problems():
+    """+1 problem of 12 (8 points, over the 3-point target) is noise: FAIL. +60 of 200 with none lost: PASS."""
+    from phases.common.measure import difference_interval, mcnemar_p
+    from phases.quietstar.gates import quietstar_gates
+    from phases.quietstar.settings import QuietStarSection
+
+    def gate(before: list[bool], after: list[bool]):
+        n = len(before)
+        evaluation = {"accuracy_delta": (sum(after) - sum(before)) / n, "problems": n,
+                      "accuracy_delta_interval": difference_interval(sum(after), n, sum(before), n),
+                      "accuracy_delta_mcnemar_p": mcnemar_p(after, before), "latency_ms_per_token": {"with_thoughts": 10.0}}
+        baking = {"baking": {"final": {"convergence": 0.9}}, "non_finite_tensors": 0}
+        reinforcement = {"reinforce": {"final_check": {"divergence": 0.5, "ablation": 0.1, "correlation": 0.6}},
+                         "non_finite_tensors": 0}
+        report = quietstar_gates(baking, reinforcement, evaluation, QuietStarSection(), "strict")
+        return {g.id: g for g in report.gates}["reasoning_accuracy_delta"]
+
+    noise = gate([True] * 2 + [False] * 10, [True] * 3 + [False] * 9)
+    assert noise.measured == pytest.approx(1 / 12) and noise.p_value == 1.0 and not noise.passed
+    real = gate([True] * 20 + [False] * 180, [True] * 80 + [False] * 120)
+    assert real.p_value < 1e-6 and real.interval[0] > 0 and real.passed

@@ -32,11 +32,12 @@ def reasoning_accuracy(model: CognateForCausalLM, tokenizer: PreTrainedTokenizer
     prompts = [tokenizer.encode(p["prompt"], add_special_tokens=False) for p in problems]
     texts = [tokenizer.decode(r, skip_special_tokens=False) for r in generate_batched(
         model, tokenizer, prompts, max_new_tokens, answer_tokens=answer_tokens, **generate_kwargs)]
+    hits = [check_answer(p, final_answer(text).split("\n")[0]) for p, text in zip(problems, texts)]
     per_task: dict[str, list[bool]] = {}
-    for p, text in zip(problems, texts):
-        per_task.setdefault(p["task"], []).append(check_answer(p, final_answer(text).split("\n")[0]))
-    flat = [ok for oks in per_task.values() for ok in oks]
-    return {"accuracy": sum(flat) / max(1, len(flat)), "n": len(flat),
+    for p, ok in zip(problems, hits):
+        per_task.setdefault(p["task"], []).append(ok)
+    # ``hits`` in problem order: two models' hits on the same problems are paired (measure.mcnemar_p)
+    return {"accuracy": sum(hits) / max(1, len(hits)), "n": len(hits), "hits": hits,
             "per_task": {t: sum(v) / len(v) for t, v in per_task.items()}, "samples": texts[:3]}
 
 

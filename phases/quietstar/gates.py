@@ -16,8 +16,11 @@ def quietstar_gates(baking: dict[str, Any], reinforcement: dict[str, Any], evalu
     r = GateReport(phase="quietstar", mode=mode)
     r.add("baking_convergence", "held-out thinking structure after baking: min(structure-token accuracy, "
           "well-formed greedy completions)", baking["baking"]["final"]["convergence"], ">=", sec.bake.target)
-    r.add("reasoning_accuracy_delta", "curriculum test accuracy after RL (thoughts on) minus after baking",
-          evaluation["accuracy_delta"], ">=", sec.gates.min_accuracy_delta)
+    interval = evaluation.get("accuracy_delta_interval")
+    r.add("reasoning_accuracy_delta", f"curriculum test accuracy after RL (thoughts on) minus after baking, on the same "
+          f"{evaluation.get('problems', '?')} problems (significant: interval and paired test)",
+          evaluation["accuracy_delta"], ">=", sec.gates.min_accuracy_delta,
+          interval=tuple(interval) if interval is not None else None, p_value=evaluation.get("accuracy_delta_mcnemar_p"))
     r.add("theater_divergence", "mean total variation between thought-mixed and direct predictions at answer "
           "positions (held-out)", theater["divergence"], ">", sec.rl.theater.min_divergence)
     r.add("theater_ablation", "teacher-forced answer accuracy with thoughts minus without (held-out)",

@@ -16,6 +16,7 @@ from phases.cognate.modeling import CognateForCausalLM
 from phases.cognate.plots import loss_curve
 from phases.common.config import ModelShape
 from phases.common.hf_io import build, load_pretrained, save_pretrained
+from phases.common.measure import difference_interval, mcnemar_p
 from phases.common.sizing import model_size, strategy_for
 from phases.data import dataset_files
 from phases.data import tokenizer as bpe
@@ -138,5 +139,8 @@ def evaluate(baked_dir: Path, model_dir: Path, curriculum_dir: Path, settings: Q
                "without_thoughts": latency_ms_per_token(baked, prompt, latency_tokens, repeats=1, **no_block)}
     latency["ratio"] = latency["with_thoughts"] / latency["without_thoughts"]
     return {"accuracy_baked": acc_baked, "accuracy_reinforced": acc_rl, "accuracy_reinforced_no_thoughts": acc_rl_plain,
-            "accuracy_delta": acc_rl["accuracy"] - acc_baked["accuracy"], "latency_ms_per_token": latency,
+            "accuracy_delta": acc_rl["accuracy"] - acc_baked["accuracy"],
+            "accuracy_delta_interval": difference_interval(sum(acc_rl["hits"]), acc_rl["n"], sum(acc_baked["hits"]),
+                                                           acc_baked["n"]),
+            "accuracy_delta_mcnemar_p": mcnemar_p(acc_rl["hits"], acc_baked["hits"]), "latency_ms_per_token": latency,
             "thought_length": model.config.thought_length, "problems": len(problems)}
