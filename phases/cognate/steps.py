@@ -6,10 +6,9 @@ The Prefect tasks in ``tasks/cognate.py`` call these with store paths; tests cal
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from phases.common.hf_io import build, load_pretrained, save_pretrained
 from phases.common.measure import mcnemar_p, value_range
 from phases.common.resources import usable_cpus
 from phases.common.telemetry import perplexity
+from phases.common.workers import run_in_worker
 from phases.data import curriculum, dataset_files
 from phases.data import tokenizer as bpe
 
@@ -142,10 +142,10 @@ def evaluate_models(model_dirs: dict[str, Path], curriculum_dir: Path, sec: Cogn
     if workers == 1:
         per_model = {n: evaluate_one(model_dirs[n], *args) for n in order}
     else:
-        # processes, not threads: decoding a small model is mostly Python, which threads share (measured on
-        # the tiny preset: 107 s for three models in threads against 110 s one after another)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {n: pool.submit(evaluate_one, model_dirs[n], *args) for n in order}
+        # each model in its own worker process, not a thread: decoding a small model is mostly Python, which
+        # threads share (tiny: 107 s for the three in threads, 63-73 s in workers)
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {n: pool.submit(run_in_worker, evaluate_one, model_dirs[n], *args, threads=1) for n in order}
             per_model = {n: futures[n].result() for n in order}
     per_model = {n: per_model[n] for n in model_dirs}
     disagreement = evaluate.disagreement({n: m.pop("predictions") for n, m in per_model.items()})
@@ -163,7 +163,6 @@ def evaluate_models(model_dirs: dict[str, Path], curriculum_dir: Path, sec: Cogn
 def evaluate_one(path: Path, test_rows: torch.Tensor, test_labels: torch.Tensor, problems: list[dict],
                  baselines: dict[str, float], prompt: torch.Tensor, memory_ablation: bool) -> dict[str, Any]:
     """One model's held-out figures (run in a worker process by ``evaluate_models``)."""
-    torch.set_num_threads(1)  # one model per core
     tokenizer = bpe.load(path)
     model = load_pretrained(CognateForCausalLM, path).eval()
     stats = heldout_stats(model, test_rows, labels=test_labels)
