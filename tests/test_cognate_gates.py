@@ -140,3 +140,16 @@ def test_figures_the_settings_decide_are_reported_not_gated():
                      "latency_spread_ms": 20.0}
     assert not set(facts) & {g.id for g in report.gates}
     assert "Reported, not gated" in report.markdown() and "| niah |" in report.markdown()
+
+
+def test_the_accuracy_problems_cover_every_stage_of_each_skill():
+    from phases.cognate.evaluate import by_skill
+
+    rows = [{"task": t, "stage": s, "answer": "1"} for t in ("arithmetic", "kv_recall")
+            for s in ("foundation", "reasoning", "advanced") for _ in range(100)]
+    picked = by_skill(rows, 200)
+    for task in ("arithmetic", "kv_recall"):
+        mine = [r for r in picked if r["task"] == task]
+        assert len(mine) == 200
+        assert {s: sum(r["stage"] == s for r in mine) for s in ("foundation", "reasoning", "advanced")} == {
+            "foundation": 67, "reasoning": 67, "advanced": 66}

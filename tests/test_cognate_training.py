@@ -101,3 +101,25 @@ def test_a_specialist_stage_climbs_the_ladder_and_a_foundation_stage_does_not():
     assert stages("advanced", True) == ["advanced", "foundation", "reasoning"]
     assert stages("foundation", True) == ["foundation"]
     assert len(stage_rows(splits, "train", None)) == 6
+
+
+def test_the_learning_rate_stays_then_falls_linearly_to_its_floor():
+    from phases.common.optim import linear_decay
+
+    factors = [linear_decay(s, 10, 0.5, 0.1) for s in range(1, 11)]
+    assert factors[:5] == [1.0] * 5
+    assert all(a > b for a, b in zip(factors[4:], factors[5:]))
+    assert factors[-1] == pytest.approx(0.1)
+    assert [linear_decay(s, 10, 0.0, 0.1) for s in (1, 10)] == [1.0, 1.0]
+
+
+def test_a_specialists_stages_share_one_schedule_and_the_rate_ends_at_its_floor(tmp_path):
+    model, batches, ev = _setup()
+    s = _settings(lr_decay_fraction=0.5, lr_floor=0.1)
+    first = train(model, batches, ev, s, tmp_path / "a", 6, step_offset=0, schedule_span=(1, 12))
+    second = train(model, batches, ev, s, tmp_path / "b", 6, step_offset=6, schedule_span=(1, 12))
+    lrs = [json.loads(x)["lr"] for r in (first, second) for x in Path(r.telemetry).read_text().splitlines()]
+    base = s.optim.muon_lr
+    assert lrs[:6] == [base] * 6  # the first stage is the stable part: no decay at its own end
+    assert lrs[-1] == pytest.approx(0.1 * base)
+    assert all(a > b for a, b in zip(lrs[6:], lrs[7:]))

@@ -116,7 +116,10 @@ def by_skill(examples: Sequence[dict], per_skill_n: int) -> list[dict]:
     out = []
     for task in sorted({ex["task"] for ex in examples if ex["answer"]}):
         rows = [ex for ex in examples if ex["task"] == task and ex["answer"]]
-        out += rows[:: max(1, len(rows) // per_skill_n)][:per_skill_n]
+        # fractional spacing: a whole-number stride of 1 took the first 200 of 300 rows, which left the last
+        # stage (3-digit arithmetic, overwritten codes) out of the test
+        n = min(per_skill_n, len(rows))
+        out += [rows[i * len(rows) // n] for i in range(n)]
     return out
 
 

@@ -58,7 +58,8 @@ def stage_rows(splits, split: str, stage: str | None, climb: bool = False) -> li
 
 def train_stage(model: CognateForCausalLM, splits, tokenizer, stage: str, sec: CognateSection, seq_len: int,
                 batch_size: int, seed: int, workdir: Path, steps: int, step_offset: int,
-                mix: dict[str, float] | None, on_progress: Progress | None, regimes=(), climb: bool = False) -> TrainResult:
+                mix: dict[str, float] | None, on_progress: Progress | None, regimes=(), climb: bool = False,
+                schedule_span: tuple[int, int] | None = None) -> TrainResult:
     rows, labels = pack_whole(mixed_examples(stage_rows(splits, "train", stage, climb), mix, seed), tokenizer, seq_len)
     # the rollback detector watches the skills this stage trains: a specialist narrowing onto its own mix
     # loses ground on the others by design, and that is no spike
@@ -67,7 +68,7 @@ def train_stage(model: CognateForCausalLM, splits, tokenizer, stage: str, sec: C
     eval_rows = (eval_ids[: sec.train.eval_rows], eval_labels[: sec.train.eval_rows])
     progress = (lambda rec: on_progress(rec | {"stage": stage})) if on_progress else None
     return train(model, Batches(rows, batch_size, seed, labels), eval_rows, sec.train, workdir, steps, step_offset,
-                 on_progress=progress, regimes=regimes)
+                 on_progress=progress, regimes=regimes, schedule_span=schedule_span)
 
 
 def _finish(model: CognateForCausalLM, tokenizer, results: dict[str, TrainResult], out: Path) -> dict[str, Any]:
@@ -113,9 +114,12 @@ def train_specialist(spec: Specialist, base_dir: Path, sec: CognateSection, seq_
     model.set_runtime(**runtime_for(spec, sec.act_max_steps))
     results, offset = {}, sec.train.foundation_steps
     n_steps = stage_steps_for(spec, sec.act_max_steps, sec.train.stage_steps)
-    for i, stage in enumerate(("reasoning", "advanced")):
+    stages = ("reasoning", "advanced")
+    span = (offset + 1, offset + n_steps * len(stages))  # one learning-rate schedule over both stages
+    for i, stage in enumerate(stages):
         results[stage] = train_stage(model, splits, tokenizer, stage, sec, seq_len, batch_size, seed + spec.seed_offset + i,
-                                     workdir / stage, n_steps, offset, spec.mix, on_progress, climb=True)
+                                     workdir / stage, n_steps, offset, spec.mix, on_progress, climb=True,
+                                     schedule_span=span)
         offset += n_steps
     return _finish(model, tokenizer, results, out) | {"specialist": spec.name}
 

@@ -30,7 +30,7 @@ from phases.cognate.modeling import CognateForCausalLM
 from phases.cognate.settings import CognateTraining
 from phases.common.checkpoints import CheckpointManager
 from phases.common.measure import heldout_loss, heldout_means
-from phases.common.optim import MuonGrokfast
+from phases.common.optim import MuonGrokfast, linear_decay
 from phases.common.resources import return_freed_memory
 from phases.common.stability import ProactiveClipper
 from phases.common.telemetry import PPLDelta, TelemetryWriter, perplexity
@@ -89,13 +89,15 @@ def train(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     regimes: Sequence[dict[str, Any]] = (),
+    schedule_span: tuple[int, int] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` steps; resumable from ``workdir``. ``step_offset`` is the global
     step this stage starts at: the chunk-size schedule runs across stages.
 
     ``loss_hook(step, loss) -> loss`` lets tests inject spikes (NaN, huge) into the real loop. ``regimes``:
     runtime settings the training batches rotate through (one per step); held-out checks run under the
-    model's own settings, which are restored at the end."""
+    model's own settings, which are restored at the end. ``schedule_span``: the (first, last) global steps the
+    learning-rate schedule runs over (a specialist's stages share one); by default this call's steps."""
     workdir = Path(workdir)
     # (rows, labels): the held-out loss is on the tokens the training loss is on
     eval_ids, eval_labels = eval_rows if isinstance(eval_rows, tuple) else (eval_rows, None)
@@ -127,6 +129,7 @@ def train(
             "last": dict(last)})
 
     own = {k: getattr(model.config, k) for r in regimes for k in r}
+    first, last_step = schedule_span or (step_offset + 1, step_offset + steps)
     pad = getattr(model.config, "pad_token_id", None)  # a config made without a tokenizer has none
 
     model.train()
@@ -151,6 +154,8 @@ def train(
         g_step = step_offset + step
         chunk = clipper.chunk_size(g_step)
         model.set_runtime(mem_chunk_size=chunk)
+        lr_factor = linear_decay(g_step - first + 1, last_step - first + 1, settings.lr_decay_fraction, settings.lr_floor)
+        opt.scale_lr(lr_factor)
         # after a rollback, draw fresh batches: replaying the same ones would replay the same spike
         batch = batches(step + 7919 * ckpts.rollback_count)
         if isinstance(batch, tuple):
@@ -201,7 +206,8 @@ def train(
             niah_scores.append(niah_score)
         record = dict(step=step, global_step=g_step, lm_loss=lm, perplexity=perplexity(lm), ppl_delta=delta,
                       is_spike=False, niah_accuracy=niah_score, rollback_count=ckpts.rollback_count,
-                      lr=settings.optim.muon_lr, ponder=out.ponder_loss.item(), halting_steps=out.halting_steps.mean().item(),
+                      lr=settings.optim.muon_lr * lr_factor, ponder=out.ponder_loss.item(),
+                      halting_steps=out.halting_steps.mean().item(),
                       gate_mean=gate_mean, gate_polarized=out.gate_polarized, mem_write_fraction=out.mem_write_fraction,
                       regime=regime, **clip)
 

@@ -44,7 +44,14 @@ class MuonGrokfast:
         if other:
             self.optimizers.append(torch.optim.AdamW(other, lr=cfg.adam_lr, weight_decay=cfg.weight_decay))
         self.grokfast = GrokfastEMA([p for _, p in named], cfg.grokfast_alpha, cfg.grokfast_lambda)
+        self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
         self.n_muon, self.n_adam = sum(p.numel() for p in muon), sum(p.numel() for p in other)
+
+    def scale_lr(self, factor: float) -> None:
+        """Every group's learning rate set to ``factor`` × the configured one (a schedule's value)."""
+        for opt, bases in zip(self.optimizers, self.base_lrs):
+            for group, base in zip(opt.param_groups, bases):
+                group["lr"] = base * factor
 
     def step(self) -> None:
         self.grokfast.apply()
@@ -62,3 +69,13 @@ class MuonGrokfast:
         for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(s)
         self.grokfast.load_state_dict(state["grokfast"])
+
+
+def linear_decay(step: int, total: int, decay_fraction: float, floor: float) -> float:
+    """A stable-then-decay schedule (warmup-stable-decay without the warmup): the learning-rate factor at
+    ``step`` (1-based) of ``total``: 1 until the last ``decay_fraction`` of the steps, then linearly down to
+    ``floor`` at the last step."""
+    start = total * (1 - decay_fraction)
+    if decay_fraction <= 0 or step <= start:
+        return 1.0
+    return max(floor, 1 - (1 - floor) * (step - start) / max(1e-9, total - start))
