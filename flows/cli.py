@@ -257,8 +257,27 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.debug or not isinstance(e, UsageError | ArtifactError):
             raise
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        logged = _log_traceback(getattr(args, "home", None))
+        where = f" (traceback: {logged})" if logged else ""
+        print(f"error: {' '.join(str(e).split())}{where}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+
+
+def _log_traceback(home: str | None) -> Path | None:
+    """The current exception's traceback appended to <home>/logs/errors.log; None where it cannot be written
+    (the error may be that home itself is unwritable)."""
+    import traceback
+
+    if not home:
+        return None
+    path = Path(home) / "logs" / "errors.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(traceback.format_exc() + "\n")
+    except OSError:
+        return None
+    return path
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def log_phase_boundary(
         dir=str(wandb_dir),
         mode=mode,
         reinit="create_new",
-        settings=wandb.Settings(console="off", silent=True),
+        # no system-stats monitor: its own process (wandb-symon) outlived a SIGKILL of the run's process group
+        settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
     )
     try:
         run.summary.update(_flatten(metrics))

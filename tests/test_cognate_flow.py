@@ -113,12 +113,14 @@ def test_specialists_are_merge_ready_where_independent_models_are_not(flow_run, 
     assert shared < indep - 0.5, (shared, indep)
 
 
-def test_specialists_get_equal_compute_not_equal_steps():
+def test_specialists_get_compute_in_proportion_to_their_factor_not_equal_steps():
     from phases.cognate.specialists import runtime_for, specialists, stage_steps_for
 
-    cost = {s.name: stage_steps_for(s, 3, 80) * runtime_for(s, 3)["act_max_steps"] for s in specialists()}
+    cost = {s.name: stage_steps_for(s, 3, 80) * runtime_for(s, 3)["act_max_steps"] / s.compute_factor
+            for s in specialists()}
     assert max(cost.values()) / min(cost.values()) < 1.1, cost
-    assert stage_steps_for(specialists()[2], 3, 80) == 240  # speed recurses once: three steps for one
+    assert stage_steps_for(specialists()[1], 3, 80) == 120  # memory recurses once: three steps for one, on half
+    assert stage_steps_for(specialists()[2], 3, 80) == 480  # speed too, on twice the compute
 
 
 def test_set_gates_mode_strict_stops_the_flow_at_its_failing_gate_naming_it(cognate_micro):

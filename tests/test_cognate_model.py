@@ -214,7 +214,7 @@ def test_batched_greedy_decoding_matches_one_problem_at_a_time():
         def batch_decode(self, rows, skip_special_tokens=True):
             return ["".join(chr(96 + int(t) % 26) for t in row if int(t) != 0) for row in rows]
 
-    model = _model(act_max_steps=2).eval()
+    model = _model(act_max_steps=2, gate_init=0.0).eval()  # an even gate: untrained, its answers still differ
     prompts = ["What is 12 + 34?", "What is 56 - 17?", "What is 90 + 11?"]
     batched = evaluate.answers(model, Digits(), prompts, 8, first_line=False)
     alone = [evaluate.answer(model, Digits(), p, 8, first_line=False) for p in prompts]
@@ -229,3 +229,11 @@ def test_a_batch_whose_labels_are_all_ignored_has_zero_loss_not_nan():
     mean = model(x, labels=x).lm_loss  # with targets, the usual mean over them
     logits = model(x).logits[:, :-1]
     torch.testing.assert_close(mean, torch.nn.functional.cross_entropy(logits.reshape(-1, 300), x[:, 1:].reshape(-1)))
+
+
+def test_an_untrained_model_has_no_polarized_gates_so_the_polarization_gate_cannot_pass_on_its_start():
+    model = _model()
+    with torch.no_grad():
+        out = model.model(torch.randint(0, 300, (2, 12)))
+    assert out.gate_polarized == 0.0
+    assert float(out.gate.mean()) == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item(), abs=0.01)

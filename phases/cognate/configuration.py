@@ -39,6 +39,7 @@ class CognateConfig(PretrainedConfig):
         mem_decay_scale: float = 1.0,
         surprise_threshold: float = 0.0,
         gate_bias: float = 0.0,
+        gate_init: float = 3.0,
         halt_bias: float = 0.0,
         mem_read_scale: float = 1.0,
         rope_theta: float = 10000.0,
@@ -74,6 +75,11 @@ class CognateConfig(PretrainedConfig):
         self.mem_decay_scale = mem_decay_scale
         self.surprise_threshold = surprise_threshold
         self.gate_bias = gate_bias  # added to the MAG gate logit: < 0 leans on memory
+        # The MAG gate's learned bias starts here: σ(3) = 0.95 of each layer's mix from attention. The memory
+        # read is RMS-normed, so an untrained memory adds full-scale noise in proportion to 1 − g; at an even
+        # start (0) it drowned what attention learned. Arithmetic alone, tiny shape, T_max 1, 400 steps: 0.5%
+        # of the test at 0, 16.5% at 1, 61% at 2, 94% at 3 (a zero-initialised memory output: 38%).
+        self.gate_init = gate_init
         self.halt_bias = halt_bias  # added to the halting logit: < 0 thinks longer
         self.mem_read_scale = mem_read_scale  # 0 ablates the memory read: what does the model lose without it?
         self.rope_theta = rope_theta

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from phases.cognate.modeling import POLES
 from phases.cognate.settings import CognateSection
 from phases.common.gates import GateReport
 from phases.common.measure import difference_interval
@@ -36,7 +37,8 @@ def cognate_gates(evaluation: dict[str, Any], training: dict[str, dict[str, Any]
     r.add("no_nan", "models with a non-finite held-out loss, weight, or training step",
           sum(not math.isfinite(m["heldout_loss"]) for m in models.values())
           + sum(t["non_finite_tensors"] + t["telemetry"]["non_finite_steps"] for t in training.values()), "==", 0)
-    r.add("gate_polarization", "lowest share of MAG gate values < 0.1 or > 0.9 at the end of training",
+    r.add("gate_polarization", f"lowest share of MAG gate values < {POLES[0]} or > {POLES[1]} at the end of "
+          "training (the gate starts at 0.95)",
           min(s["gate_polarized"] for t in training.values() for s in t["stages"].values()), ">=", 0.2)
     disagreement = evaluation["diversity"]["prediction_disagreement"]
     r.add("diversity_predictions", "mean share of held-out positions where two models' greedy next tokens differ "

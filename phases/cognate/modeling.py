@@ -84,6 +84,11 @@ class CognateCache:
         return self.layers.setdefault((step, layer), {})
 
 
+# A MAG gate value is polarized, committed to one branch, below the first or above the second. The upper pole
+# lies beyond where the gate starts (σ(gate_init) = σ(3) = 0.95), so an untrained model counts none.
+POLES = (0.1, 0.99)
+
+
 @dataclass
 class LayerStats:
     gate: torch.Tensor  # (B, T) MAG gate (weight of attention), mean over channels
@@ -180,7 +185,7 @@ class CognateLayer(nn.Module):
             slot["mem"] = state
         x, g = self.mix(x, h, a, y, cfg.gate_bias)
         stats = LayerStats(gate=g.mean(-1), polarization_loss=(4 * g * (1 - g)).mean(),
-                           polarized=((g < 0.1) | (g > 0.9)).float().mean().detach(),
+                           polarized=((g < POLES[0]) | (g > POLES[1])).float().mean().detach(),
                            mem_writes=state.writes, mem_chunks=state.chunks)
         return x, stats
 
@@ -244,6 +249,7 @@ class CognatePreTrainedModel(PreTrainedModel):
             module.weight.normal_(0.0, std)
         elif isinstance(module, CognateLayer):
             module.persistent_memory.normal_(0.0, 1.0)
+            module.gate_proj.bias.fill_(self.config.gate_init)
         elif isinstance(module, NeuralMemory):
             module.theta_logit.fill_(torch.logit(torch.tensor(0.2)))
             module.eta_logit.fill_(torch.logit(torch.tensor(0.9)))

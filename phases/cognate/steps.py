@@ -91,15 +91,19 @@ def _finish(model: CognateForCausalLM, tokenizer, results: dict[str, TrainResult
 def train_foundation(shape: ModelShape, sec: CognateSection, curriculum_dir: Path, tokenizer_dir: Path,
                      batch_size: int, seed: int, workdir: Path, out: Path,
                      on_progress: Progress | None = None) -> dict[str, Any]:
-    """The shared base: a fresh model trained once on the foundation stage, its batches rotating through
-    the specialists' runtime settings (``train.rotate_regimes``) so that each specialist starts in a regime
-    the base has trained in."""
+    """The shared base: a fresh model trained once on the foundation stage, at ``train.foundation_act_steps``
+    recursion steps, with its batches rotating through the specialists' runtime settings where
+    ``train.rotate_regimes`` is on (each specialist then starts in a regime the base has trained in)."""
     splits, tokenizer = load_inputs(curriculum_dir, tokenizer_dir)
     torch.manual_seed(seed)
     model = build(CognateForCausalLM, model_config(shape, sec, tokenizer))
     regimes = [runtime_for(s, sec.act_max_steps) for s in specialists()] if sec.train.rotate_regimes else []
+    if not sec.train.foundation_polarization:
+        sec = sec.model_copy(update={"train": sec.train.model_copy(update={"polarization_weight": 0.0})})
+    model.set_runtime(act_max_steps=sec.train.foundation_act_steps or sec.act_max_steps)
     result = train_stage(model, splits, tokenizer, "foundation", sec, shape.seq_len, batch_size, seed,
                          workdir / "foundation", sec.train.foundation_steps, 0, None, on_progress, regimes)
+    model.set_runtime(act_max_steps=sec.act_max_steps)  # the base keeps the shape's bound; specialists set their own
     return _finish(model, tokenizer, {"foundation": result}, out)
 
 

@@ -113,6 +113,10 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
 
     last = {"gate_polarized": math.nan, "ltm_usage": math.nan}  # survive a resume with no step left to run
+    # The record a resumed run must end with, as an unbroken one does: kept in every checkpoint and restored
+    # on a resume (not on a rollback, which goes back in the weights but not in what happened).
+    history: dict[str, Any] = {"steps_run": 0, "niah": [], "niah_seconds": 0.0, "lm_losses": [], "last_eval": math.nan,
+                               "telemetry_lines": 0}
 
     def restore(state: tuple[dict, dict[str, Any]]) -> int:
         opt_state, meta = state
@@ -124,9 +128,10 @@ def train(
         return int(meta["step"]) + 1
 
     def save(step: int, loss: float) -> None:
+        history["telemetry_lines"] = len(telemetry.read())
         ckpts.save(step, model, opt.state_dict(), loss, extra={
             "clipper": clipper.state_dict(), "detector": detector.state_dict(), "batch_ppl": batch_ppl.state_dict(),
-            "last": dict(last)})
+            "last": dict(last), "history": history})
 
     own = {k: getattr(model.config, k) for r in regimes for k in r}
     first, last_step = schedule_span or (step_offset + 1, step_offset + steps)
@@ -138,17 +143,18 @@ def train(
     if latest is not None:
         step = restore(latest)
         resumed_from = step - 1
-        telemetry.write(step=resumed_from, event="resumed", rollback_count=ckpts.rollback_count)
+        history.update(latest[1].get("history", {}))
+        # the steps after the checkpoint run again: their lines from the killed process go
+        telemetry.truncate(history["telemetry_lines"])
     else:
         loss0 = heldout_loss(model, eval_ids, labels=eval_labels)
         detector.update(loss0)
         save(0, loss0)  # the initial weights: the first rollback target
         step = 1
 
-    niah_scores: list[float] = []
-    niah_seconds, spikes, steps_run, collapse_run = 0.0, 0, 0, 0
-    lm_losses: list[float] = []
-    last_eval = math.nan
+    niah_scores: list[float] = history["niah"]
+    lm_losses: list[float] = history["lm_losses"]
+    collapse_run = 0
     t_start = time.perf_counter()
     while step <= steps:
         g_step = step_offset + step
@@ -174,7 +180,6 @@ def train(
             loss = loss_hook(step, loss)
         lm = out.lm_loss.item()
         if not math.isfinite(loss.item()):
-            spikes += 1
             telemetry.write(step=step, global_step=g_step, lm_loss=loss.item(), is_spike=True,
                             event="non-finite loss", rollback_count=ckpts.rollback_count + 1)
             step = restore(ckpts.rollback(model, f"non-finite loss {loss.item()} at step {step}"))
@@ -184,7 +189,7 @@ def train(
         clip = clipper.clip(params, g_step)
         opt.step()
         opt.zero_grad()
-        steps_run += 1
+        history["steps_run"] += 1
         lm_losses.append(lm)
 
         gate_mean = out.gate.mean().item()
@@ -202,7 +207,7 @@ def train(
         if step % settings.niah_every == 0:
             t0 = time.perf_counter()
             niah_score = niah(model, chunk, seed=step)
-            niah_seconds += time.perf_counter() - t0
+            history["niah_seconds"] += time.perf_counter() - t0
             niah_scores.append(niah_score)
         record = dict(step=step, global_step=g_step, lm_loss=lm, perplexity=perplexity(lm), ppl_delta=delta,
                       is_spike=False, niah_accuracy=niah_score, rollback_count=ckpts.rollback_count,
@@ -212,26 +217,29 @@ def train(
                       regime=regime, **clip)
 
         if step % settings.eval_every == 0 or step == steps:
-            last_eval = heldout_loss(model, eval_ids, labels=eval_labels)
-            e_delta, spike = detector.update(last_eval)
-            record.update(eval_loss=last_eval, eval_ppl_delta=e_delta, is_spike=spike)
+            history["last_eval"] = heldout_loss(model, eval_ids, labels=eval_labels)
+            e_delta, spike = detector.update(history["last_eval"])
+            record.update(eval_loss=history["last_eval"], eval_ppl_delta=e_delta, is_spike=spike)
             if spike:
-                spikes += 1
                 telemetry.write(**record, event="eval spike")
                 step = restore(ckpts.rollback(model, f"held-out PPL rose {e_delta:.1%} at step {step}"))
                 continue
-            save(step, last_eval)
-        telemetry.write(**record)
+            telemetry.write(**record)  # before the checkpoint, which counts the lines that a resume keeps
+            save(step, history["last_eval"])
+        else:
+            telemetry.write(**record)
         if on_progress is not None:
             on_progress(record | {"total_steps": steps})
         step += 1
 
     train_seconds = time.perf_counter() - t_start
-    if math.isnan(last_eval):
-        last_eval = heldout_loss(model, eval_ids, labels=eval_labels)
+    if math.isnan(history["last_eval"]):
+        history["last_eval"] = heldout_loss(model, eval_ids, labels=eval_labels)
     return TrainResult(
-        steps_run=steps_run, final_step=steps, resumed_from=resumed_from, rollbacks=ckpts.rollback_count,
-        spikes=spikes, eval_loss=last_eval, niah=niah_scores, niah_seconds=niah_seconds,
+        steps_run=history["steps_run"], final_step=steps, resumed_from=resumed_from, rollbacks=ckpts.rollback_count,
+        # every spike rolls back (or ends the run), and the rollback count survives a kill
+        spikes=ckpts.rollback_count, eval_loss=history["last_eval"], niah=niah_scores,
+        niah_seconds=history["niah_seconds"],
         train_seconds=train_seconds, gate_polarized=last["gate_polarized"], ltm_usage=last["ltm_usage"],
         telemetry=str(telemetry.path),
         first_lm_loss=lm_losses[0] if lm_losses else math.nan,

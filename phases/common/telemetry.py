@@ -63,6 +63,15 @@ class TelemetryWriter:
             f.write(json.dumps(row) + "\n")
         return row
 
+    def truncate(self, lines: int) -> None:
+        """Keep the first ``lines`` lines (a resume drops what it will write again), atomically."""
+        if not self.path.exists():
+            return
+        kept = self.path.read_text().splitlines(keepends=True)[:lines]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
+
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
