@@ -127,3 +127,19 @@ def test_a_specialists_stages_share_one_schedule_and_the_rate_ends_at_its_floor(
     assert lrs[:6] == [base] * 6  # the first stage is the stable part: no decay at its own end
     assert lrs[-1] == pytest.approx(0.1 * base)
     assert all(a > b for a, b in zip(lrs[6:], lrs[7:]))
+
+
+def test_a_gate_shut_on_one_branch_fails_fast_and_the_attention_leaning_start_does_not(tmp_path):
+    from phases.cognate import CognateConfig, CognateForCausalLM
+    from phases.cognate.trainer import GateCollapse
+
+    def run(gate_init: float, workdir: Path):
+        torch.manual_seed(0)
+        model = CognateForCausalLM(CognateConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 window_size=8, mem_chunk_size=4, act_max_steps=1, gate_init=gate_init))
+        data = torch.randint(0, 64, (32, 24), generator=torch.Generator().manual_seed(1))
+        return train(model, lambda s: data[s % 28:s % 28 + 4], data[:4], _settings(gate_collapse_patience=3), workdir, 6)
+
+    with pytest.raises(GateCollapse, match="memory branch is shut"):
+        run(8.0, tmp_path / "shut")  # σ(8): the memory gets 0.03% of the mix
+    assert run(3.0, tmp_path / "open").final_step == 6
