@@ -128,7 +128,7 @@ def train(
         return int(meta["step"]) + 1
 
     def save(step: int, loss: float) -> None:
-        history["telemetry_lines"] = len(telemetry.read())
+        history["telemetry_lines"] = telemetry.lines
         ckpts.save(step, model, opt.state_dict(), loss, extra={
             "clipper": clipper.state_dict(), "detector": detector.state_dict(), "batch_ppl": batch_ppl.state_dict(),
             "last": dict(last), "history": history})
@@ -216,7 +216,8 @@ def train(
                       gate_mean=gate_mean, gate_polarized=out.gate_polarized, mem_write_fraction=out.mem_write_fraction,
                       regime=regime, **clip)
 
-        if step % settings.eval_every == 0 or step == steps:
+        checkpoint = step % settings.eval_every == 0 or step == steps
+        if checkpoint:
             history["last_eval"] = heldout_loss(model, eval_ids, labels=eval_labels)
             e_delta, spike = detector.update(history["last_eval"])
             record.update(eval_loss=history["last_eval"], eval_ppl_delta=e_delta, is_spike=spike)
@@ -224,10 +225,9 @@ def train(
                 telemetry.write(**record, event="eval spike")
                 step = restore(ckpts.rollback(model, f"held-out PPL rose {e_delta:.1%} at step {step}"))
                 continue
-            telemetry.write(**record)  # before the checkpoint, which counts the lines that a resume keeps
+        telemetry.write(**record)
+        if checkpoint:  # after the step's line: the checkpoint counts the lines a resume keeps
             save(step, history["last_eval"])
-        else:
-            telemetry.write(**record)
         if on_progress is not None:
             on_progress(record | {"total_steps": steps})
         step += 1

@@ -53,6 +53,8 @@ class TelemetryWriter:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # lines in the file, kept as it grows so a checkpoint can record it without reading the file back
+        self.lines = len(self.path.read_text().splitlines()) if self.path.exists() else 0
 
     def write(self, **record: Any) -> dict[str, Any]:
         row = {f: record.pop(f, None) for f in self.FIELDS} | record
@@ -61,6 +63,7 @@ class TelemetryWriter:
                 row[k] = str(v)  # JSON has no NaN/inf; keep them visible as strings
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        self.lines += 1
         return row
 
     def truncate(self, lines: int) -> None:
@@ -71,6 +74,7 @@ class TelemetryWriter:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(kept))
         tmp.replace(self.path)
+        self.lines = len(kept)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
