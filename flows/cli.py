@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 FLOWS = {"prepare": "flows.prepare:prepare", "cognate": "flows.cognate:cognate", "evomerge": "flows.evomerge:evomerge",
-         "quietstar": "flows.quietstar:quietstar", "bitnet": "flows.bitnet:bitnet", "full": "flows.full:full"}
+         "quietstar": "flows.quietstar:quietstar", "bitnet": "flows.bitnet:bitnet", "full": "flows.full:full",
+         "diagnose": "flows.diagnose:diagnose"}
 
 
 def _parse_value(text: str) -> Any:
@@ -214,6 +215,38 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """The state diagnostics of a model directory or a store artifact, without Prefect; exit 0 on GO, 1 on NO-GO."""
+    from pydantic import ValidationError
+
+    from phases.cognate import steps
+    from phases.cognate.settings import CognateDiagnostics
+
+    try:
+        settings = CognateDiagnostics.model_validate(_overrides(args.set))
+    except ValidationError as e:
+        raise UsageError(_one_line(e)) from None
+    target = Path(args.target)
+    if target.is_dir():
+        model_dir, name = target, target.resolve().name
+        out = Path(args.out or f"diagnosis-{name}")
+    else:
+        st = _store(args)
+        ref = st.ref(args.target)  # a unique id prefix is enough; an unknown one is an ArtifactError
+        model_dir, name = st.load(ref), f"{ref.kind} {ref.id[:12]}"
+        out = Path(args.out) if args.out else Path(st.root) / "diagnoses" / ref.id
+    config = model_dir / "config.json"
+    if not config.is_file() or json.loads(config.read_text()).get("model_type") != "cognate":
+        raise UsageError(f"{args.target}: not a Cognate-family model (no config.json with model_type cognate); the "
+                         "diagnostics read a Cognate, EvoMerge or Quiet-STaR model")
+    start = time.perf_counter()
+    head = steps.diagnose_model(model_dir, settings, out, name)
+    print((out / steps.DIAGNOSIS_REPORT).read_text())
+    print(f"{name}: {head['verdict']} (state health {head['health']:.2f}) in {time.perf_counter() - start:.1f} s; "
+          f"{steps.DIAGNOSIS_REPORT}, {steps.DIAGNOSIS_FIGURE} and {steps.DIAGNOSIS} in {out}")
+    return 0 if head["verdict"] == "GO" else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agent-forge", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback too")
@@ -232,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("config", help="the YAML file; model paths are relative to it")
     merge.add_argument("out_dir")
     merge.set_defaults(func=cmd_merge)
+
+    diag = sub.add_parser("diagnose", help="state diagnostics D1-D4 and the go/no-go verdict of a Cognate-family model "
+                                          "(exit 0 on GO, 1 on NO-GO)")
+    diag.add_argument("target", help="a model directory, or a store artifact id (a unique prefix is enough)")
+    diag.add_argument("--home", default=None, help="store root (default: $AGENT_FORGE_HOME or ./.agent-forge)")
+    diag.add_argument("--out", help="where the report goes (default: ./diagnosis-NAME, or <home>/diagnoses/ID)")
+    diag.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a diagnostics setting, e.g. trials=96")
+    diag.set_defaults(func=cmd_diagnose)
 
     art = sub.add_parser("artifacts", help="inspect the artifact store")
     art.add_argument("--home", default=None, help="store root (default: $AGENT_FORGE_HOME or ./.agent-forge)")

@@ -1,9 +1,10 @@
 """cognate: prepare's data → the shared foundation → three specialists in parallel → held-out
-evaluation → exit gates → W&B."""
+evaluation and state diagnostics (go/no-go) → exit gates → W&B."""
 
 from __future__ import annotations
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
@@ -12,7 +13,7 @@ from phases.cognate.gates import cognate_gates
 from phases.cognate.specialists import specialists
 from phases.config import PipelineConfig
 from storage import ArtifactRef
-from tasks.cognate import evaluate_cognate, train_foundation, train_specialist
+from tasks.cognate import diagnose_model, evaluate_cognate, go_no_go_markdown, train_foundation, train_specialist
 from tasks.gates import close_phase
 from tasks.runtime import resolve_home, store
 
@@ -37,12 +38,21 @@ def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
                for s in specialists()}
     models = {name: f.result() for name, f in futures.items()}
     evaluation = evaluate_cognate(config, models, prepared.curriculum, home)
+    diagnoses = {}
+    if config.cognate.diagnose.run:
+        futures = {name: diagnose_model.submit(name, config, ref, home, len(models)) for name, ref in models.items()}
+        diagnoses = {name: f.result() for name, f in futures.items()}
+        create_markdown_artifact(key="cognate-go-no-go", markdown=go_no_go_markdown(home, diagnoses),
+                                 description="Cognate: state diagnostics D1-D4 and the go/no-go verdict per model")
 
     st = store(home)
     training = {name: st.manifest(ref)["metrics"] for name, ref in models.items()}
-    report = cognate_gates(evaluation, training, config.cognate, config.gate_mode("cognate"))
+    diagnosed = {name: st.manifest(ref)["metrics"] for name, ref in diagnoses.items()}
+    report = cognate_gates(evaluation, training, config.cognate, config.gate_mode("cognate"), diagnosed)
     close_phase(report, config, run_group, home,
-                {"evaluation": evaluation, "training": training, "base": st.manifest(base)["metrics"]},
-                [base, *models.values()],
-                images={f"loss/{name}": str(st.file(ref, "loss.png")) for name, ref in {"base": base, **models}.items()})
+                {"evaluation": evaluation, "training": training, "base": st.manifest(base)["metrics"],
+                 "diagnosis": diagnosed},
+                [base, *models.values(), *diagnoses.values()],
+                images={f"loss/{name}": str(st.file(ref, "loss.png")) for name, ref in {"base": base, **models}.items()}
+                | {f"diagnosis/{name}": str(st.file(ref, "diagnosis.png")) for name, ref in diagnoses.items()})
     return Cognate(base=base, models=models, gates_passed=report.passed)

@@ -18,13 +18,21 @@ from phases.common.workers import run_in_worker
 from phases.config import PipelineConfig
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
-from tasks.runtime import phase_cache, png_markdown, recipe_cache, record_execution, store, stored_with_checkpoints
+from tasks.runtime import (
+    phase_cache,
+    png_markdown,
+    producer,
+    recipe_cache,
+    record_execution,
+    store,
+    stored_with_checkpoints,
+)
 
 
 def _training_config(config: PipelineConfig, batch_size: int) -> dict[str, Any]:
     """What determines the weights: the whole section but its evaluation and gate blocks, which are read
     after training (changing one never retrains)."""
-    sec = config.cognate.model_dump(mode="json", exclude={"eval", "gates"})
+    sec = config.cognate.model_dump(mode="json", exclude={"eval", "diagnose", "gates"})
     return {"model": config.model.model_dump(mode="json"), "cognate": sec, "seed": config.seed, "batch_size": batch_size}
 
 
@@ -110,3 +118,35 @@ def evaluate_cognate(config: PipelineConfig, models: dict[str, ArtifactRef], cur
             f"{s} {r['accuracy']:.1%} [{r['wilson_95'][0]:.1%}, {r['wilson_95'][1]:.1%}] (majority {r['majority_baseline']:.1%}, "
             f"n={r['n']})" for s, r in m["per_skill"].items()))
     return evaluation
+
+
+def diagnosis_recipe(config: PipelineConfig, model: ArtifactRef) -> Recipe:
+    return Recipe(kind="cognate-diagnosis", inputs=(model.id,),
+                  config={"diagnose": config.cognate.diagnose.model_dump(mode="json")},
+                  code_version=code_version("phases.cognate"))
+
+
+@task(name="cognate-diagnose", cache_policy=recipe_cache(diagnosis_recipe), persist_result=True)
+def diagnose_model(name: str, config: PipelineConfig, model: ArtifactRef, home: str, workers: int = 1) -> ArtifactRef:
+    """The state diagnostics and go/no-go of one model, as a store artifact (diagnosis.json, .png, .md) whose input
+    is the model; ``workers``: how many run side by side (each gets its share of the cores)."""
+    st = store(home)
+
+    def build(out: Path) -> dict[str, Any]:
+        record_execution(home, "cognate-diagnose")
+        return run_in_worker(steps.diagnose_model, st.load(model), config.cognate.diagnose, out, name,
+                             threads=max(1, usable_cpus() // workers))
+
+    ref = st.get_or_create(diagnosis_recipe(config, model), build, producer())
+    m = st.manifest(ref)["metrics"]
+    get_run_logger().info("%s state diagnostics: %s (state health %.2f): %s", name, m["verdict"], m["health"],
+                          ", ".join(f"{k} {v}" for k, v in m["statuses"].items()))
+    return ref
+
+
+def go_no_go_markdown(home: str, diagnoses: dict[str, ArtifactRef]) -> str:
+    """Every model's go/no-go table and figure, for the Prefect UI."""
+    st = store(home)
+    return "\n\n".join(st.file(ref, steps.DIAGNOSIS_REPORT).read_text() + "\n\n"
+                        + png_markdown(st.file(ref, steps.DIAGNOSIS_FIGURE), f"{name} diagnostics")
+                        for name, ref in diagnoses.items())

@@ -41,7 +41,9 @@ COGNATE_MICRO = {
     "cognate": {"window_size": 16,
                 "train": {"foundation_steps": 40, "stage_steps": 8, "batch_size": 4, "eval_every": 5, "niah_every": 5,
                           "eval_rows": 4},
-                "eval": {"accuracy_per_skill": 2, "heldout_rows": 16}, "gates": {"mode": "lenient"}},
+                "eval": {"accuracy_per_skill": 2, "heldout_rows": 16}, "gates": {"mode": "lenient"},
+                "diagnose": {"shards": 1, "inputs": 2, "span": 32, "early_tokens": 64, "coupling_tokens": 64,
+                             "trials": 8, "beyond": [16]}},
 }
 
 

@@ -70,6 +70,21 @@ def test_gate_table_and_progress_reach_the_prefect_ui(flow_run):
     assert {r["fact"] for r in fact_rows} >= {"niah", "ppl_delta_visible", "rollbacks", "halting_spread"}
     progress = _artifacts(["cognate-base-progress", "cognate-reasoning-progress"])
     assert progress and max(float(a.data) for a in progress) == pytest.approx(100.0)
+    assert {"state_health", "long_range_d4"} <= ids
+
+
+def test_each_specialist_is_diagnosed_into_the_store_and_the_go_no_go_reaches_the_ui(flow_run):
+    config, home, result = flow_run
+    store = ArtifactStore(home)
+    diagnoses = [m for m in store.list() if m["kind"] == "cognate-diagnosis"]
+    assert sorted(m["inputs"][0] for m in diagnoses) == sorted(r.id for r in result.models.values())
+    for m in diagnoses:
+        path = store.load(m["id"])
+        saved = json.loads((path / steps.DIAGNOSIS).read_text())
+        assert saved["verdict"] == m["metrics"]["verdict"] and len(saved["rows"]) == 6
+        assert (path / steps.DIAGNOSIS_FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = _artifacts(["cognate-go-no-go"])[-1].data
+    assert all(f"### {name}:" in report for name in result.models) and report.count("data:image/png;base64,") == 3
 
 
 def _interpolate(a, b):
@@ -136,3 +151,19 @@ def test_set_gates_mode_strict_stops_the_flow_at_its_failing_gate_naming_it(cogn
         COGNATE_MICRO, {"gates": {"mode": "strict"}, "cognate": {"gates": {"mode": None}}}))
     with pytest.raises(GateFailed, match=r"cognate exit gates failed: .*arithmetic: measured 0(\.0)? not >= 0\.9"):
         cognate(strict, str(home))
+
+
+def test_the_diagnose_flow_reports_on_the_newest_model_and_gates_its_verdict(flow_run):
+    from flows.diagnose import diagnose
+    from phases.common.gates import GateFailed
+
+    config, home, result = flow_run
+    store = ArtifactStore(home)
+    ref = diagnose(config, str(home))
+    assert store.manifest(ref)["inputs"][0] in {r.id for r in result.models.values()}
+    rows = _artifacts(["diagnose-gates"])[-1].data
+    rows = rows if isinstance(rows, list) else json.loads(rows)
+    assert {r["gate"] for r in rows} == {"go_no_go", "state_health", "long_range_d4"}
+    # micro models trained for seconds recall nothing beyond the window: strict mode stops on it
+    with pytest.raises(GateFailed, match="long_range_d4"):
+        diagnose(config.model_copy(update={"gates": config.gates.model_copy(update={"mode": "strict"})}), str(home))

@@ -156,3 +156,18 @@ def test_the_accuracy_problems_cover_every_stage_of_each_skill():
         assert len(mine) == 200
         assert {s: sum(r["stage"] == s for r in mine) for s in ("foundation", "reasoning", "advanced")} == {
             "foundation": 67, "reasoning": 67, "advanced": 66}
+
+
+def test_the_diagnostics_gates_read_not_measured_without_a_diagnosis_and_pass_on_merit():
+    ev = _evaluation({"speed": 190, "memory": 20}, {"speed": 10, "memory": 150}, ablated_recall=8)
+    g = _gates(ev)
+    assert g["state_health"].measured is None and not g["state_health"].passed and not g["long_range_d4"].passed
+    d4 = {"beyond_accuracy": 0.5, "beyond_ablated": 0.0, "beyond_n": 144, "difference": 0.5, "interval": (0.4, 0.6),
+          "mcnemar_p": 1e-12}
+    diagnosed = {"memory": {"health": 0.9, "d4": d4}, "speed": {"health": 0.8, "d4": d4 | {"difference": 0.0,
+                                                                                         "mcnemar_p": 1.0}}}
+    g = {x.id: x for x in cognate_gates(ev, _training(ev["models"]), CognateSection(), "strict", diagnosed).gates}
+    assert g["state_health"].passed and g["long_range_d4"].passed and "(memory;" in g["long_range_d4"].criterion
+    diagnosed["memory"]["health"] = 0.6
+    g = {x.id: x for x in cognate_gates(ev, _training(ev["models"]), CognateSection(), "strict", diagnosed).gates}
+    assert not g["state_health"].passed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from phases.cognate.diagnostics import MIN_HEALTH
 from phases.cognate.modeling import POLES
 from phases.cognate.settings import CognateSection
 from phases.common.gates import GateReport
@@ -30,8 +31,10 @@ def skill_leaders(models: dict[str, Any], margin: float) -> dict[str, dict[str, 
 
 
 def cognate_gates(evaluation: dict[str, Any], training: dict[str, dict[str, Any]], sec: CognateSection,
-                  mode: str) -> GateReport:
-    """``training``: per model, the manifest metrics plus its telemetry summary."""
+                  mode: str, diagnoses: dict[str, dict[str, Any]] | None = None) -> GateReport:
+    """``training``: per model, the manifest metrics plus its telemetry summary. ``diagnoses``: per model, the
+    state diagnostics' headline (steps.headline); none where they did not run (their gates then read "not
+    measured" and fail)."""
     models = evaluation["models"]
     r = GateReport(phase="cognate", mode=mode)
     r.add("no_nan", "models with a non-finite held-out loss, weight, or training step",
@@ -85,6 +88,32 @@ def cognate_gates(evaluation: dict[str, Any], training: dict[str, dict[str, Any]
     r.add("specialists_differ", f"models that lead some skill by >= {sec.gates.min_skill_margin:g}, significantly "
           f"({named})",
           len({v["model"] for v in leaders.values()}), ">=", 2)
+    add_diagnosis_gates(r, diagnoses or {}, sec)
     r.add("accuracy_over_majority", "lowest held-out accuracy minus the majority-answer baseline",
           min(m["accuracy"] for m in models.values()) - evaluation["majority_baseline"], ">", 0.0)
+    return r
+
+
+def add_diagnosis_gates(r: GateReport, diagnoses: dict[str, dict[str, Any]], sec: CognateSection) -> None:
+    """The state diagnostics' gates over ``diagnoses`` (per model, steps.headline): the lowest state health, and
+    D4's paired difference for the model whose memory carries the most beyond the window."""
+    r.add("state_health", "lowest state health over the models (D1 divergence, D2 collapse; diagnostics)",
+          min((d["health"] for d in diagnoses.values()), default=None), ">", MIN_HEALTH)
+    if not diagnoses:
+        r.add("long_range_d4", "recall beyond the window, memory on minus its read zeroed (D4)", None, ">", 0.0)
+        return
+    name, d4 = max(((n, d["d4"]) for n, d in diagnoses.items()), key=lambda x: (x[1]["difference"], -x[1]["mcnemar_p"]))
+    r.add("long_range_d4", f"recall beyond the window, memory on minus its read zeroed, best model ({name}; D4 over "
+          f"{d4['beyond_n']} problems at {len(sec.diagnose.beyond)} distances: paired)", d4["difference"], ">", 0.0,
+          interval=tuple(d4["interval"]), p_value=d4["mcnemar_p"])
+
+
+def diagnosis_gates(diagnosis: dict[str, Any], sec: CognateSection, mode: str) -> GateReport:
+    """One model's go/no-go as a gate table: every diagnostic at PASS (WARN is not a GO), and the two gates the
+    Cognate phase applies to it."""
+    r = GateReport(phase="diagnose", mode=mode)
+    statuses = diagnosis["statuses"]
+    r.add("go_no_go", "diagnostics at PASS (" + ", ".join(f"{k}: {v}" for k, v in statuses.items()) + ")",
+          sum(v == "PASS" for v in statuses.values()), "==", len(statuses))
+    add_diagnosis_gates(r, {diagnosis["name"]: diagnosis}, sec)
     return r

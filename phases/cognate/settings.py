@@ -67,6 +67,22 @@ class CognateEvaluation(Strict):
     memory_ablation: bool = Field(default=True, description="decode the recall problems again with the memory read zeroed")
 
 
+class CognateDiagnostics(Strict):
+    """The state diagnostics (phases/cognate/diagnostics.py) run on each trained model; read after training."""
+
+    run: bool = Field(default=True, description="diagnose every specialist at the end of the phase")
+    shards: int = Field(default=3, ge=1, description="D1/D2: the traced sequence spans this many memory shards ...")
+    max_tokens: int = Field(default=8192, ge=64, description="... up to this many tokens")
+    inputs: int = Field(default=4, ge=2, description="D1/D2: sequences traced side by side (D2 compares their states)")
+    span: int = Field(default=64, ge=1, description="D1: tokens per cached forward call, the trace's resolution")
+    early_tokens: int = Field(default=256, ge=1, description="D1: the state norm growth is measured against this point")
+    coupling_tokens: int = Field(default=256, ge=2, description="D3: tokens per input in the gradient-coupling pass")
+    trials: int = Field(default=48, ge=8, description="D4: problems per distance")
+    beyond: list[int] = Field(default=[32, 128, 256], min_length=1, description=(
+        "D4: distances beyond the attention window (two more sit inside it: half and seven eighths of the window)"))
+    seed: int = Field(default=1234, description="seeds the probe sequences and D4's codes")
+
+
 class CognateGates(Strict):
     # above what the runtime settings alone give: the tiny base's own weights under the three specialists'
     # settings disagree on 0.12 of positions; the three trained specialists on 0.67
@@ -91,6 +107,7 @@ class CognateSection(Strict):
     shard_length: int = Field(default=2048, ge=1, description="memory resets every this many tokens")
     train: CognateTraining = Field(default_factory=CognateTraining)
     eval: CognateEvaluation = Field(default_factory=CognateEvaluation)
+    diagnose: CognateDiagnostics = Field(default_factory=CognateDiagnostics)
     gates: CognateGates = Field(default_factory=CognateGates)
 
 

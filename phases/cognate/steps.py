@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from phases.cognate import evaluate
+from phases.cognate import diagnostics, evaluate
 from phases.cognate.configuration import CognateConfig
 from phases.cognate.data import Batches, mixed_examples, pack_whole
 from phases.cognate.modeling import CognateForCausalLM
-from phases.cognate.plots import loss_curve
-from phases.cognate.settings import CognateSection
+from phases.cognate.plots import diagnosis_figure, loss_curve
+from phases.cognate.settings import CognateDiagnostics, CognateSection
 from phases.cognate.specialists import Specialist, runtime_for, specialists, stage_steps_for
 from phases.cognate.trainer import TrainResult, heldout_stats, niah, train
 from phases.common.config import ModelShape
@@ -211,3 +211,32 @@ def telemetry_summary(model_dir: Path) -> dict[str, Any]:
         "non_finite_steps": sum(x.get("event") == "non-finite loss" for x in lines),
         "spikes": sum(bool(x.get("is_spike")) for x in lines),
     }
+
+
+DIAGNOSIS, DIAGNOSIS_FIGURE, DIAGNOSIS_REPORT = "diagnosis.json", "diagnosis.png", "diagnosis.md"
+
+
+def diagnose_model(model_dir: Path, settings: CognateDiagnostics, out: Path, name: str) -> dict[str, Any]:
+    """The state diagnostics and go/no-go of the Cognate model in ``model_dir`` (its tokenizer beside it), written
+    to ``out`` as JSON, a figure and a markdown table; returns the headline figures."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json, so not a model directory")
+    model = load_pretrained(CognateForCausalLM, Path(model_dir))
+    tokenizer = bpe.load(Path(model_dir))
+    d = diagnostics.diagnose(model, tokenizer, name, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DIAGNOSIS).write_text(json.dumps(d.as_dict(), indent=1))
+    diagnosis_figure(d.as_dict(), out / DIAGNOSIS_FIGURE)
+    (out / DIAGNOSIS_REPORT).write_text(diagnostics.markdown([d]) + "\n")
+    return headline(d.as_dict())
+
+
+def headline(d: dict[str, Any]) -> dict[str, Any]:
+    """What the gates and a summary read from a diagnosis."""
+    return {"name": d["name"], "verdict": d["verdict"], "health": d["health"],
+            "statuses": {r["diagnostic"]: r["status"] for r in d["rows"]},
+            "worst_growth": d["d1"]["worst_growth"], "min_read_rank": d["d2"]["min_read_rank"],
+            "min_state_dispersion": d["d2"]["min_state_dispersion"], "worst_coupling": d["d3"]["worst_coupling"],
+            "memory_share": d["d3"]["memory_share"],
+            "d4": {k: d["d4"][k] for k in ("beyond_accuracy", "beyond_ablated", "beyond_n", "difference", "interval",
+                                           "mcnemar_p")}}

@@ -168,6 +168,25 @@ def _key(rng: random.Random) -> str:
     return "".join(rng.choice(_SYL) for _ in range(rng.randint(2, 3)))
 
 
+def filler(rng: random.Random, at_least: int) -> str:
+    """Prose sentences of at least ``at_least`` pretokens: the distance a recall problem puts between a code and
+    its question."""
+    sentences: list[str] = []
+    while pretokens(" ".join(sentences)) < at_least:
+        sentences.append(_sentence(rng, not sentences))
+    return " ".join(sentences)
+
+
+def recall_statement(rng: random.Random) -> tuple[str, str, str]:
+    """(key, code, the sentence stating it), as a recall problem states a code."""
+    key, code = _key(rng), str(_number(rng, 100, 999))
+    return key, code, f"The code for {key} is {code}."
+
+
+def recall_question(key: str) -> str:
+    return f"\nQuestion: What is the code for {key}?\nAnswer:"
+
+
 def _kv_recall(rng: random.Random, stage: str) -> dict[str, Any]:
     n_pairs, n_updates = {"foundation": (1, 0), "reasoning": (2, 0), "advanced": (2, 1)}[stage]
     keys: list[str] = []
@@ -181,11 +200,9 @@ def _kv_recall(rng: random.Random, stage: str) -> dict[str, Any]:
         k = rng.choice(keys)
         values[k] = _number(rng, 100, 999)
         lines.append(f"Later, the code for {k} changed to {values[k]}.")
-    filler: list[str] = []
-    while pretokens(" ".join(filler)) < RECALL_GAP:
-        filler.append(_sentence(rng, not filler))
+    gap = filler(rng, RECALL_GAP)
     target = rng.choice(keys)
-    prompt = " ".join(lines + filler) + f"\nQuestion: What is the code for {target}?\nAnswer:"
+    prompt = " ".join(lines) + " " + gap + recall_question(target)
     answer = str(values[target])
     return {
         "task": "kv_recall", "prompt": prompt, "answer": answer, "rationale": f"The last code given for {target}.",
