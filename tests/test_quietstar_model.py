@@ -30,13 +30,14 @@ from phases.quietstar.tokens import SPECIAL_TOKENS
 START, END = 48, 49
 
 
-def micro(chunk=3, shard=7, window=5, act=2, gate_bias=-2.0, seed=1) -> CognateForCausalLM:
+def micro(chunk=3, shard=7, window=5, act=2, gate_bias=-2.0, seed=1, qk_projection=False) -> CognateForCausalLM:
     """Chunks of 3 and shards of 7 so thoughts write and reset memory mid-extension; the gate leans on
     memory so that branch carries real weight; strong writes and forgetting."""
     torch.manual_seed(seed)
     cfg = CognateConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, window_size=window,
                         mem_chunk_size=chunk, shard_length=shard, act_max_steps=act, surprise_threshold=0.02,
-                        n_persistent=2, gate_bias=gate_bias, eos_token_id=0, pad_token_id=0)
+                        n_persistent=2, gate_bias=gate_bias, eos_token_id=0, pad_token_id=0,
+                        qk_projection=qk_projection)
     model = CognateForCausalLM(cfg).eval()
     with torch.no_grad():
         for layer in model.model.layers:
@@ -51,10 +52,11 @@ def _threads():
     torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("chunk,shard,window,length,n_true,batch",
-                         [(3, 7, 5, 3, 2, 2), (2, 5, 3, 5, 3, 1), (4, 2048, 64, 2, 1, 1)])
-def test_parallel_thoughts_equal_the_per_position_reference(chunk, shard, window, length, n_true, batch):
-    model = micro(chunk, shard, window)
+@pytest.mark.parametrize("chunk,shard,window,length,n_true,batch,qk",
+                         [(3, 7, 5, 3, 2, 2, False), (2, 5, 3, 5, 3, 1, False), (4, 2048, 64, 2, 1, 1, False),
+                          (3, 7, 5, 3, 2, 2, True)])
+def test_parallel_thoughts_equal_the_per_position_reference(chunk, shard, window, length, n_true, batch, qk):
+    model = micro(chunk, shard, window, qk_projection=qk)
     if batch == 2:
         model.config.layer_scales = [0.9, 1.1]  # an EvoMerge data-flow merge scales each layer's input
     x = torch.randint(1, 48, (batch, 11), generator=torch.Generator().manual_seed(0))

@@ -1,7 +1,8 @@
 """Titans long-term memory for the MAG block: a Q-K projection with persistent memory, and a neural
 memory written per chunk with surprise, momentum and forgetting.
 
-Q-K projection with persistent memory in the numerator and the denominator (M_persistent alone is either
+Q-K projection (off by default: CognateConfig.qk_projection), with persistent memory in the numerator and the
+denominator (M_persistent alone is either
 drowned by new keys or drowns them), causal and reset at every shard boundary:
     M_t = M_persistent + Σ_{i≤t} k_i k_iᵀ,   norm_t = norm_persistent + Σ_{i≤t} ‖k_i‖²,   q'_t = M_t q_t / norm_t
 M_persistent = Σ_p k_p k_pᵀ and norm_persistent = Σ_p ‖k_p‖² come from the persistent memory tokens' keys,
@@ -10,7 +11,7 @@ injected together and the projection has the same volume at the first token as a
 M_t / norm_t is a trace-one PSD matrix: q' is q pulled toward the directions of the keys seen so far.
 
 Neural memory (Titans, Behrouz et al. 2024), a linear associative map W (d×d) per sequence, chunk c:
-    read      y_i = W_{c-1} q'_i                      (tokens read the memory written before their chunk)
+    read      y_i = W_{c-1} q_i  (q'_i with the Q-K projection)   (tokens read the memory written before their chunk)
     loss      ℓ = Σ_{i∈c} ‖W_{c-1} k_i − v_i‖²          (the surprise)
     momentum  S_c = η S_{c-1} − θ ∇_W ℓ / ‖K_c K_cᵀ‖_F
     forget    W_c = (1 − α) W_{c-1} + S_c
@@ -121,10 +122,12 @@ class NeuralMemory(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m_persistent: torch.Tensor,
                 norm_persistent: torch.Tensor, state: MemoryState, chunk: int, shard: int,
-                lr_scale: float = 1.0, decay_scale: float = 1.0, surprise_threshold: float = 0.0) -> torch.Tensor:
+                lr_scale: float = 1.0, decay_scale: float = 1.0, surprise_threshold: float = 0.0,
+                qk_projection: bool = False) -> torch.Tensor:
         """Process a span of tokens starting at ``state.pos``; updates ``state`` in place.
 
-        q, k: (B, T, d) L2-normalised; v: (B, T, d). Returns the memory read y: (B, T, d)."""
+        q, k: (B, T, d) L2-normalised; v: (B, T, d). Returns the memory read y: (B, T, d), read with q itself,
+        or with the Q-K projection q' where ``qk_projection`` (CognateConfig.qk_projection says why not)."""
         theta, eta, alpha = self.gates(lr_scale, decay_scale)
         out, t, T = [], 0, q.shape[1]
         while t < T:
@@ -132,7 +135,10 @@ class NeuralMemory(nn.Module):
             # a group runs to the next chunk or shard boundary, whichever comes first
             n = min(chunk - in_shard % chunk, shard - in_shard, T - t)
             qg, kg, vg = q[:, t:t + n], k[:, t:t + n], v[:, t:t + n]
-            qp, state.A, state.nsum = qk_project(qg, kg, m_persistent, norm_persistent, state.A, state.nsum)
+            if qk_projection:
+                qp, state.A, state.nsum = qk_project(qg, kg, m_persistent, norm_persistent, state.A, state.nsum)
+            else:
+                qp = qg
             out.append(self.read(state.W, qp))
             state.buf_k = torch.cat([state.buf_k, kg], 1)
             state.buf_v = torch.cat([state.buf_v, vg], 1)

@@ -4,7 +4,7 @@
                └── e is injected again before every step: core(h_{t-1} + e)
     core = N × MAG layer (CognateLayer.forward: project, attend, remember, mix):
         a = sliding-window causal attention over [persistent tokens ; last `window` tokens]
-        m = neural long-term memory read (memory.py), written per chunk
+        m = neural long-term memory read with the query (memory.py), written per chunk
         g = σ(W_g x)                     the MAG gate, per channel
         x ← x + g ⊙ a + (1 − g) ⊙ m ;  x ← x + SwiGLU(x)
     ACT (Graves 2016), per position: p_t = σ(w·h_t); a position halts at the first step where the
@@ -158,7 +158,7 @@ class CognateLayer(nn.Module):
         L2-normalised; ``seed`` = persistent_qk(persistent keys), which the Q-K projection starts from."""
         return self.memory(qn, kn, v, *seed, state, chunk=cfg.mem_chunk_size, shard=cfg.shard_length,
                            lr_scale=cfg.mem_lr_scale, decay_scale=cfg.mem_decay_scale,
-                           surprise_threshold=cfg.surprise_threshold)
+                           surprise_threshold=cfg.surprise_threshold, qk_projection=cfg.qk_projection)
 
     def mix(self, x: torch.Tensor, h: torch.Tensor, a: torch.Tensor, y: torch.Tensor,
             gate_bias: float) -> tuple[torch.Tensor, torch.Tensor]:

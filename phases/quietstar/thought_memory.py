@@ -147,26 +147,16 @@ def _apply_W(mem: ExtMemory, base: BaseMemory, geo: Geometry, sub: torch.Tensor 
 
 def read_and_write(mem: ExtMemory, qn: torch.Tensor, kn: torch.Tensor, v: torch.Tensor, j: int, base: BaseMemory,
                    geo: Geometry, layer, cfg) -> torch.Tensor:
-    """Extension token j of every (b, k, i), qn/kn/v (B, K, S, d): the memory read, through the Q-K
-    projection over base keys ≤ i and own keys of the same shard; then the writes and resets it completes."""
+    """Extension token j of every (b, k, i), qn/kn/v (B, K, S, d): the memory read (with the query, or through the
+    Q-K projection where the model uses it); then the writes and resets it completes."""
     S = geo.S
     device, dtype = qn.device, qn.dtype
     mem.kmem.append(kn)
     mem.vmem.append(v)
-    i = m = torch.arange(S, device=device)
-    p = i + 1 + j  # absolute positions of these tokens
-    shard = cfg.shard_length
-    same_shard_b = ((m[None] <= i[:, None]) & (m[None] // shard == p[:, None] // shard)).to(dtype)
-    sc_b = torch.einsum("bkid,bmd->bkim", qn, base.kmem) * same_shard_b
-    num = qn @ base.m_persistent + torch.einsum("bkim,bmd->bkid", sc_b, base.kmem)
-    den = base.norm_persistent + torch.einsum("bm,im->bi", base.kmem.pow(2).sum(-1), same_shard_b)[:, None]
-    pj = i[:, None] + 1 + torch.arange(j + 1, device=device)[None]  # (S, j+1) positions of own tokens
-    same_shard_x = (pj // shard == p[:, None] // shard).to(dtype)
-    kmx = torch.stack(mem.kmem, 3)  # (B, K, S, j+1, d)
-    sc_x = torch.einsum("bkid,bkijd->bkij", qn, kmx) * same_shard_x
-    num = num + torch.einsum("bkij,bkijd->bkid", sc_x, kmx)
-    den = den + (kmx.pow(2).sum(-1) * same_shard_x).sum(-1)
-    qp = num / den.clamp_min(1e-6)[..., None]
+    if cfg.qk_projection:
+        qp = _qk_projected(mem, qn, base, j, cfg.shard_length)
+    else:  # the memory reads with the query itself (CognateConfig.qk_projection)
+        qp = qn
     if mem.a is None:
         ones = torch.ones(S, device=device, dtype=dtype)
         mem.a, mem.beta, mem.gamma, mem.delta = ones, ones * 0, ones * 0, ones.clone()
@@ -231,3 +221,21 @@ def memory_events(mem: ExtMemory, base: BaseMemory, geo: Geometry, j: int, layer
             if li.numel():
                 ev.cw, ev.cs = zero(ev.cw, li), zero(ev.cs, li)
         mem.touched = True
+
+
+def _qk_projected(mem: ExtMemory, qn: torch.Tensor, base: BaseMemory, j: int, shard: int) -> torch.Tensor:
+    """The Q-K projection of extension token j's queries over base keys ≤ i and own keys of the same shard."""
+    device, dtype = qn.device, qn.dtype
+    i = m = torch.arange(qn.shape[2], device=device)
+    p = i + 1 + j  # absolute positions of these tokens
+    same_shard_b = ((m[None] <= i[:, None]) & (m[None] // shard == p[:, None] // shard)).to(dtype)
+    sc_b = torch.einsum("bkid,bmd->bkim", qn, base.kmem) * same_shard_b
+    num = qn @ base.m_persistent + torch.einsum("bkim,bmd->bkid", sc_b, base.kmem)
+    den = base.norm_persistent + torch.einsum("bm,im->bi", base.kmem.pow(2).sum(-1), same_shard_b)[:, None]
+    pj = i[:, None] + 1 + torch.arange(j + 1, device=device)[None]  # (S, j+1) positions of own tokens
+    same_shard_x = (pj // shard == p[:, None] // shard).to(dtype)
+    kmx = torch.stack(mem.kmem, 3)  # (B, K, S, j+1, d)
+    sc_x = torch.einsum("bkid,bkijd->bkij", qn, kmx) * same_shard_x
+    num = num + torch.einsum("bkij,bkijd->bkid", sc_x, kmx)
+    den = den + (kmx.pow(2).sum(-1) * same_shard_x).sum(-1)
+    return num / den.clamp_min(1e-6)[..., None]
