@@ -162,3 +162,17 @@ def test_the_command_diagnoses_a_model_directory_and_refuses_what_is_not_a_cogna
     run = subprocess.run([sys.executable, "-m", "flows.cli", "diagnose", str(tmp_path / "other")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "not a Cognate-family model" in run.stderr
+
+
+def test_the_figure_draws_a_perfect_recall_whose_interval_ends_a_hair_below_it(tmp_path):
+    from phases.cognate.plots import diagnosis_figure
+    from phases.common.measure import wilson_interval
+
+    d = _passing()
+    d.d1.update(positions=[64, 128], norms=[[1.0, 2.0]], shard_length=128, tokens=128)
+    d.d2["spectrum"] = [[1.0, 0.1]]
+    d.d4["by_distance"] = [{"distance": 80, "inside_window": False, "n": 48, "accuracy": 1.0,
+                            "wilson_95": wilson_interval(48, 48), "ablated": 0.0, "ablated_wilson_95": wilson_interval(0, 48)}]
+    diagnostics.go_no_go(d)
+    assert wilson_interval(48, 48)[1] < 1.0  # the case this guards
+    assert diagnosis_figure(d.as_dict(), tmp_path / "d.png").stat().st_size > 10_000

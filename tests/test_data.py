@@ -199,6 +199,12 @@ def test_arithmetic_is_worked_column_by_column_and_every_column_is_checked(split
     wrong = ",".join([bad, *steps[1:]])
     assert not curriculum.verify({**ar, "rationale": wrong,
                                   "text": f"{ar['prompt']}{wrong}. {curriculum.ANSWER_MARK} {ar['answer']}"})
+    # the column checker is a second solver, not column_steps again: a dropped carry whose steps are each
+    # internally consistent is caught, as is an operand digit read wrong
+    assert not curriculum.columns_add_up("58+67=", "8+7+0=5c1,5+6+0=1c1", "115")
+    assert not curriculum.columns_add_up("58+67=", "8+7+0=5c1,4+6+1=1c1", "115")
+    assert not curriculum.columns_add_up("57-402=", "7-2-0=5c0,5-0-0=5c0", "-345")
+    assert curriculum.columns_add_up("99+1=", "9+1+0=0c1,9+0+1=0c1", "100")
     # the checker reads the answer after the working, not a column's digit
     assert curriculum.check_answer(ar, f"{ar['rationale']}. {curriculum.ANSWER_MARK} {ar['answer']}")
     assert not curriculum.check_answer(ar, ar["rationale"])
@@ -223,3 +229,17 @@ def test_packed_rows_keep_examples_whole_and_put_the_loss_on_what_a_model_writes
         assert lab[at + n_prompt:at + len(text)] == text[n_prompt:]
     x, y = Batches(ids, 4, seed=3, labels=labels)(7)
     assert torch.equal(y[x == tok.pad_token_id], torch.full_like(y[x == tok.pad_token_id], -100))
+
+
+def test_the_answers_gate_fails_a_curriculum_with_one_wrong_label(splits):
+    from phases.data.gates import prepare_gates
+
+    rows = [r for s in splits.values() for r in s]
+    ar = next(i for i, r in enumerate(rows) if r["task"] == "arithmetic")
+    rows[ar] = {**rows[ar], "answer": str(int(rows[ar]["answer"]) + 10)}
+    measured = {"verified_fraction": sum(curriculum.verify(r) for r in rows) / len(rows), "train_heldout_overlap": 0,
+                "rows": {"train": 1}}
+    tok = {"roundtrip_rate": 1.0, "chars_per_token": 3.0}
+    gates = {g.id: g for g in prepare_gates(measured, tok, 0, 0, False).gates}
+    assert measured["verified_fraction"] < 1 and not gates["answers_verified"].passed
+    assert "no_heldout_leak" not in gates  # 0 by construction: reported, not gated

@@ -57,7 +57,8 @@ def diagnosis_figure(d: dict, out_png: Path) -> Path:
     a3.bar([x - 0.2 for x in layers], [min(c, 50) for c in d3["coupling"]], width=0.4, label="gradient ratio (×)")
     a3.axhline(2.5, color="green", linestyle="--", linewidth=0.8)
     a3.axhline(5.0, color="red", linestyle="--", linewidth=0.8)
-    a3.set(title="D3 coupling (bars) and memory share (line)", xlabel="layer", ylabel="attention / memory gradient")
+    a3.set(title="D3 coupling (bars) and memory share (line)", xlabel="layer", ylabel="attention / memory gradient",
+           xticks=list(layers))
     a3b = a3.twinx()
     a3b.plot(list(layers), [100 * s for s in d3["memory_share"]], "o-", color="purple", label="memory share (%)")
     a3b.set_ylim(0, 100)
@@ -67,7 +68,8 @@ def diagnosis_figure(d: dict, out_png: Path) -> Path:
     for key, band, style, label in (("accuracy", "wilson_95", "o-", "memory on"),
                                     ("ablated", "ablated_wilson_95", "s--", "memory read zeroed")):
         ys = [100 * r[key] for r in rows]
-        err = [[100 * (r[key] - r[band][0]) for r in rows], [100 * (r[band][1] - r[key]) for r in rows]]
+        # clamped: at 0 or 100% the Wilson bound and the rate can differ in the last bit
+        err = [[max(0.0, 100 * (r[key] - r[band][0])) for r in rows], [max(0.0, 100 * (r[band][1] - r[key])) for r in rows]]
         a4.errorbar(xs, ys, yerr=err, fmt=style, capsize=3, label=label, linewidth=1)
     a4.axvline(d["window"], color="grey", linestyle=":", linewidth=0.8)
     a4.set(title=f"D4 recall by distance (dotted: window {d['window']})", xlabel="tokens from code to question",
