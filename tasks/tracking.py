@@ -6,6 +6,7 @@ store's files), never the source of truth: ``use_artifact`` does not work offlin
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ def log_phase_boundary(
                 name=f"{ref.kind}-{ref.id}",
                 type=ref.kind,
                 metadata={"store_id": ref.id, "inputs": manifest["inputs"], "config": manifest["config"],
-                          "metrics": manifest["metrics"], "manifest_sha256": ref.manifest_sha256},
+                          "metrics": _json_safe(manifest["metrics"]), "manifest_sha256": ref.manifest_sha256},
             )
             art.add_reference(Path(ref.path).as_uri(), checksum=True)
             run.log_artifact(art)
@@ -94,6 +95,18 @@ def log_phase_boundary(
         run.finish()
     logger.info("W&B %s run for phase %s written to %s", mode, phase, run_dir)
     return run_dir
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats as strings ("inf", "nan"): W&B artifact metadata is strict JSON, and a diagnosis can
+    measure an infinite ratio (a path with no gradient at all)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Phase 4 BitNet: the quantizer, the packing (against transformers' own BitNet code), STE, the staged fallback, the
 packed artifact (from_pretrained, generation, FP16-kept layers), and the evaluation, on a small trained Cognate."""
 
+import copy
 import json
 import math
 import shutil
@@ -261,7 +262,11 @@ def test_packed_logits_match_the_fake_quantized_model(packed_run):
     rows = bp.Data(root / "cur", bpe.load(root / "packed"), config.model.seq_len, SEC.heldout).test_rows[:2]
     with torch.no_grad():
         a, b = fake(rows).logits, packed(rows).logits
-    assert (a - b).abs().max() < 1e-3 * a.abs().max()
+        exact = copy.deepcopy(fake).double()(rows).logits  # the same stored values in float64
+    # as exact as float32 allows: the memory's read (‖W‖ in the hundreds) amplifies rounding, so the float32 fake
+    # model itself strays from its float64 self by ~1.5e-3 of the largest logit at a few positions (mean 3e-5)
+    float32_error = (a.double() - exact).abs().max()
+    assert (b.double() - exact).abs().max() <= 2 * float32_error + 1e-6 * exact.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.99
 
 

@@ -176,7 +176,7 @@ def test_full_deployment_completes_and_second_run_is_cached(stack):
     assert first["state"]["type"] == "COMPLETED", stack.log("worker")
     store = ArtifactStore(stack.home)
     kinds = sorted(m["kind"] for m in store.list())
-    assert kinds == sorted(["cognate-base", "cognate-model", "cognate-model", "cognate-model", "curriculum",
+    assert kinds == sorted(["cognate-base", *["cognate-model", "cognate-diagnosis"] * 3, "curriculum",
                             "tokenizer", *PHASE_KINDS])
     before = _snapshot(stack.home)
     executions = len(read_journal(str(stack.home)))
@@ -219,9 +219,10 @@ def test_failed_run_is_retried_like_the_ui_and_resumes(stack, tmp_path):
     ran_after = [e["task"] for e in read_journal(str(home))][len(ran_before):]
     assert ran_after.count("preflight") == 1  # the retry checks disk and memory again
     ran_after.remove("preflight")
-    assert set(ran_after[:3]) == SPECIALISTS and ran_after[3:5] == ["cognate-evaluate", "wandb:cognate"]
+    assert set(ran_after[:3]) == SPECIALISTS and ran_after[3] == "cognate-evaluate"
+    assert ran_after[4:7] == ["cognate-diagnose"] * 3 and ran_after[7] == "wandb:cognate"
     # then EvoMerge, Quiet-STaR and BitNet, for the first time
-    assert ran_after[5] == "evomerge-measure-inputs" and "evomerge-champion" in ran_after
+    assert ran_after[8] == "evomerge-measure-inputs" and "evomerge-champion" in ran_after
     assert sum(t.startswith("evomerge-fitness:") for t in ran_after) >= 8
     assert ran_after[-1] == "wandb:bitnet" and {"wandb:evomerge", "wandb:quietstar", "quietstar-data"} <= set(ran_after)
     states = stack.task_states(run_id)

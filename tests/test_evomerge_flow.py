@@ -93,3 +93,14 @@ def test_second_run_reuses_the_stored_champion(evo_run):
     assert again.champion == result.champion
     # preflight is never cached (it looks at the machine each run), and the second run prepares again
     assert [e["task"] for e in read_journal(str(home))[ran:] if e["task"] != "preflight"] in ([], ["wandb:evomerge"])
+
+
+def test_strict_mode_stops_the_flow_naming_the_gate_that_failed(evo_run):
+    """Micro specialists answer no test problem, so accuracy_kept is not measured: lenient reports it, strict stops."""
+    from flows.evomerge import evomerge
+    from phases.common.gates import GateFailed
+
+    config, home, cognate, result = evo_run
+    strict = PipelineConfig.from_preset("tiny", **COGNATE_MICRO, evomerge=EVOMERGE_MICRO | {"gates": {"mode": "strict"}})
+    with pytest.raises(GateFailed, match=r"evomerge exit gates failed: .*accuracy_kept: measured None"):
+        evomerge(strict, str(home), models=cognate.models, base=cognate.base)

@@ -27,6 +27,9 @@ def prepare_gates(
     r.add("tokenizer_roundtrip", "validation texts decoded back exactly", tokenizer["roundtrip_rate"], ">=", 1.0)
     r.add("tokenizer_compression", "characters per token on validation", tokenizer["chars_per_token"], ">=",
           MIN_CHARS_PER_TOKEN)
-    if hub_selected and not offline_fallback:
-        r.add("hub_datasets", "selected hub datasets downloaded", hub_downloaded, ">=", hub_selected)
+    if hub_selected:
+        # a download that fails raises before the gates (or, with the offline fallback, is left out on purpose), so
+        # the count equals the selection whenever it is measured: reported, not gated
+        r.fact("hub_datasets", "selected hub datasets downloaded" + (" (offline fallback)" if offline_fallback else ""),
+               hub_downloaded)
     return r
