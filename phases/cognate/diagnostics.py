@@ -29,13 +29,12 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from itertools import groupby
 from typing import Any
 
 import torch
 
 from phases.cognate.modeling import CognateCache, CognateForCausalLM
-from phases.common.measure import difference_interval, mcnemar_p, wilson_interval
+from phases.common.measure import difference_interval, mcnemar_p, teacher_forced_hits, wilson_interval
 from phases.data import curriculum
 
 # The go/no-go criteria: (pass when, fail when). Between the two a diagnostic is WARN, which is not a GO.
@@ -105,21 +104,15 @@ class _Reads:
             h.remove()
 
 
-def effective_rank(rows: torch.Tensor) -> float:
+def effective_rank(singular_values: torch.Tensor) -> float:
     """exp of the entropy of the normalised singular values (Roy and Vetterli): 1 for one direction, d for
     isotropic rows; 0 for all-zero rows."""
-    s = torch.linalg.svdvals(rows.double())
+    s = singular_values
     if float(s.sum()) == 0.0:
         return 0.0
     p = s / s.sum()
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
-
-
-def singular_spectrum(rows: torch.Tensor) -> list[float]:
-    """The reads' singular values over the largest (the rank plot)."""
-    s = torch.linalg.svdvals(rows.double())
-    return (s / s[0]).tolist() if float(s[0]) > 0 else s.tolist()
 
 
 @torch.no_grad()
@@ -159,9 +152,9 @@ def trace_states(model: CognateForCausalLM, ids: torch.Tensor, span: int, early_
         early = next((v for p, v in zip(positions, norms[li]) if p >= early_tokens and v > 0), 0.0)
         peak = max(norms[li])
         growth.append(peak / early if early > 0 else (1.0 if peak == 0 else math.inf))
-        rows = torch.cat(reads.rows[li])
-        ranks.append(effective_rank(rows) / d)
-        spectra.append(singular_spectrum(rows))
+        s = torch.linalg.svdvals(torch.cat(reads.rows[li]).double())
+        ranks.append(effective_rank(s) / d)
+        spectra.append((s / s[0]).tolist() if float(s[0]) > 0 else s.tolist())  # for the rank plot
         disps.append(sum(dispersion[li]) / len(dispersion[li]) if dispersion[li] else 0.0)
     d1 = {"positions": positions, "norms": norms, "growth": growth, "worst_growth": max(growth),
           "tokens": N, "shard_length": cfg.shard_length}
@@ -254,24 +247,6 @@ def needle_problems(tokenizer, distance: int, n: int, seed: int) -> list[tuple[l
     return out
 
 
-@torch.no_grad()
-def answer_hits(model: CognateForCausalLM, problems: Sequence[tuple[list[int], list[int]]]) -> list[bool]:
-    """Greedy exact match of every answer token, teacher-forced (what greedy decoding writes first); problems of
-    one length share a forward."""
-    hits = [False] * len(problems)
-    device = next(model.parameters()).device
-    order = sorted(range(len(problems)), key=lambda i: len(problems[i][0]) + len(problems[i][1]))
-    for _, group in groupby(order, key=lambda i: len(problems[i][0]) + len(problems[i][1])):
-        idx = list(group)
-        full = torch.tensor([problems[i][0] + problems[i][1] for i in idx], device=device)
-        logits = model(full).logits
-        for row, i in enumerate(idx):
-            p, a = problems[i]
-            guess = logits[row, len(p) - 1: len(p) + len(a) - 1].argmax(-1).tolist()
-            hits[i] = guess == a
-    return hits
-
-
 def long_range(model: CognateForCausalLM, tokenizer, trials: int, beyond: Sequence[int], seed: int) -> dict[str, Any]:
     """D4: accuracy per distance (two inside the window: half of it and seven eighths; the rest ``beyond`` it), with
     and without the memory read."""
@@ -286,10 +261,10 @@ def long_range(model: CognateForCausalLM, tokenizer, trials: int, beyond: Sequen
             if distance < window:  # a window shorter than the question has no distance inside it to test
                 continue
             raise
-        on = answer_hits(model, problems)
+        on = teacher_forced_hits(model, problems)
         model.set_runtime(mem_read_scale=0.0)
         try:
-            off = answer_hits(model, problems)
+            off = teacher_forced_hits(model, problems)
         finally:
             model.set_runtime(mem_read_scale=own)
         inside = distance < window

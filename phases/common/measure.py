@@ -8,6 +8,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -114,13 +115,24 @@ def mcnemar_p(a: Sequence[bool], b: Sequence[bool]) -> float:
 
 
 @torch.no_grad()
+def teacher_forced_hits(model, problems: Sequence[tuple[list[int], list[int]]]) -> list[bool]:
+    """Per (prompt ids, answer ids): whether the greedy prediction of every answer token, teacher-forced, is right
+    (what greedy decoding writes first). Problems of one total length share a forward (no padding)."""
+    hits = [False] * len(problems)
+    device = next(model.parameters()).device
+    length = lambda i: len(problems[i][0]) + len(problems[i][1])  # noqa: E731
+    for _, group in groupby(sorted(range(len(problems)), key=length), key=length):
+        idx = list(group)
+        logits = model(torch.tensor([problems[i][0] + problems[i][1] for i in idx], device=device)).logits
+        for row, i in enumerate(idx):
+            prompt, target = problems[i]
+            hits[i] = logits[row, len(prompt) - 1: len(prompt) + len(target) - 1].argmax(-1).tolist() == target
+    return hits
+
+
 def teacher_forced_accuracy(model, problems: Sequence[tuple[list[int], list[int]]]) -> float:
-    hits = 0
-    for prompt, target in problems:
-        ids = torch.tensor([prompt + target])
-        pred = model(ids).logits[0, len(prompt) - 1:-1].argmax(-1)
-        hits += int(pred.tolist() == target)
-    return hits / len(problems)
+    hits = teacher_forced_hits(model, problems)
+    return sum(hits) / len(hits)
 
 
 @torch.no_grad()
