@@ -1,7 +1,7 @@
 """Cognate training throughput and memory against a transformers Llama of equal size and depth, at the
 tiny and the small preset's shapes in one run.
 
-    python bench/cognate.py [--steps 3] [--tiny-batch 8] [--small-batch 1] [--shapes tiny,small]
+    python bench/cognate.py [--steps 3] [--tiny-batch 8] [--small-batch 1] [--shapes tiny,small] [--grad-steps 1]
 
 Each model trains in its own subprocess on the same seeded batches with AdamW (so the optimizer is not
 what is compared), as the Cognate trainer runs it: activation checkpointing on, the memory chunk at the
@@ -36,10 +36,10 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _build(kind: str, preset: str):
+def _build(kind: str, preset: str, grad_steps: int | None = None):
     from phases.config import PipelineConfig
 
-    cfg = PipelineConfig.from_preset(preset)
+    cfg = PipelineConfig.from_preset(preset, **({} if grad_steps is None else {"cognate": {"train": {"grad_steps": grad_steps}}}))
     d, L, H, V = cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.tokenizer.vocab_size
     c = cfg.cognate
     if kind == "cognate":
@@ -48,7 +48,7 @@ def _build(kind: str, preset: str):
         model = CognateForCausalLM(CognateConfig(
             vocab_size=V, hidden_size=d, num_hidden_layers=L, num_attention_heads=H, window_size=c.window_size,
             act_max_steps=c.act_max_steps, n_persistent=c.n_persistent, shard_length=c.shard_length,
-            mem_chunk_size=c.train.chunk_floor))
+            mem_chunk_size=c.train.chunk_floor, grad_steps=c.train.grad_steps))
         if c.train.activation_checkpointing:
             model.activation_checkpointing_enable()
         return model, cfg
@@ -71,19 +71,19 @@ def _estimate_mb(kind: str, cfg, params: int, batch: int) -> float:
     from phases.common.sizing import MB, Recursion, training_memory_bytes
 
     c = cfg.cognate
-    recursion = (Recursion(c.act_max_steps, c.train.chunk_floor, cfg.tokenizer.vocab_size, c.train.activation_checkpointing)
+    recursion = (Recursion(c.graph_steps(), c.train.chunk_floor, cfg.tokenizer.vocab_size, c.train.activation_checkpointing)
                  if kind == "cognate" else None)
     return training_memory_bytes(params, cfg.model, batch, recursion=recursion) / MB
 
 
-def worker(kind: str, preset: str, steps: int, batch: int) -> dict:
+def worker(kind: str, preset: str, steps: int, batch: int, grad_steps: int | None = None) -> dict:
     from phases.common.resources import return_freed_memory
 
     torch.set_num_threads(1)
     return_freed_memory()
     rss0 = _rss_mb()
     torch.manual_seed(0)
-    model, cfg = _build(kind, preset)
+    model, cfg = _build(kind, preset, grad_steps)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -121,12 +121,14 @@ def worker(kind: str, preset: str, steps: int, batch: int) -> dict:
             "seq": cfg.model.seq_len,
             "tokens_per_s": steps * batch * cfg.model.seq_len / seconds, "peak_mb": peak,
             "estimate_mb": _estimate_mb(kind, cfg, params, batch),
-            "recursion": getattr(getattr(model, "config", None), "act_max_steps", 1)}
+            "recursion": getattr(getattr(model, "config", None), "act_max_steps", 1),
+            "grad_steps": cfg.cognate.train.grad_steps}
 
 
-def _run(kind: str, preset: str, steps: int, batch: int) -> dict | None:
+def _run(kind: str, preset: str, steps: int, batch: int, grad_steps: int | None) -> dict | None:
+    extra = [] if grad_steps is None else ["--grad-steps", str(grad_steps)]
     proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--preset", preset, "--steps", str(steps),
-                           "--batch", str(batch)], capture_output=True, text=True)
+                           "--batch", str(batch), *extra], capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         print(f"{preset:5s} {kind:11s} skipped: {last}", flush=True)
@@ -142,12 +144,14 @@ def main() -> None:
     # The small preset's strategy batch (16-32 by free memory) fits its estimate but takes minutes per step
     # on a CPU core; 1 keeps the bench to minutes. The memory estimate scales with it linearly.
     ap.add_argument("--small-batch", type=int, default=1)
+    ap.add_argument("--grad-steps", type=int, default=None, help=(
+        "recursion steps that back-propagate (cognate.train.grad_steps; 1: TRM's one-step gradient); default: the preset's"))
     ap.add_argument("--worker")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.preset, args.steps, args.batch)))
+        print(json.dumps(worker(args.worker, args.preset, args.steps, args.batch, args.grad_steps)))
         return
     torch.set_num_threads(1)  # as the workers: one core is what the machine lends each run
     batches = {"tiny": args.tiny_batch, "small": args.small_batch}
@@ -155,7 +159,7 @@ def main() -> None:
     print(f"{'shape':5s} {'model':11s} {'params':>10s} {'batch':>5s} {'tokens/s':>10s} {'peak MB':>9s} {'estimate MB':>11s}")
     for preset in args.shapes.split(","):
         kinds = ("cognate", "llama", "titans-mac") if preset == "tiny" else ("cognate", "llama")
-        results = {k: r for k in kinds if (r := _run(k, preset, args.steps, batches[preset])) is not None}
+        results = {k: r for k in kinds if (r := _run(k, preset, args.steps, batches[preset], args.grad_steps)) is not None}
         for r in results.values():
             print(f"{preset:5s} {r['model']:11s} {r['params']:>10,d} {r['batch']:>5d} {r['tokens_per_s']:>10.0f} "
                   f"{r['peak_mb']:>9.1f} {r['estimate_mb']:>11.1f}", flush=True)
@@ -172,7 +176,7 @@ def main() -> None:
             shapes[preset] = {"tokens_per_s_ratio": round(ratio, 4), "flops_ratio": round(ceiling, 4),
                               "peak_mb": round(c["peak_mb"], 1),
                               "estimate_mb": round(c["estimate_mb"], 1), "llama_peak_mb": round(b["peak_mb"], 1),
-                              "batch": c["batch"], "seq": c["seq"], "t_max": c["recursion"]}
+                              "batch": c["batch"], "seq": c["seq"], "t_max": c["recursion"], "grad_steps": c["grad_steps"]}
     print(json.dumps({"bench": "cognate", "shapes": shapes, "steps": args.steps, "threads": torch.get_num_threads(),
                       "torch": torch.__version__}))
 

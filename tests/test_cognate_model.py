@@ -257,3 +257,23 @@ def test_an_untrained_model_has_no_polarized_gates_so_the_polarization_gate_cann
         out = model.model(torch.randint(0, 300, (2, 12)))
     assert out.gate_polarized == 0.0
     assert float(out.gate.mean()) == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item(), abs=0.01)
+
+
+def test_one_step_gradient_keeps_the_forward_and_back_propagates_through_the_last_step_only():
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    grads, losses = {}, {}
+    for g in (0, 1, 3):
+        model = _model(act_max_steps=3, grad_steps=g, halt_bias=-2.0).train()
+        out = model(x, labels=x)
+        out.loss.backward()
+        losses[g] = out.loss.item()
+        grads[g] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert losses[0] == losses[1] == losses[3]  # the same forward: only what back-propagates differs
+    for n in grads[0]:  # grad_steps ≥ T_max is every step, as 0 is
+        assert torch.allclose(grads[0][n], grads[3][n], atol=1e-6), n
+    # one step: the layers and the halting head still learn, from a different (truncated) gradient
+    assert grads[1]["model.halt_head.weight"].abs().sum() > 0
+    w = "model.layers.0.q_proj.weight"
+    assert grads[1][w].abs().sum() > 0 and not torch.allclose(grads[1][w], grads[0][w])
+    with pytest.raises(ValueError, match="grad_steps"):
+        CognateConfig(grad_steps=-1)

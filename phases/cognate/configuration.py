@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 RUNTIME_KEYS = (
     "window_size", "mem_chunk_size", "shard_length", "act_max_steps", "act_threshold",
     "mem_lr_scale", "mem_decay_scale", "surprise_threshold", "ponder_cost", "gate_bias", "halt_bias",
-    "mem_read_scale",
+    "mem_read_scale", "grad_steps",
 )
 
 
@@ -43,6 +43,7 @@ class CognateConfig(PretrainedConfig):
         halt_bias: float = 0.0,
         mem_read_scale: float = 1.0,
         qk_projection: bool = False,
+        grad_steps: int = 0,
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
@@ -58,6 +59,8 @@ class CognateConfig(PretrainedConfig):
             raise ValueError(f"act_threshold must be in (0, 1], got {act_threshold}")
         if layer_scales is not None and len(layer_scales) != num_hidden_layers:
             raise ValueError(f"layer_scales has {len(layer_scales)} entries for {num_hidden_layers} layers")
+        if grad_steps < 0:
+            raise ValueError(f"grad_steps must be >= 0 (0: every recursion step back-propagates), got {grad_steps}")
         if min(window_size, mem_chunk_size, shard_length) < 1:
             raise ValueError("window_size, mem_chunk_size and shard_length must be >= 1")
         self.vocab_size = vocab_size
@@ -89,6 +92,8 @@ class CognateConfig(PretrainedConfig):
         # (recall is the memory's alone), one-code recall only, 300 steps: 97.9% / 100% of recall problems 48 / 144
         # tokens beyond the window read with q, 0% / 0% with q' (4.2% after 600), 0% with the memory read zeroed.
         self.qk_projection = qk_projection
+        # In training, only the last grad_steps recursion steps back-propagate (0: all): TRM's one-step gradient.
+        self.grad_steps = grad_steps
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range

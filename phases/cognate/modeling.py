@@ -22,6 +22,7 @@ their own attention and memory (phases/quietstar/thoughts.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -283,18 +284,30 @@ class CognateModel(CognatePreTrainedModel):
         cum = torch.zeros(e.shape[:-1], device=e.device, dtype=e.dtype)
         running = torch.ones(e.shape[:-1], dtype=torch.bool, device=e.device)
         ponder, steps = torch.zeros_like(cum), torch.zeros_like(cum)
+        # TRM's one-step gradient: the first T − grad_steps steps run without a graph, and only the last ones
+        # back-propagate (their input h a constant); the halting head still learns at every step, from hn detached.
+        # Under the approximation's own assumption (the recursion sits at its fixed point, so every step's state
+        # moves with the parameters as the first graph step's does) the weight an earlier step has in the ACT
+        # mixture back-propagates through that step: a position that halts early still teaches the layers.
+        no_graph = cfg.act_max_steps - cfg.grad_steps if cfg.grad_steps and torch.is_grad_enabled() else 0
+        early = torch.zeros_like(cum)  # ACT weight of the steps without a graph
         for t in range(cfg.act_max_steps):
-            h = h + e
-            for li, layer in enumerate(self.layers):
-                if cfg.layer_scales is not None:
-                    h = h * cfg.layer_scales[li]
-                h = layer_step(t, li, layer, h)
-            hn = self.norm(h)
+            with torch.no_grad() if t < no_graph else nullcontext():
+                h = h + e
+                for li, layer in enumerate(self.layers):
+                    if cfg.layer_scales is not None:
+                        h = h * cfg.layer_scales[li]
+                    h = layer_step(t, li, layer, h)
+                hn = self.norm(h)
             p = torch.sigmoid(self.halt_head(hn) + cfg.halt_bias).squeeze(-1)
             last = t == cfg.act_max_steps - 1
             halt_now = running & ((cum + p >= cfg.act_threshold) | last)
             w = torch.where(halt_now, 1 - cum, torch.where(running, p, torch.zeros_like(p)))
             out = out + w.unsqueeze(-1) * hn
+            if t < no_graph:
+                early = early + w.detach()
+            elif t == no_graph > 0:  # adds 0, and early's share of the gradient
+                out = out + early.unsqueeze(-1) * (hn - hn.detach())
             steps = steps + running.to(e.dtype)
             ponder = torch.where(halt_now, steps + (1 - cum), ponder)  # N + R (Graves)
             cum = cum + torch.where(running & ~halt_now, p, torch.zeros_like(p))
@@ -310,7 +323,8 @@ class CognateModel(CognatePreTrainedModel):
         checkpointed = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
 
         def layer_step(t: int, li: int, layer: CognateLayer, h: torch.Tensor) -> torch.Tensor:
-            if checkpointed:  # keeps h only; backward reruns the layer (a fresh memory state, no cache: same values)
+            # checkpointed: keeps h only; backward reruns the layer (a fresh memory state, no cache: same values)
+            if checkpointed and torch.is_grad_enabled():
                 h, layer_stats = self._gradient_checkpointing_func(layer.__call__, h, positions, self.config, None)
             else:
                 h, layer_stats = layer(h, positions, self.config, cache.slot(t, li) if cache is not None else None)

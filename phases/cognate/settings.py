@@ -39,6 +39,13 @@ class CognateTraining(Strict):
     # 443 / 827 / 1595 MiB kept for backward, and forward + backward take 1.4× / 1.7× / 2.5× / 11× / 36× as long
     # at 16 / 8 / 4 / 2 / 1 as at 32 (below 16 the per-write d×d work, not the tokens, sets the time).
     chunk_floor: int = Field(default=16, ge=1, description="the chunk-size schedule never goes below this")
+    # TRM back-propagates through its last recursion only. It makes a tiny step 1.5x faster (bench/cognate.py:
+    # 0.39x a Llama's tokens/s against 0.26x) and a small one 2.8x (0.14x against 0.05x), but it learns far less
+    # per step: arithmetic alone, T_max 3, 300 steps: held-out loss 0.735 and 1.3% of the test, against 0.054 and
+    # 33.3% with every step back-propagating (in 110 s against 185 s). So training keeps the full gradient.
+    grad_steps: int = Field(default=0, ge=0, description=(
+        "recursion steps, counted from the last, that back-propagate in training (the earlier ones run without "
+        "a graph: TRM's one-step gradient); 0: all of them"))
     activation_checkpointing: bool = Field(
         default=True, description="recompute each (recursion step, layer) in backward: one layer step's memory, not T_max·L")
     eval_every: int = Field(default=20, ge=1, description="held-out check + checkpoint every this many steps")
@@ -109,6 +116,11 @@ class CognateSection(Strict):
     eval: CognateEvaluation = Field(default_factory=CognateEvaluation)
     diagnose: CognateDiagnostics = Field(default_factory=CognateDiagnostics)
     gates: CognateGates = Field(default_factory=CognateGates)
+
+    def graph_steps(self, act_steps: int | None = None) -> int:
+        """Recursion steps that keep a graph for backward in training, at ``act_steps`` (default: the base's)."""
+        t = act_steps or self.act_max_steps
+        return min(t, self.train.grad_steps or t)
 
 
 # T_max 3 gives the specialists 4 / 1 / 1 recursion steps (reasoning / memory / speed)

@@ -72,6 +72,7 @@ def train_stage(model: CognateForCausalLM, splits, tokenizer, stage: str, sec: C
 
 
 def _finish(model: CognateForCausalLM, tokenizer, results: dict[str, TrainResult], out: Path) -> dict[str, Any]:
+    model.set_runtime(grad_steps=0)  # how it trained is the recipe's; a later phase back-propagates as it chooses
     save_pretrained(model, out)
     tokenizer.save_pretrained(str(out))  # the artifact generates text on its own
     for stage, r in results.items():

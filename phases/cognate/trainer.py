@@ -107,6 +107,7 @@ def train(
     clipper = ProactiveClipper(settings.chunk_start, c_min=settings.chunk_floor)
     if settings.activation_checkpointing:
         model.activation_checkpointing_enable()
+    model.set_runtime(grad_steps=settings.grad_steps)  # a training setting: _finish saves the model with 0
     return_freed_memory()  # what a step frees goes back, so the estimate preflight checked holds
     detector = PPLDelta(settings.spike_threshold, ema_decay=0.5)  # evals are sparse: track recent ones
     batch_ppl = PPLDelta(settings.spike_threshold)

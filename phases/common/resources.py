@@ -108,10 +108,10 @@ def estimate_needs(config: PipelineConfig, res: Resources) -> Needs:
     params = estimate_params(config.model, config.tokenizer.vocab_size)
     size = model_size(params)
     sized_against = res.total_memory_bytes if res.total_memory_bytes is not None else res.free_memory_bytes
-    # Phase 1 trains the largest activation footprint: Cognate's recursion, at the smallest memory chunk
-    # its schedule reaches.
+    # Phase 1 trains the largest activation footprint: Cognate's recursion (the steps that keep a graph), at the
+    # smallest memory chunk its schedule reaches.
     cog = config.cognate
-    recursion = Recursion(steps=cog.act_max_steps, mem_chunk=cog.train.chunk_floor, vocab_size=config.tokenizer.vocab_size,
+    recursion = Recursion(steps=cog.graph_steps(), mem_chunk=cog.train.chunk_floor, vocab_size=config.tokenizer.vocab_size,
                           checkpointing=cog.train.activation_checkpointing)
     strategy = strategy_for(size, config.model, sized_against, config.preflight.memory_headroom, recursion)
     weights = params * 4
