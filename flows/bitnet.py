@@ -26,6 +26,7 @@ class BitNet(BaseModel):
     packed: ArtifactRef
     report: ArtifactRef
     gates_passed: bool
+    failed_gates: list[str] = []  # ids of the gates that failed (lenient runs go on past them)
 
 
 def latest_model(home: str) -> ArtifactRef:
@@ -53,4 +54,5 @@ def bitnet(config: PipelineConfig = PipelineConfig(), home: str | None = None, r
     close_phase(gates, config, run_group, home,
                 {"report": report, "quantize": st.manifest(staged)["metrics"], "finetune": st.manifest(packed)["metrics"]},
                 [packed, report_ref], images={"bitnet/sparsity_accuracy": str(st.file(report_ref, FIGURE))})
-    return BitNet(source=model, packed=packed, report=report_ref, gates_passed=gates.passed)
+    return BitNet(source=model, packed=packed, report=report_ref, gates_passed=gates.passed,
+                  failed_gates=[g.id for g in gates.gates if not g.passed])

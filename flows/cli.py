@@ -116,7 +116,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     print(f"\n{args.flow} finished in {time.perf_counter() - start:.1f} s; artifacts under {home}")
     if hasattr(result, "model_dump_json"):
-        print(result.model_dump_json(indent=2))
+        print(result.model_dump_json(indent=2, exclude={"report_text"}))
+    if getattr(result, "report_text", ""):  # what a user looks at first, so it comes last
+        print("\n" + result.report_text)
     return 0
 
 

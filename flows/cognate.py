@@ -22,6 +22,7 @@ class Cognate(BaseModel):
     base: ArtifactRef
     models: dict[str, ArtifactRef]
     gates_passed: bool
+    failed_gates: list[str] = []  # ids of the gates that failed (lenient runs go on past them)
 
 
 @flow(name="cognate", persist_result=True)
@@ -55,4 +56,5 @@ def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
                 [base, *models.values(), *diagnoses.values()],
                 images={f"loss/{name}": str(st.file(ref, "loss.png")) for name, ref in {"base": base, **models}.items()}
                 | {f"diagnosis/{name}": str(st.file(ref, "diagnosis.png")) for name, ref in diagnoses.items()})
-    return Cognate(base=base, models=models, gates_passed=report.passed)
+    return Cognate(base=base, models=models, gates_passed=report.passed,
+                   failed_gates=[g.id for g in report.gates if not g.passed])

@@ -29,6 +29,7 @@ class EvoMerge(BaseModel):
     stop_reason: str
     generations: int
     gates_passed: bool
+    failed_gates: list[str] = []  # ids of the gates that failed (lenient runs go on past them)
 
 
 def latest_cognate(st: ArtifactStore) -> tuple[dict[str, ArtifactRef], ArtifactRef]:
@@ -104,4 +105,5 @@ def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None,
                 metrics["run"]["stop_reason"])
     close_phase(report, config, run_group, home, metrics, [ref], images={"evomerge/fitness": str(st.file(ref, "fitness.png"))})
     return EvoMerge(champion=ref, inputs=models, base=base, stop_reason=metrics["run"]["stop_reason"],
-                    generations=metrics["run"]["generations_run"], gates_passed=report.passed)
+                    generations=metrics["run"]["generations_run"], gates_passed=report.passed,
+                    failed_gates=[g.id for g in report.gates if not g.passed])

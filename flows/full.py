@@ -1,7 +1,11 @@
-"""agent-forge: the whole pipeline. prepare → cognate → evomerge → quietstar → bitnet; each phase takes
-the previous one's artifact refs, so a retried run re-enters and finished phases come back Cached."""
+"""agent-forge: the whole pipeline. prepare → cognate → evomerge → quietstar → bitnet → the forging report; each
+phase takes the previous one's artifact refs, so a retried run re-enters and finished phases come back Cached."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -13,8 +17,12 @@ from flows.evomerge import EvoMerge, evomerge
 from flows.prepare import prepare
 from flows.quietstar import QuietStar, quietstar
 from phases.config import PipelineConfig
+from storage import ArtifactRef
 from tasks.preflight import preflight
+from tasks.report import forging_report
 from tasks.runtime import resolve_home
+
+T = TypeVar("T")
 
 
 class Forged(BaseModel):
@@ -22,6 +30,8 @@ class Forged(BaseModel):
     evomerge: EvoMerge
     quietstar: QuietStar
     bitnet: BitNet
+    report: ArtifactRef | None = None  # the forging report's stored table (tasks/report.py) ...
+    report_text: str = ""  # ... and the whole report, gates and wall times included
 
 
 @flow(name="agent-forge", persist_result=True)
@@ -32,8 +42,25 @@ def full(config: PipelineConfig = PipelineConfig(), home: str | None = None) -> 
     # finished prepare subflow as it was, and disk and memory must be checked again on every attempt.
     checked = preflight(config, home)
     prepared = prepare(config, home, run_group, checked)
-    phase1 = cognate(config, home, run_group, prepared)
-    phase2 = evomerge(config, home, run_group, phase1.models, phase1.base, prepared)
-    phase3 = quietstar(config, home, run_group, phase2.champion, prepared)
-    phase4 = bitnet(config, home, run_group, phase3.model, prepared)
-    return Forged(cognate=phase1, evomerge=phase2, quietstar=phase3, bitnet=phase4)
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, run: Callable[[], T]) -> T:
+        start = time.perf_counter()
+        try:
+            return run()
+        finally:
+            seconds[name] = time.perf_counter() - start
+
+    phase1 = timed("cognate", lambda: cognate(config, home, run_group, prepared))
+    phase2 = timed("evomerge", lambda: evomerge(config, home, run_group, phase1.models, phase1.base, prepared))
+    phase3 = timed("quietstar", lambda: quietstar(config, home, run_group, phase2.champion, prepared))
+    phase4 = timed("bitnet", lambda: bitnet(config, home, run_group, phase3.model, prepared))
+    forged = Forged(cognate=phase1, evomerge=phase2, quietstar=phase3, bitnet=phase4)
+    stages = [*((f"cognate {name}", ref, False, False) for name, ref in phase1.models.items()),
+              ("evomerge champion", phase2.champion, False, False), ("quietstar baked", phase3.baked, False, False),
+              ("quietstar", phase3.model, False, False), ("quietstar + thoughts", phase3.model, False, True),
+              ("bitnet ternary", phase4.packed, True, False)]
+    phases = [{"name": name, "passed": result.gates_passed, "failed": result.failed_gates, "seconds": seconds[name]}
+              for name, result in (("cognate", phase1), ("evomerge", phase2), ("quietstar", phase3), ("bitnet", phase4))]
+    forged.report, forged.report_text = forging_report(config, stages, prepared.curriculum, phases, run_group, home)
+    return forged

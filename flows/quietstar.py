@@ -26,6 +26,7 @@ class QuietStar(BaseModel):
     baked: ArtifactRef
     model: ArtifactRef
     gates_passed: bool
+    failed_gates: list[str] = []  # ids of the gates that failed (lenient runs go on past them)
 
 
 def latest_model(home: str) -> ArtifactRef:
@@ -56,4 +57,5 @@ def quietstar(config: PipelineConfig = PipelineConfig(), home: str | None = None
                  "evaluation": evaluation},
                 [data, baked, reinforced],
                 images={"loss/baking": str(st.file(baked, "loss.png")), "loss/reinforce": str(st.file(reinforced, "loss.png"))})
-    return QuietStar(input=model, data=data, baked=baked, model=reinforced, gates_passed=report.passed)
+    return QuietStar(input=model, data=data, baked=baked, model=reinforced, gates_passed=report.passed,
+                     failed_gates=[g.id for g in report.gates if not g.passed])

@@ -23,6 +23,7 @@ from phases.common.config import (
     GateConfig,
     ModelShape,
     PreflightConfig,
+    ReportConfig,
     Strict,
     TokenizerConfig,
     TrackingConfig,
@@ -56,6 +57,8 @@ class PipelineConfig(Strict):
     preflight: PreflightConfig | None = Field(default=None, title="Preflight",
                                               description="device, disk and memory headroom")
     gates: GateConfig | None = Field(default=None, title="Gates", description="strict fails the run on a failed gate")
+    report: ReportConfig | None = Field(default=None, title="Forging report",
+                                        description="the per-skill table of what each phase added")
     cognate: CognateSection | None = Field(default=None, title="Phase 1: Cognate",
                                            description="recursion, window, memory; training, evaluation, gates")
     evomerge: EvoMergeSection | None = Field(default=None, title="Phase 2: EvoMerge",
@@ -107,7 +110,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"n_layers": 2, "d_model": 192, "n_heads": 4, "seq_len": 128},
         "data": {"train_per_stage": 4000, "eval_per_stage": 400},
         "tokenizer": {"vocab_size": 1024},
-        "tracking": {}, "preflight": {},
+        "tracking": {}, "preflight": {}, "report": {},
         "gates": {"mode": "lenient", "reason": (
             "tiny is the CPU demo: a 1M-parameter model trained for minutes on 2 cores misses most targets; the "
             "tables show FAIL where it fails, and --set gates.mode=strict stops the run at the first failing phase")},
@@ -119,7 +122,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"n_layers": 8, "d_model": 512, "n_heads": 8, "seq_len": 512},
         "data": {"train_per_stage": 20000, "eval_per_stage": 500},
         "tokenizer": {"vocab_size": 8192},
-        "tracking": {}, "preflight": {}, "gates": {},
+        "tracking": {}, "preflight": {}, "gates": {}, "report": {"problems_per_skill": 200},
         "cognate": cognate_settings.SMALL,
         "evomerge": evomerge_settings.SMALL, "quietstar": quietstar_settings.SMALL, "bitnet": bitnet_settings.SMALL,
     },

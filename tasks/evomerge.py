@@ -100,12 +100,16 @@ def store_champion(config: PipelineConfig, champion: dict[str, Any], base: Artif
                                        config.evomerge.fitness.max_perplexity_increase)
         fitness_curve(generations, out / "fitness.png", input_best=run["input_best_fitness"],
                       reseed_below=config.evomerge.search.reseed_below)
+        (out / "skills.md").write_text(steps.skills_table(final) + "\n")
         return {"final": final, "run": run, "champion": {"key": genome.key(), "techniques": genome.describe(),
                                                           "recipe": genome.recipe(), **files}}
 
     ref = st.get_or_create(recipe, build, producer())
     create_markdown_artifact(key="evomerge-fitness", description="EvoMerge: fitness per generation",
                              markdown=png_markdown(st.file(ref, "fitness.png"), "fitness per generation"))
+    create_markdown_artifact(key="evomerge-skills", description="EvoMerge: held-out skill accuracy, champion and inputs",
+                             markdown="### Test accuracy per skill (95% Wilson interval)\n\n"
+                             + st.file(ref, "skills.md").read_text())
     get_run_logger().info("champion %s stored as %s", genome.describe(), ref.id)
     return ref
 

@@ -11,7 +11,7 @@ import torch
 from phases.evomerge import steps
 from phases.evomerge.settings import EvoMergeSection
 
-WEIGHTS = {"perplexity": 0.4, "accuracy": 0.3, "speed": 0.2, "memory": 0.1}
+WEIGHTS = {"accuracy": 0.7, "speed": 0.2, "memory": 0.1}
 
 if __name__ == "__main__":
     root, state, generations, sleep = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])

@@ -177,7 +177,7 @@ def test_full_deployment_completes_and_second_run_is_cached(stack):
     store = ArtifactStore(stack.home)
     kinds = sorted(m["kind"] for m in store.list())
     assert kinds == sorted(["cognate-base", *["cognate-model", "cognate-diagnosis"] * 3, "curriculum",
-                            "tokenizer", *PHASE_KINDS])
+                            "tokenizer", *PHASE_KINDS, "forging-report"])
     before = _snapshot(stack.home)
     executions = len(read_journal(str(stack.home)))
 
@@ -188,6 +188,8 @@ def test_full_deployment_completes_and_second_run_is_cached(stack):
     assert again == ["preflight"]  # nothing executed again but the checks of disk and memory, never cached
     states = stack.task_states(second["id"])
     assert states.pop("preflight") == "Completed"
+    # the report finds its stored table and adds this run's gates and wall times: it runs, it measures nothing
+    assert states.pop("forging-report") == "Completed"
     assert states and set(states.values()) == {"Cached"}, states
 
 

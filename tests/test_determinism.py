@@ -43,6 +43,9 @@ def test_one_process_and_phase_by_phase_store_the_same_bytes(tmp_path):
     for flow in ("cognate", "evomerge", "quietstar", "bitnet"):  # each pulls what it needs from the store
         _run(flow, tmp_path / "phased", config, tmp_path / "prefect-phased")
     whole, phased = _contents(tmp_path / "whole"), _contents(tmp_path / "phased")
-    assert sorted(whole) == sorted(phased) and len(whole) == 16
+    # the whole pipeline ends with its forging report, which no single flow writes
+    assert [a for a in whole if a.startswith("forging-report")] and len(whole) == 17
+    whole = {a: files for a, files in whole.items() if not a.startswith("forging-report")}
+    assert sorted(whole) == sorted(phased)
     differ = {a: sorted(f for f in whole[a] if whole[a][f] != phased[a].get(f)) for a in whole if whole[a] != phased[a]}
     assert not differ, differ

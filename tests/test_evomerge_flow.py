@@ -64,7 +64,7 @@ def test_gate_table_holds_measured_values(evo_run):
     from phases.evomerge.gates import evomerge_gates
 
     report = evomerge_gates(final, run, config.evomerge.gates, "lenient")
-    assert {g.id for g in report.gates} == {"fitness_gain", "diversity", "accuracy_kept"}
+    assert {g.id for g in report.gates} == {"fitness_gain", "diversity", "accuracy_kept", "accuracy_gain"}
     assert [f.id for f in report.facts] == ["combos_evaluated"] and report.facts[0].value == 8
     gates = {g.id: g for g in report.gates}
     assert gates["fitness_gain"].measured is not None and gates["diversity"].measured is not None
@@ -72,6 +72,10 @@ def test_gate_table_holds_measured_values(evo_run):
     # accuracy_kept is measured only when some input answers something; else it fails, never 0 >= 0
     assert (gates["accuracy_kept"].measured is None) == (best == 0)
     assert gates["accuracy_kept"].passed == (best > 0 and final["champion"]["accuracy"] >= best)
+    # the gain is paired on the same test problems: a p-value, 1 when the champion answers no more than the best input
+    most = max(final["inputs"].values(), key=lambda m: m["accuracy"])
+    assert len(final["champion"]["hits"]) == len(most["hits"]) > 0
+    assert gates["accuracy_gain"].measured == 1.0 or sum(final["champion"]["hits"]) > sum(most["hits"])
 
 
 def test_champion_loads_and_generates(evo_run):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from phases.evomerge import techniques as tq
 from phases.evomerge.genome import Genome, generation_zero, techniques
-from phases.evomerge.merge import MergeError, merge_genome, save_merged
+from phases.evomerge.merge import Checkpoint, MergeError, merge_genome, save_merged
 from phases.evomerge.mergekit_yaml import export
 from phases.evomerge.steps import build_model, load_model
 
@@ -181,3 +181,14 @@ def test_save_merged_round_trips_through_from_pretrained(models, tmp_path):
     save_merged(state, config, tmp_path / "m", tokenizer_from=models["a"])
     ids = torch.randint(0, config["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(2))
     assert torch.allclose(_logits(load_model(tmp_path / "m"), ids), _logits(build_model(state, config), ids))
+
+
+def test_generation_zero_holds_each_input_bit_for_bit(models):
+    inputs = _inputs(models)
+    genomes = [g for g in generation_zero(2, 0, seed=3) if g.origin.startswith("input-")]
+    assert [g.runtime_from for g in genomes] == [0, 1, 2]
+    for i, g in enumerate(genomes):
+        state, config = merge_genome(models["base"], inputs, g)
+        own = Checkpoint(inputs[i])
+        assert all(torch.equal(state[k], own.get(k)) for k in own.keys()), i
+        assert config["act_max_steps"] == own.config["act_max_steps"]  # and its own runtime settings

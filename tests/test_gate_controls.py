@@ -107,8 +107,11 @@ def test_cognate_gate_fails_alone(gate, broken):
 
 # ----------------------------------------------------------------------------- evomerge
 def _evomerge_inputs():
-    final = {"champion": {"fitness": 1.5, "accuracy": 0.6},
-             "inputs": {"speed": {"fitness": 1.1, "accuracy": 0.48}, "memory": {"fitness": 1.0, "accuracy": 0.49}}}
+    # 60 paired test problems: the champion answers 36, the memory specialist 29 of them (the same 29 and 7 more)
+    memory_hits = [1] * 29 + [0] * 31
+    final = {"champion": {"fitness": 1.5, "accuracy": 0.6, "hits": [1] * 36 + [0] * 24},
+             "inputs": {"speed": {"fitness": 1.1, "accuracy": 0.48, "hits": [0] * 31 + [1] * 29},
+                        "memory": {"fitness": 1.0, "accuracy": 0.49, "hits": memory_hits}}}
     return final, {"min_diversity": 0.4, "combos_evaluated": 8}
 
 
@@ -117,6 +120,11 @@ def _evomerge_inputs():
     ("fitness_gain", lambda final, run: final.update(champion=dict(final["inputs"]["speed"]))),
     # a population of copies of one genome (evolution.diversity of identical models is 0)
     ("diversity", lambda final, run: run.update(min_diversity=0.0)),
+    # two more problems than the best input is within chance (McNemar p = 0.5)
+    ("accuracy_gain", lambda final, run: final["champion"].update(hits=[1] * 31 + [0] * 29)),
+    # a merge that drops a skill: it answers the memory specialist's recall problems and none of the arithmetic
+    ("accuracy_gain", lambda final, run: final["champion"].update(hits=list(final["inputs"]["memory"]["hits"]),
+                                                                  accuracy=0.49)),
 ])
 def test_evomerge_gate_fails_alone(gate, broken):
     final, run = _evomerge_inputs()

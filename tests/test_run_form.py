@@ -6,7 +6,8 @@ from prefect.utilities.callables import parameter_schema
 from flows.full import full
 from phases.config import PipelineConfig
 
-SECTIONS = ("model", "data", "tokenizer", "tracking", "preflight", "gates", "cognate", "evomerge", "quietstar", "bitnet")
+SECTIONS = ("model", "data", "tokenizer", "tracking", "preflight", "gates", "report", "cognate", "evomerge", "quietstar",
+            "bitnet")
 
 
 def test_sections_are_titled_and_carry_no_preset_value():

@@ -71,6 +71,11 @@ class PreflightConfig(Strict):
     memory_headroom: float = Field(default=0.2, ge=0, lt=1, description="fraction of free memory left unused")
 
 
+class ReportConfig(Strict):
+    problems_per_skill: int = Field(default=50, ge=1, description=(
+        "held-out test problems per skill that every stage's model answers in the forging report"))
+
+
 class GateConfig(Strict):
     """The pipeline's gate mode. A phase's own ``gates.mode``, where set, wins for that phase (the one rule:
     ``PipelineConfig.gate_mode``); presets set only this one, so ``--set gates.mode=strict`` makes every

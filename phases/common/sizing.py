@@ -29,13 +29,15 @@ _BASE_BATCH = {"tiny": 32, "small": 16, "medium": 8, "large": 8}
 # Thought count x length by size in MB: 8x20, 6x15, 4x12, 4x10 (fewer, shorter thoughts as models grow).
 _THOUGHTS: list[tuple[float, tuple[int, int]]] = [(100, (8, 20)), (500, (6, 15)), (2048, (4, 12))]
 _THOUGHTS_LARGEST = (4, 10)
-# EvoMerge fitness (perplexity, accuracy, speed, memory): base weights 0.4/0.3/0.2/0.1. Ours: as
-# models grow, their speed and memory decide whether they fit the target device, so weight moves there.
+# EvoMerge fitness (accuracy, speed, memory). The seeds weigh perplexity/accuracy/speed/memory 0.4/0.3/0.2/0.1;
+# a merge is for skills, and a fitness led by perplexity picked champions that answered nothing the inputs did
+# not, so perplexity's share goes to held-out skill accuracy and perplexity stays a guard (a limit). As models
+# grow, their speed and memory decide whether they fit the target device, so weight moves there.
 _FITNESS = {
-    "tiny": (0.4, 0.3, 0.2, 0.1),
-    "small": (0.4, 0.3, 0.2, 0.1),
-    "medium": (0.35, 0.3, 0.2, 0.15),
-    "large": (0.3, 0.3, 0.2, 0.2),
+    "tiny": (0.7, 0.2, 0.1),
+    "small": (0.7, 0.2, 0.1),
+    "medium": (0.65, 0.2, 0.15),
+    "large": (0.6, 0.2, 0.2),
 }
 
 
@@ -155,7 +157,7 @@ def strategy_for(
 ) -> Strategy:
     batch = adaptive_batch_size(size, shape, free_memory_bytes, headroom, recursion)
     count, length = next((t for limit, t in _THOUGHTS if size.size_mb < limit), _THOUGHTS_LARGEST)
-    weights = dict(zip(("perplexity", "accuracy", "speed", "memory"), _FITNESS[size.category]))
+    weights = dict(zip(("accuracy", "speed", "memory"), _FITNESS[size.category]))
     return Strategy(
         size=size,
         batch_size=batch,

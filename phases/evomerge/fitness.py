@@ -1,10 +1,12 @@
-"""Fitness of a merged model on held-out data. Every component is measured on the model in hand:
+"""Fitness of a merged model on held-out data, led by what it can do. Every component is measured on the model
+in hand:
 
-- perplexity: exp of the mean next-token loss over packed held-out rows;
-- accuracy: share of held-out problems whose greedy continuation after the prompt is exactly the
-  reference continuation (the working, where the skill writes one, then the answer) and then EOS, read
-  off one teacher-forced pass per problem (the argmax at every position equals the reference token:
-  the same as greedy decoding, without a decode loop);
+- accuracy: per skill, the share of held-out problems whose greedy continuation after the prompt is exactly the
+  reference continuation (the working, where the skill writes one, then the answer) and then EOS, read off one
+  teacher-forced pass per problem (the argmax at every position equals the reference token: the same as greedy
+  decoding, without a decode loop); the candidate's accuracy is the mean over the skills, so a model that can do
+  two skills beats one that does either alone;
+- perplexity: exp of the mean next-token loss over packed held-out rows: a guard, not a goal;
 - speed: forward FLOPs per token on a fixed batch of those rows, counted, not timed
   (``measure.forward_flops_per_token``): a timing differs between processes and machine loads, and a
   champion chosen by it would change with them under the same recipe id;
@@ -14,10 +16,13 @@ Speed and memory are properties of the structure (depth, recursion bound, window
 values, so they are measured once per structure and reused: two merges of the same shape differ in
 fitness by what they predict, not by timer noise.
 
-The score divides each component by the reference (the mean over the input models, measured the same
-way): fitness = w_ppl·ppl_ref/ppl + w_acc·(1 + acc − acc_ref) + w_speed·flops_ref/flops + w_mem·mem_ref/mem,
-so the reference scores exactly 1 and each term rewards being better than it. A candidate whose
-perplexity exceeds the worst input's by more than ``max_perplexity_increase`` scores 0 (infeasible).
+The score divides each component by the reference (the mean over the input models, measured the same way):
+    fitness = w_acc·acc/acc_ref + bonus,   bonus = w_speed·flops_ref/flops + w_mem·mem_ref/mem
+(w_acc·(1 + acc − acc_ref) when no input answers anything), so the reference scores 1 and each term rewards
+being better than it. Two guards keep the search on capability:
+- a candidate less accurate than the most accurate input keeps at most that input's bonus, so speed and
+  memory never buy back lost skill: it always scores below that input;
+- a candidate whose perplexity exceeds the worst input's by more than ``max_perplexity_increase`` scores 0.
 """
 
 from __future__ import annotations
@@ -26,14 +31,14 @@ import math
 import statistics
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from phases.common.measure import forward_flops_per_token, heldout_loss, teacher_forced_accuracy
+from phases.common.measure import forward_flops_per_token, heldout_loss, teacher_forced_hits
 
-COMPONENTS = ("perplexity", "accuracy", "speed", "memory")
+COMPONENTS = ("accuracy", "speed", "memory")  # what the weights weigh; perplexity is a guard
 # Evaluations in one process run one at a time (merging still overlaps): a timing taken while another
 # thread computes would make merges look slower than the inputs, which were timed alone. On 2 cores
 # one evaluation already uses both; a distributed task runner spreads evaluations over processes.
@@ -45,24 +50,41 @@ class EvalSet:
     rows: torch.Tensor  # (N, seq_len) packed held-out token rows
     problems: list[tuple[list[int], list[int]]]  # (prompt ids, answer ids + EOS)
     split: str
+    skills: list[str] = field(default_factory=list)  # each problem's skill (its curriculum task)
 
     @classmethod
     def build(cls, split_rows: Sequence[dict], tokenizer, seq_len: int, n_rows: int, n_problems: int,
               split: str) -> EvalSet:
+        """``n_problems`` per skill, spread over each skill's rows (so over its rungs)."""
         from phases.cognate.data import pack  # the same packing the models were trained on
 
         rows = pack([r["text"] for r in split_rows], tokenizer, seq_len)[:n_rows]
-        problems = []
-        answerable = [r for r in split_rows if r["answer"]]
-        for r in answerable[:: max(1, len(answerable) // n_problems)][:n_problems]:
-            prompt = tokenizer.encode(r["prompt"], add_special_tokens=False)
-            full = tokenizer.encode(r["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
-            if full[: len(prompt)] != prompt:  # BPE merged across the boundary: score the answer alone
-                full = prompt + tokenizer.encode(" " + r["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
-            problems.append((prompt, full[len(prompt):]))
+        by_skill: dict[str, list[dict]] = {}
+        for r in split_rows:
+            if r["answer"]:
+                by_skill.setdefault(r["task"], []).append(r)
+        problems, skills = [], []
+        for skill in sorted(by_skill):
+            answerable = by_skill[skill]
+            for r in answerable[:: max(1, len(answerable) // n_problems)][:n_problems]:
+                prompt = tokenizer.encode(r["prompt"], add_special_tokens=False)
+                full = tokenizer.encode(r["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
+                if full[: len(prompt)] != prompt:  # BPE merged across the boundary: score the answer alone
+                    full = prompt + tokenizer.encode(" " + r["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
+                problems.append((prompt, full[len(prompt):]))
+                skills.append(skill)
         if not problems:
             raise ValueError(f"the {split} split has no problems with an answer to score accuracy on")
-        return cls(rows=rows, problems=problems, split=split)
+        return cls(rows=rows, problems=problems, split=split, skills=skills)
+
+    def skill_hits(self, hits: Sequence[bool]) -> dict[str, list[int]]:
+        """Per skill, [problems answered, problems]."""
+        out: dict[str, list[int]] = {}
+        for h, k in zip(hits, self.skills or ["all"] * len(self.problems)):
+            out.setdefault(k, [0, 0])
+            out[k][0] += int(h)
+            out[k][1] += 1
+        return dict(sorted(out.items()))
 
 
 def structure_key(config: dict[str, Any]) -> str:
@@ -112,41 +134,57 @@ def _measure(model, data: EvalSet, structure_memo: dict[str, dict[str, float]] |
     model.eval()
     loss = heldout_loss(model, data.rows)
     if not math.isfinite(loss):
-        return {"loss": loss, "perplexity": math.inf, "accuracy": 0.0, "flops_per_token": math.inf, "memory_bytes": math.inf,
-                "non_finite": 1.0}
+        return {"loss": loss, "perplexity": math.inf, "accuracy": 0.0, "skill_hits": {}, "hits": [], "flops_per_token": math.inf,
+                "memory_bytes": math.inf, "non_finite": 1.0}
     key = structure_key(model.config.to_dict())
     memo = structure_memo if structure_memo is not None else {}
     if key not in memo:
         memo[key] = {"flops_per_token": forward_flops_per_token(model, data.rows[:speed_rows]),
                      "memory_bytes": float(inference_memory_bytes(model, data.rows.shape[1]))}
+    hits = teacher_forced_hits(model, data.problems)
+    skills = data.skill_hits(hits)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "accuracy": teacher_forced_accuracy(model, data.problems), **memo[key], "non_finite": 0.0}
+            "accuracy": statistics.fmean(h / n for h, n in skills.values()), "skill_hits": skills,
+            "hits": [int(h) for h in hits], **memo[key], "non_finite": 0.0}
 
 
-def reference(raws: Sequence[dict[str, float]], max_perplexity_increase: float | None = None) -> dict[str, float]:
-    """The scoring reference: each component's mean over the input models, and the perplexity limit
-    (the worst input's, plus ``max_perplexity_increase``) beyond which a candidate is infeasible."""
-    ref = {k: statistics.fmean(r[k] for r in raws) for k in ("perplexity", "accuracy", "flops_per_token", "memory_bytes")}
+def reference(raws: Sequence[dict[str, float]], max_perplexity_increase: float | None = None) -> dict[str, Any]:
+    """The scoring reference: each component's mean over the input models, the perplexity limit (the worst
+    input's, plus ``max_perplexity_increase``) beyond which a candidate is infeasible, and the most accurate
+    inputs' accuracy and structure, which cap the bonus of any candidate less accurate than them."""
+    ref: dict[str, Any] = {k: statistics.fmean(r[k] for r in raws)
+                           for k in ("perplexity", "accuracy", "flops_per_token", "memory_bytes")}
     if max_perplexity_increase is not None:
         ref["perplexity_limit"] = max(r["perplexity"] for r in raws) * (1 + max_perplexity_increase)
+    ref["best_accuracy"] = max(r["accuracy"] for r in raws)
+    ref["most_accurate"] = [[r["flops_per_token"], r["memory_bytes"]] for r in raws if r["accuracy"] == ref["best_accuracy"]]
     return ref
 
 
-def score(raw: dict[str, float], ref: dict[str, float], weights: dict[str, float]) -> tuple[float, dict[str, float]]:
+def _bonus(flops: float, memory: float, ref: dict[str, Any], weights: dict[str, float]) -> float:
+    return weights["speed"] * ref["flops_per_token"] / flops + weights["memory"] * ref["memory_bytes"] / memory
+
+
+def score(raw: dict[str, Any], ref: dict[str, Any], weights: dict[str, float]) -> tuple[float, dict[str, float]]:
     """(fitness, components). A candidate past the reference's perplexity limit scores 0: without the
     limit the search trades language modelling for speed (on tiny it chose a 1-layer merge, 3.3× faster
-    and 40% worse in perplexity than the inputs, at 1.23× their fitness)."""
+    and 40% worse in perplexity than the inputs, at 1.23× their fitness). A candidate less accurate than the
+    most accurate input gets at most that input's speed and memory bonus."""
     if raw.get("non_finite"):
-        return 0.0, dict.fromkeys(COMPONENTS, 0.0)
+        return 0.0, dict.fromkeys((*COMPONENTS, "perplexity"), 0.0)
+    accuracy = (raw["accuracy"] / ref["accuracy"] if ref["accuracy"] > 0 else 1.0 + raw["accuracy"] - ref["accuracy"])
     parts = {
-        "perplexity": ref["perplexity"] / raw["perplexity"],
-        "accuracy": 1.0 + raw["accuracy"] - ref["accuracy"],
+        "accuracy": accuracy,
         "speed": ref["flops_per_token"] / raw["flops_per_token"],
         "memory": ref["memory_bytes"] / raw["memory_bytes"],
+        "perplexity": ref["perplexity"] / raw["perplexity"],  # reported; the limit below is its only say
     }
     if raw["perplexity"] > ref.get("perplexity_limit", math.inf):
         return 0.0, parts
-    return sum(weights[k] * parts[k] for k in COMPONENTS), parts
+    bonus = _bonus(raw["flops_per_token"], raw["memory_bytes"], ref, weights)
+    if raw["accuracy"] < ref.get("best_accuracy", -math.inf):
+        bonus = min(bonus, max(_bonus(f, m, ref, weights) for f, m in ref["most_accurate"]))
+    return weights["accuracy"] * accuracy + bonus, parts
 
 
 @torch.no_grad()

@@ -119,13 +119,24 @@ def default_path(n_layers: int, rng: random.Random) -> tuple[tuple[int, int, flo
     return tuple(path)
 
 
+def input_genome(i: int, n_layers: int, path: tuple[tuple[int, int, float], ...], seed: int) -> Genome:
+    """The recipe that gives input ``i`` back bit for bit: all its weight, no task arithmetic, every layer
+    from the interpolation, its own runtime settings."""
+    weights = tuple(1.0 if j == i else 0.0 for j in range(N_INPUTS))
+    return Genome(combo=0, weights=weights, density=0.5, blend=0.0, pattern=(0,) * n_layers, path=path,
+                  runtime_from=i, seed=seed, origin=f"input-{i}")
+
+
 def generation_zero(n_layers: int, runtime_from: int, seed: int) -> list[Genome]:
-    """The 8 binary combinations with equal weights, density 0.5 and blend 0.5. The pattern and path
-    are drawn once and shared, so the 8 differ only in their techniques."""
+    """The 8 binary combinations with equal weights, density 0.5 and blend 0.5, then the three inputs
+    themselves. The pattern and path are drawn once and shared, so the 8 differ only in their techniques.
+    With the inputs in the population the champion is never worse than the best of them, mutants of an input
+    search the merges near it, and a champion that is an input says, plainly, that no merge beat it."""
     rng = random.Random(seed)
     pattern, path = default_pattern(n_layers, rng), default_path(n_layers, rng)
-    return [Genome(combo=c, weights=(1.0, 1.0, 1.0), density=0.5, blend=0.5, pattern=pattern, path=path,
-                   runtime_from=runtime_from, seed=seed, origin=f"combo-{c}") for c in range(8)]
+    combos = [Genome(combo=c, weights=(1.0, 1.0, 1.0), density=0.5, blend=0.5, pattern=pattern, path=path,
+                     runtime_from=runtime_from, seed=seed, origin=f"combo-{c}") for c in range(8)]
+    return combos + [input_genome(i, n_layers, path, seed) for i in range(N_INPUTS)]
 
 
 def _clip(x: float, lo: float, hi: float) -> float:

@@ -33,7 +33,7 @@ class EvoMergeSearch(Strict):
 
 class EvoMergeFitness(Strict):
     eval_rows: int = Field(default=8, ge=1, description="held-out rows (seq_len tokens each) for perplexity")
-    accuracy_problems: int = Field(default=24, ge=1, description="held-out problems scored for accuracy")
+    accuracy_problems: int = Field(default=20, ge=1, description="held-out problems per skill scored for accuracy")
     probe_rows: int = Field(default=2, ge=1, description="rows whose predictions measure diversity")
     max_perplexity_increase: float | None = Field(
         default=0.05, ge=0, description="candidates whose held-out perplexity exceeds the worst input's by more "
@@ -43,6 +43,8 @@ class EvoMergeFitness(Strict):
 class EvoMergeGates(Strict):
     min_fitness_ratio: float = Field(default=1.2, description="gate: champion / best input fitness (test split)")
     min_diversity: float = Field(default=0.3, description="gate: lowest population diversity over the run")
+    max_gain_p: float = Field(default=0.05, gt=0, le=1, description=(
+        "gate: the champion's accuracy gain over the most accurate input must be significant at this level"))
     mode: Literal["strict", "lenient"] | None = Field(
         default=None, description="EvoMerge's gates; empty: the pipeline's gates.mode")
 
@@ -58,4 +60,4 @@ TINY: dict[str, Any] = {
     # on perplexity noise-level gains; the tiny demo stops when 5 generations gain < 0.005
     "search": {"min_improvement": 0.005},
 }
-SMALL: dict[str, Any] = {"fitness": {"eval_rows": 64, "accuracy_problems": 200, "probe_rows": 4}}
+SMALL: dict[str, Any] = {"fitness": {"eval_rows": 64, "accuracy_problems": 100, "probe_rows": 4}}

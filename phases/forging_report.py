@@ -1,0 +1,107 @@
+"""The forging report: what each phase added, on one table.
+
+Every stage's model answers the same held-out test problems (``per_skill`` of each skill, spread over its
+rungs) with the same decode: the exact-match greedy answer read off one teacher-forced pass
+(measure.teacher_forced_hits, as EvoMerge's fitness reads it). A Quiet-STaR model is scored twice, with
+its thoughts (the batched pass puts a thought after every position, as decoding does) and without. Each
+figure carries its 95% Wilson interval. Below the table: each phase's gates and its wall time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phases.common.measure import teacher_forced_hits, wilson_interval
+
+
+@dataclass
+class Stage:
+    """One row: a model directory, how to load it, and whether to score it with thoughts."""
+
+    name: str
+    path: Path
+    packed: bool = False  # a BitNet packed directory
+    thoughts: bool = False
+
+
+@dataclass
+class PhaseSummary:
+    name: str
+    passed: bool | None  # None: the phase did not run in this pipeline run
+    failed: list[str] = field(default_factory=list)
+    seconds: float | None = None  # a phase a retry found finished takes seconds
+
+
+def _load(stage: Stage):
+    if stage.packed:
+        from phases.bitnet.packed_format import load_packed
+
+        model = load_packed(stage.path)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        import phases.cognate  # noqa: F401  (registers the Auto classes)
+        import phases.quietstar.model  # noqa: F401
+        from phases.common.hf_io import load_pretrained
+
+        model = load_pretrained(AutoModelForCausalLM, stage.path)
+    if hasattr(model.config, "thoughts_enabled"):
+        model.config.thoughts_enabled = stage.thoughts
+    elif stage.thoughts:
+        raise ValueError(f"{stage.name}: {stage.path} has no thoughts to score with")
+    return model.eval()
+
+
+@torch.no_grad()
+def measure(stages: Sequence[Stage], curriculum_dir: Path, seq_len: int, per_skill: int) -> list[dict[str, Any]]:
+    """Per stage: {"stage", "skills": {skill: [hits, n]}}, all on the same test problems."""
+    from phases.data import dataset_files
+    from phases.data import tokenizer as bpe
+    from phases.evomerge.fitness import EvalSet
+
+    rows = list(dataset_files.load_splits(curriculum_dir)["test"])
+    out = []
+    for stage in stages:
+        # each model with its own tokenizer: Quiet-STaR's adds thought tokens, and the problems' ids must match
+        problems = EvalSet.build(rows, bpe.load(stage.path), seq_len, 1, per_skill, "test")
+        out.append({"stage": stage.name, "skills": problems.skill_hits(teacher_forced_hits(_load(stage), problems.problems))})
+    return out
+
+
+def _cell(hits: int, n: int) -> str:
+    lo, hi = wilson_interval(hits, n)
+    return f"{hits / n:.1%} [{lo:.0%}, {hi:.0%}]" if n else "n/a"
+
+
+def markdown(rows: Sequence[dict[str, Any]], phases: Sequence[PhaseSummary]) -> str:
+    skills = sorted({s for r in rows for s in r["skills"]})
+    n = max((r["skills"][s][1] for r in rows for s in r["skills"]), default=0)
+    lines = ["## Forging report", "",
+             f"Held-out test accuracy per skill ({n} problems each, exact greedy answer; 95% Wilson interval):", "",
+             "| stage | " + " | ".join(skills) + " | mean |", "|---" * (len(skills) + 2) + "|"]
+    for r in rows:
+        cells = [_cell(*r["skills"][s]) if s in r["skills"] else "n/a" for s in skills]
+        mean = sum(h / m for h, m in r["skills"].values()) / max(1, len(r["skills"]))
+        lines.append(f"| {r['stage']} | " + " | ".join(cells) + f" | {mean:.1%} |")
+    lines += ["", "| phase | gates | failing | wall time |", "|---|---|---|---|"]
+    for p in phases:
+        verdict = "not run" if p.passed is None else "PASS" if p.passed else "FAIL"
+        wall = "" if p.seconds is None else f"{p.seconds:.0f} s"
+        lines.append(f"| {p.name} | {verdict} | {', '.join(p.failed) or '-'} | {wall} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, rows: Sequence[dict[str, Any]], phases: Sequence[PhaseSummary]) -> str:
+    """report.md and report.json into ``out``; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(rows, phases)
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps({"stages": list(rows), "phases": [vars(p) for p in phases]},
+                                                indent=2, sort_keys=True))
+    return text

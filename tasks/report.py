@@ -1,0 +1,57 @@
+"""The forging report task: every stage's model on the same held-out problems (phases/forging_report.py), stored,
+shown on the top-level run, logged to W&B."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from phases import forging_report as fr
+from phases.common.gates import GateReport
+from phases.config import PipelineConfig
+from storage import ArtifactRef, Recipe
+from tasks.code_version import code_version
+from tasks.runtime import producer, record_execution, store
+from tasks.tracking import log_phase_boundary
+
+# (row name, artifact, is it packed, score with thoughts): the order of the climb
+StageRef = tuple[str, ArtifactRef, bool, bool]
+
+
+def report_recipe(config: PipelineConfig, stages: list[StageRef], curriculum: ArtifactRef) -> Recipe:
+    return Recipe(kind="forging-report", inputs=(*(ref.id for _, ref, _, _ in stages), curriculum.id),
+                  config={"rows": [[name, packed, thoughts] for name, _, packed, thoughts in stages],
+                          "problems_per_skill": config.report.problems_per_skill, "seq_len": config.model.seq_len},
+                  code_version=code_version("phases.forging_report"))
+
+
+# Never cached by Prefect: the stored table is found by its recipe, and the phases' gates and wall times, which
+# differ between runs of the same models, are added to it on every run
+@task(name="forging-report", cache_policy=NO_CACHE)
+def forging_report(config: PipelineConfig, stages: list[StageRef], curriculum: ArtifactRef,
+                   phases: list[dict[str, Any]], run_group: str, home: str) -> tuple[ArtifactRef, str]:
+    """The stored table (found again by its recipe, measured once) and the report's markdown."""
+    st = store(home)
+
+    def build(out):
+        record_execution(home, "forging-report")  # the measuring; a run that finds the table only reads it
+        rows = fr.measure([fr.Stage(name, st.load(ref), packed, thoughts) for name, ref, packed, thoughts in stages],
+                          st.load(curriculum), config.model.seq_len, config.report.problems_per_skill)
+        fr.write(out, rows, [])
+        return {"stages": rows}
+
+    ref = st.get_or_create(report_recipe(config, stages, curriculum), build, producer())
+    rows = st.manifest(ref)["metrics"]["stages"]
+    text = fr.markdown(rows, [fr.PhaseSummary(**p) for p in phases])
+    create_markdown_artifact(key="forging-report", markdown=text,
+                             description="What each phase added: per-skill held-out accuracy at every stage")
+    get_run_logger().info("\n%s", text)
+    metrics = {"stages": {r["stage"]: {s: h / n for s, (h, n) in r["skills"].items()} for r in rows},
+               "phases": {p["name"]: p for p in phases}}
+    log_phase_boundary("report", run_group, home, config.tracking.wandb_mode, config.tracking.project,
+                       config.model_dump(mode="json"), metrics, GateReport(phase="report", mode=config.gates.mode),
+                       [ref])
+    return ref, text
