@@ -55,4 +55,4 @@ def bitnet(config: PipelineConfig = PipelineConfig(), home: str | None = None, r
                 {"report": report, "quantize": st.manifest(staged)["metrics"], "finetune": st.manifest(packed)["metrics"]},
                 [packed, report_ref], images={"bitnet/sparsity_accuracy": str(st.file(report_ref, FIGURE))})
     return BitNet(source=model, packed=packed, report=report_ref, gates_passed=gates.passed,
-                  failed_gates=[g.id for g in gates.gates if not g.passed])
+                  failed_gates=[g.id for g in gates.failed])

@@ -57,4 +57,4 @@ def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
                 images={f"loss/{name}": str(st.file(ref, "loss.png")) for name, ref in {"base": base, **models}.items()}
                 | {f"diagnosis/{name}": str(st.file(ref, "diagnosis.png")) for name, ref in diagnoses.items()})
     return Cognate(base=base, models=models, gates_passed=report.passed,
-                   failed_gates=[g.id for g in report.gates if not g.passed])
+                   failed_gates=[g.id for g in report.failed])

@@ -106,4 +106,4 @@ def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None,
     close_phase(report, config, run_group, home, metrics, [ref], images={"evomerge/fitness": str(st.file(ref, "fitness.png"))})
     return EvoMerge(champion=ref, inputs=models, base=base, stop_reason=metrics["run"]["stop_reason"],
                     generations=metrics["run"]["generations_run"], gates_passed=report.passed,
-                    failed_gates=[g.id for g in report.gates if not g.passed])
+                    failed_gates=[g.id for g in report.failed])

@@ -58,4 +58,4 @@ def quietstar(config: PipelineConfig = PipelineConfig(), home: str | None = None
                 [data, baked, reinforced],
                 images={"loss/baking": str(st.file(baked, "loss.png")), "loss/reinforce": str(st.file(reinforced, "loss.png"))})
     return QuietStar(input=model, data=data, baked=baked, model=reinforced, gates_passed=report.passed,
-                     failed_gates=[g.id for g in report.gates if not g.passed])
+                     failed_gates=[g.id for g in report.failed])

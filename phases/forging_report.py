@@ -66,10 +66,14 @@ def measure(stages: Sequence[Stage], curriculum_dir: Path, seq_len: int, per_ski
     from phases.evomerge.fitness import EvalSet
 
     rows = list(dataset_files.load_splits(curriculum_dir)["test"])
+    by_vocabulary: dict[str, EvalSet] = {}  # the stages share a few tokenizers: encode the problems once for each
     out = []
     for stage in stages:
         # each model with its own tokenizer: Quiet-STaR's adds thought tokens, and the problems' ids must match
-        problems = EvalSet.build(rows, bpe.load(stage.path), seq_len, 1, per_skill, "test")
+        vocabulary = (stage.path / "tokenizer.json").read_text()
+        if vocabulary not in by_vocabulary:
+            by_vocabulary[vocabulary] = EvalSet.build(rows, bpe.load(stage.path), seq_len, 1, per_skill, "test")
+        problems = by_vocabulary[vocabulary]
         out.append({"stage": stage.name, "skills": problems.skill_hits(teacher_forced_hits(_load(stage), problems.problems))})
     return out
 

@@ -117,10 +117,9 @@ class CognateSection(Strict):
     diagnose: CognateDiagnostics = Field(default_factory=CognateDiagnostics)
     gates: CognateGates = Field(default_factory=CognateGates)
 
-    def graph_steps(self, act_steps: int | None = None) -> int:
-        """Recursion steps that keep a graph for backward in training, at ``act_steps`` (default: the base's)."""
-        t = act_steps or self.act_max_steps
-        return min(t, self.train.grad_steps or t)
+    def graph_steps(self) -> int:
+        """Recursion steps that keep a graph for backward in training, at the base's T_max."""
+        return min(self.act_max_steps, self.train.grad_steps or self.act_max_steps)
 
 
 # T_max 3 gives the specialists 4 / 1 / 1 recursion steps (reasoning / memory / speed)

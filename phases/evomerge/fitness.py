@@ -31,7 +31,7 @@ import math
 import statistics
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,7 +50,7 @@ class EvalSet:
     rows: torch.Tensor  # (N, seq_len) packed held-out token rows
     problems: list[tuple[list[int], list[int]]]  # (prompt ids, answer ids + EOS)
     split: str
-    skills: list[str] = field(default_factory=list)  # each problem's skill (its curriculum task)
+    skills: list[str]  # each problem's skill (its curriculum task)
 
     @classmethod
     def build(cls, split_rows: Sequence[dict], tokenizer, seq_len: int, n_rows: int, n_problems: int,
@@ -80,7 +80,7 @@ class EvalSet:
     def skill_hits(self, hits: Sequence[bool]) -> dict[str, list[int]]:
         """Per skill, [problems answered, problems]."""
         out: dict[str, list[int]] = {}
-        for h, k in zip(hits, self.skills or ["all"] * len(self.problems)):
+        for h, k in zip(hits, self.skills):
             out.setdefault(k, [0, 0])
             out[k][0] += int(h)
             out[k][1] += 1
