@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from phases.cognate import evaluate, steps  # noqa: E402
-from phases.cognate.data import Batches, pack, pack_whole  # noqa: E402
+from phases.cognate.data import Batches, pack_whole  # noqa: E402
 from phases.cognate.modeling import CognateForCausalLM  # noqa: E402
 from phases.cognate.specialists import runtime_for, specialists  # noqa: E402
 from phases.cognate.trainer import train  # noqa: E402
@@ -33,6 +33,7 @@ from phases.common.measure import heldout_loss  # noqa: E402
 from phases.config import PipelineConfig  # noqa: E402
 from phases.data import curriculum, dataset_files  # noqa: E402
 from phases.data import tokenizer as bpe  # noqa: E402
+from phases.data.encoding import pack  # noqa: E402
 
 
 def _override(cfg: dict, dotted: str) -> None:

@@ -63,7 +63,7 @@ def measure(stages: Sequence[Stage], curriculum_dir: Path, seq_len: int, per_ski
     """Per stage: {"stage", "skills": {skill: [hits, n]}}, all on the same test problems."""
     from phases.data import dataset_files
     from phases.data import tokenizer as bpe
-    from phases.evomerge.fitness import EvalSet
+    from phases.data.encoding import EvalSet
 
     rows = list(dataset_files.load_splits(curriculum_dir)["test"])
     by_vocabulary: dict[str, EvalSet] = {}  # the stages share a few tokenizers: encode the problems once for each

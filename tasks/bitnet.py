@@ -117,7 +117,9 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"| resident tensor bytes | {m['fp32_resident_bytes']:,} | {m['packed_resident_bytes']:,} | "
         f"{m['ratio']:.2f}x |",
         f"| task accuracy (n={a['examples']}) | {a['before']:.4f} | {a['packed']:.4f} | "
-        f"drop {a['task_accuracy_drop']:.2%} |",
+        f"drop {a['task_accuracy_drop']:.2%} (paired McNemar p={a['mcnemar_p']:.3g}) |",
+        *[f"| {skill} (answered / asked) | {h}/{n} | {a['skills_packed'][skill][0]}/{n} | |"
+          for skill, (h, n) in a["skills_before"].items()],
         f"| next-token accuracy | {report['before']['token_accuracy']:.4f} | "
         f"{report['packed']['token_accuracy']:.4f} | "
         f"drop {a['token_accuracy_drop']:.2%} |",

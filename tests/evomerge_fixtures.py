@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from phases.cognate import CognateConfig, CognateForCausalLM
-from phases.cognate.data import Batches, mixed_texts, pack
+from phases.cognate.data import Batches, mixed_texts
 from phases.data import curriculum, dataset_files
 from phases.data import tokenizer as bpe
+from phases.data.encoding import pack
 
 SEQ = 48
 MIXES = ({"arithmetic": 1.0}, {"kv_recall": 1.0}, {"text": 1.0, "word_problem": 1.0})

@@ -22,10 +22,11 @@ from phases.bitnet.quantizer import fake_quant_activations, fake_quant_weight, q
 from phases.bitnet.settings import BitNetSection
 from phases.cognate import CognateForCausalLM
 from phases.cognate import steps as cognate_steps
-from phases.cognate.data import Batches, pack
+from phases.cognate.data import Batches
 from phases.config import PipelineConfig, deep_merge
 from phases.data import curriculum, dataset_files
 from phases.data import tokenizer as bpe
+from phases.data.encoding import pack
 
 # transformers wraps these in torch.compile (about a minute to compile on CPU); their eager bodies are the same code
 hf_unpack = hf_bitnet.unpack_weights.__wrapped__
@@ -127,7 +128,7 @@ MICRO_SHAPE = {"n_layers": 2, "d_model": 48, "n_heads": 4, "seq_len": 48}
 # one ACT step: the recursion count does not change which layers are quantized, and it triples the cost
 MICRO_COGNATE = {"window_size": 16, "act_max_steps": 1}
 SEC = BitNetSection.model_validate({
-    "heldout": {"eval_rows": 6, "accuracy_examples": 6}, "quantize": {"calibration_rows": 4},
+    "heldout": {"eval_rows": 6, "problems_per_skill": 4}, "quantize": {"calibration_rows": 4},
     "finetune": {"steps": 2, "eval_every": 1, "batch_size": 4}, "evaluate": {"speed_tokens": 4, "speed_repeats": 1}})
 
 
@@ -275,7 +276,8 @@ def test_finetune_records_its_decision_and_the_packed_check(packed_run):
     assert tuned["finetuned"] and "fine-tuning" in tuned["decision"]
     ft = tuned["finetune"]
     assert ft["trainable_params"] > 0 and ft["history"][0]["step"] == 0 and len(ft["history"]) >= 2
-    assert ft["best"]["token_accuracy"] >= ft["start"]["token_accuracy"]
+    rank = lambda r: (r["skill_accuracy"], r["token_accuracy"])  # noqa: E731
+    assert rank(ft["best"]) >= rank(ft["start"]) and tuned["objective"] == "answers"
     check = tuned["packed_vs_fake_quant"]
     assert check["argmax_agreement"] > 0.95 and check["max_abs_logit_diff"] < 0.1 * check["logit_scale"]
 
@@ -285,7 +287,8 @@ def test_accuracy_after_is_computed_from_the_packed_model(packed_run, tmp_path):
     packed = load_packed(root / "packed")
     data = bp.Data(root / "cur", bpe.load(root / "packed"), config.model.seq_len, sec.heldout)
     assert report["packed"]["token_accuracy"] == pytest.approx(ev.token_stats(packed, data.test_rows)["token_accuracy"])
-    assert report["packed"]["accuracy"] == ev.task_accuracy(packed, data.tokenizer, data.problems)["accuracy"]
+    assert report["packed"]["accuracy"] == ev.skill_accuracy(packed, data.problems)["accuracy"]
+    assert report["accuracy"]["skills_packed"] == ev.skill_accuracy(packed, data.problems)["skills"]
     assert report["accuracy"]["token_accuracy_drop"] == pytest.approx(
         (staged["before"]["token_accuracy"] - report["packed"]["token_accuracy"]) / staged["before"]["token_accuracy"])
     # a broken artifact evaluates worse: every packed weight byte zeroed (all -1)
@@ -338,6 +341,29 @@ def _rescale_mlp(model, layer: int, spread: float):
     with torch.no_grad():
         blk.up_proj.weight[:ff] *= r[:, None]
         blk.down_proj.weight *= (1 / r)[None, :]
+
+
+def test_answer_batches_label_the_answer_tokens_of_training_problems_only(micro):
+    root, config = micro
+    tokenizer = bpe.load(root / "tok")
+    data = bp.Data(root / "cur", tokenizer, config.model.seq_len, SEC.heldout)
+    batches = data.answer_batches(batch_size=6, steps=2, seed=0)
+    ids, labels = batches(1)
+    again_ids, again_labels = batches(1)
+    assert torch.equal(ids, again_ids) and torch.equal(labels, again_labels)  # seeded per step
+    assert not torch.equal(batches(2)[0], ids)
+    answers = {r["answer"].strip() for r in dataset_files.load_splits(root / "cur")["train"] if r["answer"]}
+    for row_ids, row_labels in zip(ids, labels):
+        marked = row_labels != -100
+        assert 0 < int(marked.sum()) < int((row_ids != tokenizer.pad_token_id).sum())  # some tokens, never the prompt
+        assert torch.equal(row_ids[marked], row_labels[marked])  # labels are the tokens themselves (shifted in the loss)
+        first = int(marked.nonzero()[0])
+        prompt = tokenizer.decode(row_ids[:first].tolist())
+        assert prompt.rstrip()[-1] in ":="  # "...Answer:" or "31-12=": the prompt stops where the answer starts
+        # the completion after the prompt (a rung's worked steps, where it has them), ending in the answer and EOS
+        completion = tokenizer.decode(row_labels[marked].tolist())
+        assert completion.endswith(tokenizer.eos_token)
+        assert any(completion.removesuffix(tokenizer.eos_token).endswith(a) for a in answers)
 
 
 def test_staged_quantization_keeps_a_group_in_fp16_when_quantizing_it_is_forced_to_hurt(micro, tmp_path):
@@ -410,7 +436,7 @@ def test_a_quietstar_model_packs_with_its_mixing_head_ternary_and_keeps_thinking
     bpe.load(root / "tok").save_pretrained(str(tmp_path / "qs"))
     for d in ("staged", "packed"):
         (tmp_path / d).mkdir()
-    sec = with_(SEC, finetune={"threshold": 10.0}, heldout={"accuracy_examples": 2})
+    sec = with_(SEC, finetune={"threshold": 10.0}, heldout={"problems_per_skill": 1})
     staged = quantize(tmp_path / "qs", root / "cur", None, sec, config, tmp_path / "staged")
     assert {"head.halt_head", "head.mixing"} <= {s["group"] for s in staged["stages"]}
     assert json.loads((tmp_path / "staged" / "config.json").read_text())["thoughts_enabled"] is True

@@ -21,7 +21,7 @@ MICRO = {
     "gates": {"mode": "lenient"},
     "cognate": {"window_size": 16, "act_max_steps": 1,
                 "diagnose": {"shards": 1, "inputs": 2, "span": 32, "trials": 8, "beyond": [16], "coupling_tokens": 32}},
-    "bitnet": {"heldout": {"eval_rows": 6, "accuracy_examples": 6}, "quantize": {"calibration_rows": 4},
+    "bitnet": {"heldout": {"eval_rows": 6, "problems_per_skill": 4}, "quantize": {"calibration_rows": 4},
                "finetune": {"steps": 2, "eval_every": 1, "batch_size": 4},
                "evaluate": {"speed_tokens": 4, "speed_repeats": 1}},
 }

@@ -40,7 +40,7 @@ MICRO = {
                          "seq_len": 16,
                          "theater": {"check_every": 1, "max_retries": 0, "problems": 2, "eval_thoughts": 2}},
                   "eval": {"problems": 2, "max_new_tokens": 8}, "gates": {"mode": "lenient"}},
-    "bitnet": {"heldout": {"eval_rows": 2, "accuracy_examples": 3}, "quantize": {"calibration_rows": 2},
+    "bitnet": {"heldout": {"eval_rows": 2, "problems_per_skill": 2}, "quantize": {"calibration_rows": 2},
                "finetune": {"steps": 1, "eval_every": 1, "batch_size": 2},
                "evaluate": {"speed_tokens": 4, "speed_repeats": 1}, "gates": {"mode": "lenient"}},
 }

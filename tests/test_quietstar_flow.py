@@ -12,11 +12,12 @@ from transformers import AutoModelForCausalLM
 
 import phases.quietstar.model  # noqa: F401  (registers the Quiet-STaR model with the Auto classes)
 from phases.cognate import CognateConfig, CognateForCausalLM
-from phases.cognate.data import Batches, pack
+from phases.cognate.data import Batches
 from phases.common.hf_io import save_pretrained
 from phases.config import PipelineConfig
 from phases.data import dataset_files
 from phases.data import tokenizer as bpe
+from phases.data.encoding import pack
 from phases.quietstar.model import QuietStarForCausalLM
 from storage import ArtifactStore, Recipe
 

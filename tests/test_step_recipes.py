@@ -28,7 +28,8 @@ def _other(v: Any) -> Any:
         return v + 1
     if isinstance(v, float):
         return v * 0.9 if v else 0.1
-    return "strict" if v != "strict" else "lenient"  # None (an optional number or mode) takes a string only as a mode
+    # a choice takes its other value; None (an optional number or mode) takes a string only as a mode
+    return {"strict": "lenient", "answers": "text", "text": "answers"}.get(v, "strict")
 
 
 def _changed(section: str, path: tuple[str, ...], value: Any) -> PipelineConfig:

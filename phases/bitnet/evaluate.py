@@ -3,7 +3,8 @@
 Definitions:
 - held-out loss / perplexity / next-token accuracy: one teacher-forced pass over packed test-split rows; next-token
   accuracy is the share of positions whose arg-max logit is the next token.
-- accuracy: Cognate's task accuracy (greedy decode after each held-out problem's prompt, checked answer).
+- accuracy: exact answers to held-out problems, per skill, read off one teacher-forced pass (what greedy
+  decoding writes), the forging report's measure.
 - relative drop: (before − after) / before.
 - compression: bytes of the input's weights file (FP32, as trained) over bytes of the packed weights file; the FP16
   figure saves the input model in FP16 and measures that file. Quantized layers alone: their FP32 bytes over the
@@ -28,10 +29,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from phases.cognate import evaluate as cognate_eval
 from phases.common.hf_io import save_pretrained
-from phases.common.measure import heldout_means
+from phases.common.measure import heldout_means, teacher_forced_hits
 from phases.common.telemetry import perplexity
+from phases.data.encoding import EvalSet
 
 WEIGHTS = "model.safetensors"
 TERNARY_BITS = math.log2(3)
@@ -44,8 +45,18 @@ def token_stats(model: nn.Module, rows: torch.Tensor, batch_size: int = 8) -> di
     return {"loss": stats["loss"], "ppl": perplexity(stats["loss"]), "token_accuracy": stats["token_accuracy"]}
 
 
-def task_accuracy(model: nn.Module, tokenizer, problems: Sequence[dict]) -> dict[str, Any]:
-    return cognate_eval.accuracy(model, tokenizer, problems)
+@torch.no_grad()
+def skill_accuracy(model: nn.Module, problems: EvalSet) -> dict[str, Any]:
+    """Exact-answer accuracy over ``problems`` (pooled: the mean over skills, which have equal counts), each
+    skill's [hits, n], and the per-problem hits (for a paired test)."""
+    was_training = model.training
+    model.eval()
+    try:
+        hits = teacher_forced_hits(model, problems.problems)
+    finally:
+        model.train(was_training)
+    return {"accuracy": sum(hits) / len(hits), "accuracy_n": len(hits), "skills": problems.skill_hits(hits),
+            "hits": hits}
 
 
 def resident_bytes(model: nn.Module) -> int:

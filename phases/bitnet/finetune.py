@@ -2,10 +2,17 @@
 
 Only the BitLinear layers train; everything kept in FP16 (embeddings, LM head, norms, heads, memory gates, groups
 the staged check restored) is frozen, so it leaves this phase byte for byte as it came in. Optimiser: Muon × Grokfast
-(phases/common/optim.py) with the Phase 4 settings (settings.py, ``finetune.optim``). Every ``eval_every`` steps
-the held-out next-token accuracy is measured and the best state is kept, so fine-tuning cannot end worse than it
-started. A non-finite loss
-stops the run with an error that names the step.
+(phases/common/optim.py) with the Phase 4 settings (settings.py, ``finetune.optim``).
+
+What it learns from (``finetune.objective``): the training split's problems with the loss on their answer tokens
+("answers"), or packed curriculum text with the loss on every token ("text"). On tiny, 300 steps of "text" lowered
+the loss from 5.5 to 1.2 and left held-out recall at 0%, while 100 steps of "answers" took it from 2% back to the
+input's 66%: next-token loss on text is dominated by the random keys and values recall problems are made of,
+and the answer tokens, where the skill shows, are a small share of it.
+
+Every ``eval_every`` steps the validation skill accuracy (next-token accuracy breaks ties) is measured and the
+best state is kept, so fine-tuning cannot end worse than it started. A non-finite loss stops the run with an error
+that names the step.
 """
 
 from __future__ import annotations
@@ -25,10 +32,16 @@ from phases.common.optim import MuonGrokfast
 from phases.common.telemetry import TelemetryWriter, perplexity
 
 
-def finetune(model: nn.Module, batches: Callable[[int], torch.Tensor], score: Callable[[nn.Module], dict[str, float]],
-             settings: BitNetFinetune, telemetry: Path | None = None) -> dict[str, Any]:
-    """Train ``model``'s BitLinear layers for ``settings.steps`` steps; ``score(model)`` -> held-out stats with a
-    ``token_accuracy`` (higher is better). Leaves the best-scoring state in ``model``."""
+def _rank(stats: dict[str, Any]) -> tuple[float, float]:
+    return stats["skill_accuracy"], stats["token_accuracy"]
+
+
+def finetune(model: nn.Module, batches: Callable[[int], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+             score: Callable[[nn.Module], dict[str, Any]], settings: BitNetFinetune,
+             telemetry: Path | None = None) -> dict[str, Any]:
+    """Train ``model``'s BitLinear layers for ``settings.steps`` steps on ``batches(step)`` (ids, or (ids,
+    labels)); ``score(model)`` -> held-out stats with ``skill_accuracy`` and ``token_accuracy`` (higher is
+    better, in that order). Leaves the best-scoring state in ``model``."""
     steps, optim = settings.steps, settings.optim
     layers = bitlinears(model)
     if not layers:
@@ -49,8 +62,9 @@ def finetune(model: nn.Module, batches: Callable[[int], torch.Tensor], score: Ca
     model.train()
     try:
         for step in range(1, steps + 1):
-            x = batches(step)
-            out = model(x, labels=x)
+            batch = batches(step)
+            x, labels = batch if isinstance(batch, tuple) else (batch, batch)
+            out = model(x, labels=labels)
             loss = out.loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -65,9 +79,9 @@ def finetune(model: nn.Module, batches: Callable[[int], torch.Tensor], score: Ca
             if step % settings.eval_every == 0 or step == steps:
                 held = score(model)
                 model.train()
-                record |= {f"eval_{k}": v for k, v in held.items()}
+                record |= {f"eval_{k}": v for k, v in held.items() if isinstance(v, float)}
                 history.append({"step": step, **held})
-                if held["token_accuracy"] > best["token_accuracy"]:
+                if _rank(held) > _rank(best):
                     best = {"step": step, **held}
                     best_state = copy.deepcopy(model.state_dict())
             if writer:

@@ -20,7 +20,9 @@ class BitNetHeldout(Strict):
     """The curriculum's held-out rows and problems (steps.Data) that all three steps measure on."""
 
     eval_rows: int = Field(default=8, ge=1, description="held-out rows for the staged checks and perplexity")
-    accuracy_examples: int = Field(default=16, ge=1, description="held-out problems decoded before and after")
+    problems_per_skill: int = Field(
+        default=50, ge=1,
+        description="held-out problems per skill: validation ones judge fine-tuning, test ones are reported")
 
 
 class BitNetQuantize(Strict):
@@ -51,11 +53,17 @@ class BitNetFinetune(Strict):
 
     threshold: float = Field(
         default=0.02, ge=0,
-        description="fine-tune when held-out next-token accuracy after quantization dropped by more than this fraction")
-    steps: int = Field(default=16, ge=0, description="0: never fine-tune")
-    batch_size: int = Field(default=4, ge=1)
+        description="fine-tune when held-out skill accuracy or next-token accuracy after quantization dropped by "
+                    "more than this fraction")
+    objective: Literal["answers", "text"] = Field(
+        default="answers",
+        description="answers: the training split's problems, loss on their answer tokens (the skills); text: "
+                    "packed curriculum text, loss on every token")
+    steps: int = Field(default=100, ge=0, description="0: never fine-tune")
+    batch_size: int = Field(default=16, ge=1)
     grad_clip: float = Field(default=1.0, gt=0)
-    eval_every: int = Field(default=4, ge=1, description="held-out check during fine-tuning; the best state is kept")
+    eval_every: int = Field(default=25, ge=1,
+                            description="held-out check during fine-tuning; the best state is kept")
     optim: FinetuneOptim = Field(default_factory=FinetuneOptim)
 
 
@@ -80,7 +88,7 @@ class BitNetSection(Strict):
 
 
 SMALL: dict[str, Any] = {
-    "heldout": {"eval_rows": 64, "accuracy_examples": 300},
+    "heldout": {"eval_rows": 64, "problems_per_skill": 200},
     "quantize": {"calibration_rows": 32, "group_drop_budget": 0.10},
     "finetune": {"steps": 500, "batch_size": 16, "eval_every": 50},
     "evaluate": {"speed_tokens": 64, "speed_repeats": 3},

@@ -7,8 +7,15 @@
                  model reloaded from disk must give the fake-quantized model's logits
     evaluate     packed model from disk vs the input: accuracy, compression, sparsity, speed, memory, figure
 
-Data: validation rows drive every decision (calibration, staged checks, fine-tuning's best state); test rows and
-test problems give every reported number, so no reported figure was selected on.
+Data: validation rows and problems drive every decision (calibration, staged checks, whether to fine-tune and
+fine-tuning's best state); test rows and test problems give every reported number, so no reported figure was
+selected on.
+
+What judges what: fine-tuning (whether and which state) is judged on validation skill accuracy, then next-token
+accuracy. The staged checks, which run before fine-tuning, judge a group on next-token accuracy alone: on tiny,
+every group quantized alone costs held-out recall (layer 0's MLP all of it, 66% to 0%), yet 100 steps of
+fine-tuning on answers bring the fully ternary model back to 66%, so judging groups on skills before fine-tuning
+would keep most of them in FP16 for nothing.
 
 A Quiet-STaR model thinks (L thought tokens) at every position when its thoughts are on, so a pass costs about
 L + 2 passes of its decoder. Decisions and fine-tuning run the base path (thoughts off: the same decoder layers,
@@ -36,14 +43,14 @@ from phases.bitnet.packed_format import load_packed, packed_layers, save_packed
 from phases.bitnet.plots import bitnet_report_png
 from phases.bitnet.quantizer import ternarize
 from phases.bitnet.settings import BitNetEvaluate, BitNetFinetune, BitNetHeldout, BitNetQuantize
-from phases.cognate.data import Batches, mixed_texts, pack
-from phases.cognate.evaluate import answerable
+from phases.cognate.data import Batches, mixed_texts
 from phases.common.config import ModelShape
 from phases.common.hf_io import load_pretrained, save_pretrained
-from phases.common.measure import decode_rates, relative_drop
+from phases.common.measure import decode_rates, mcnemar_p, relative_drop
 from phases.common.sizing import model_size, strategy_for
 from phases.data import dataset_files
 from phases.data import tokenizer as bpe
+from phases.data.encoding import EvalSet, pack
 
 PLAN = "plan.json"
 REPORT = "report.json"
@@ -51,7 +58,8 @@ FIGURE = "bitnet.png"
 
 
 class Data:
-    """The curriculum cut for Phase 4: validation rows for decisions, test rows and problems for reporting."""
+    """The curriculum cut for Phase 4: validation rows and problems for decisions, test rows and problems for
+    reporting, the training split's text and problems for fine-tuning."""
 
     def __init__(self, curriculum_dir: Path, tokenizer, seq_len: int, heldout: BitNetHeldout):
         splits = dataset_files.load_splits(curriculum_dir)
@@ -59,9 +67,10 @@ class Data:
         self.validation_rows = pack([r["text"] for r in splits["validation"]], tokenizer, seq_len)
         self.select_rows = self.validation_rows[: heldout.eval_rows]
         self.test_rows = pack([r["text"] for r in splits["test"]], tokenizer, seq_len)[: heldout.eval_rows]
-        problems = answerable(list(splits["test"]))
-        n = heldout.accuracy_examples
-        self.problems = problems[:: max(1, len(problems) // n)][:n]
+        n = heldout.problems_per_skill
+        # the same problems, per skill, and the same teacher-forced exact answer as the forging report reads
+        self.select_problems = EvalSet.build(list(splits["validation"]), tokenizer, seq_len, 0, n, "validation")
+        self.problems = EvalSet.build(list(splits["test"]), tokenizer, seq_len, 0, n, "test")
 
     def calibration_rows(self, n: int) -> torch.Tensor:
         """The far end of the validation rows: it overlaps the check rows least."""
@@ -73,8 +82,35 @@ class Data:
         texts = mixed_texts(list(self.splits["train"]), None, seed)
         return Batches(pack(texts[: max(64, 8 * steps * batch_size)], self.tokenizer, self.seq_len), batch_size, seed)
 
+    def answer_batches(self, batch_size: int, steps: int, seed: int) -> AnswerBatches:
+        """Batches of the training split's problems (every skill), labelled on their answer tokens only."""
+        per_skill = -(-max(64, 8 * steps * batch_size) // 3)  # about 8x what ``steps`` draws, over three skills
+        train = EvalSet.build(list(self.splits["train"]), self.tokenizer, self.seq_len, 0, per_skill, "train")
+        return AnswerBatches(train.problems, batch_size, seed, self.tokenizer.pad_token_id or 0)
+
     def prompts(self, n: int = 2) -> list[torch.Tensor]:
-        return [torch.tensor([self.tokenizer.encode(p["prompt"], add_special_tokens=False)]) for p in self.problems[:n]]
+        return [torch.tensor([prompt]) for prompt, _ in self.problems.problems[:n]]
+
+
+class AnswerBatches:
+    """batch(step) -> (ids, labels): problems drawn with a per-step seeded generator, right-padded (a causal model
+    never reads the padding), labels -100 everywhere but the answer tokens."""
+
+    def __init__(self, problems: list[tuple[list[int], list[int]]], batch_size: int, seed: int, pad_id: int):
+        if not problems:
+            raise ValueError("no training problems with an answer in the curriculum's training split")
+        self.problems, self.batch_size, self.seed, self.pad_id = problems, batch_size, seed, pad_id
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        drawn = [self.problems[i] for i in torch.randint(len(self.problems), (self.batch_size,), generator=g).tolist()]
+        width = max(len(p) + len(a) for p, a in drawn)
+        ids = torch.full((len(drawn), width), self.pad_id, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        for row, (prompt, answer) in enumerate(drawn):
+            ids[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            labels[row, len(prompt):len(prompt) + len(answer)] = torch.tensor(answer)
+        return ids, labels
 
 
 def load_tokenizer(model_dir: Path, tokenizer_dir: Path | None):
@@ -87,8 +123,7 @@ def load_tokenizer(model_dir: Path, tokenizer_dir: Path | None):
 def held_out(model, data: Data, with_accuracy: bool = True) -> dict[str, Any]:
     stats = ev.token_stats(model, data.test_rows)
     if with_accuracy:
-        acc = ev.task_accuracy(model, data.tokenizer, data.problems)
-        stats |= {"accuracy": acc["accuracy"], "accuracy_n": acc["n"], "accuracy_per_task": acc["per_task"]}
+        stats |= ev.skill_accuracy(model, data.problems)
     return stats
 
 
@@ -107,6 +142,13 @@ def base_path(model):
 
 def _select_score(data: Data):
     return lambda m: ev.token_stats(m, data.select_rows)["token_accuracy"]
+
+
+def _select_stats(model, data: Data) -> dict[str, Any]:
+    """What fine-tuning is judged on, on validation: skill accuracy first, next-token accuracy on ties."""
+    skills = ev.skill_accuracy(model, data.select_problems)
+    return ev.token_stats(model, data.select_rows) | {"skill_accuracy": skills["accuracy"],
+                                                      "skills": skills["skills"]}
 
 
 def quantize(model_dir: Path, curriculum_dir: Path, tokenizer_dir: Path | None, heldout: BitNetHeldout,
@@ -128,6 +170,8 @@ def quantize(model_dir: Path, curriculum_dir: Path, tokenizer_dir: Path | None, 
 
     before = held_out(model, data)
     score = _select_score(data)
+    with base_path(model):
+        skills_before = ev.skill_accuracy(model, data.select_problems)["accuracy"]
 
     def calibrate(names: list[str]) -> tuple[dict, float]:
         """Fit the group's output scales; keep them only where they beat plain mean|W| on held-out rows."""
@@ -151,6 +195,8 @@ def quantize(model_dir: Path, curriculum_dir: Path, tokenizer_dir: Path | None, 
         raise ValueError("every layer group failed its staged check: nothing was quantized "
                          f"(group budget {sec.group_drop_budget}); see the stage records")
     after = held_out(model, data)
+    with base_path(model):
+        skills_after = ev.skill_accuracy(model, data.select_problems)["accuracy"]
     select_before = stages[0]["metric_before"]
     select_after = next((s["metric_after"] for s in reversed(stages) if not s["kept_fp16"]), select_before)
 
@@ -161,6 +207,7 @@ def quantize(model_dir: Path, curriculum_dir: Path, tokenizer_dir: Path | None, 
         "fp16_modules": {n: f"staged fallback ({s['group']}): {s['reason']}"
                          for s in stages if s["kept_fp16"] for n in s["modules"]},
         "select_before": select_before, "select_after_quantization": select_after,
+        "select_skills_before": skills_before, "select_skills_after_quantization": skills_after,
     }
     convert.to_linear(model, quantized)  # the latent weights, as a plain Cognate model
     save_pretrained(model, out)
@@ -169,6 +216,7 @@ def quantize(model_dir: Path, curriculum_dir: Path, tokenizer_dir: Path | None, 
     return {"targets": targets, "before": before, "after_quantization": after, "stages": stages,
             "quantized_layers": len(quantized), "fp16_groups": plan["fp16_groups"],
             "select_before": select_before, "select_after_quantization": select_after,
+            "select_skills_before": skills_before, "select_skills_after_quantization": skills_after,
             "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
 
 
@@ -189,20 +237,25 @@ def finetune(staged_dir: Path, curriculum_dir: Path, heldout: BitNetHeldout, sec
     tokenizer = bpe.load(staged_dir)
     data = Data(curriculum_dir, tokenizer, shape.seq_len, heldout)
     drop = relative_drop(plan["select_before"], plan["select_after_quantization"])
-    run = sec.steps > 0 and drop > sec.threshold
+    skill_drop = relative_drop(plan["select_skills_before"], plan["select_skills_after_quantization"])
+    # a NaN drop is not above the threshold: a model that answers nothing has no skill to lose
+    run = sec.steps > 0 and (drop > sec.threshold or skill_drop > sec.threshold)
     verdict = ("fine-tuning" if run else "no fine-tuning needed" if sec.steps
                else "fine-tuning disabled (finetune.steps=0)")
-    decision = (f"held-out next-token accuracy dropped {drop:.1%} after quantization "
-                f"({plan['select_before']:.4f} -> {plan['select_after_quantization']:.4f}); threshold "
-                f"{sec.threshold:.1%}: {verdict}")
-    metrics: dict[str, Any] = {"decision": decision, "finetuned": run, "drop_before_finetune": drop}
+    decision = (f"after quantization, validation skill accuracy dropped {skill_drop:.1%} "
+                f"({plan['select_skills_before']:.4f} -> {plan['select_skills_after_quantization']:.4f}) and "
+                f"next-token accuracy {drop:.1%} ({plan['select_before']:.4f} -> "
+                f"{plan['select_after_quantization']:.4f}); threshold {sec.threshold:.1%}: {verdict}")
+    metrics: dict[str, Any] = {"decision": decision, "finetuned": run, "drop_before_finetune": drop,
+                               "skill_drop_before_finetune": skill_drop, "objective": sec.objective}
     probe = data.test_rows[:2]
     with base_path(model):
         if run:
             torch.manual_seed(seed)
             telemetry = Path(out) / "telemetry-finetune.jsonl"
-            batches = data.train_batches(sec.batch_size, sec.steps, seed)
-            result = qat(model, batches, lambda m: ev.token_stats(m, data.select_rows), sec, telemetry)
+            batches = (data.answer_batches if sec.objective == "answers" else data.train_batches)(
+                sec.batch_size, sec.steps, seed)
+            result = qat(model, batches, lambda m: _select_stats(m, data), sec, telemetry)
             metrics["finetune"] = result
         metrics["after_finetune_base_path"] = held_out(model, data, with_accuracy=False)
         with torch.no_grad():
@@ -255,6 +308,9 @@ def evaluate(input_dir: Path, staged_metrics: dict[str, Any], packed_dir: Path, 
             "packed": after["accuracy"], "task_accuracy_drop": relative_drop(before["accuracy"], after["accuracy"]),
             "token_accuracy_drop": relative_drop(before["token_accuracy"], after["token_accuracy"]),
             "examples": after["accuracy_n"],
+            "skills_before": before["skills"], "skills_packed": after["skills"],
+            # paired: the same problems, input vs packed; small p means the packed model answers differently
+            "mcnemar_p": mcnemar_p(before["hits"], after["hits"]),
         },
         "compression": comp,
         "sparsity": sparsity,

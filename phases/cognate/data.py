@@ -59,19 +59,6 @@ def pack_whole(examples: Sequence[dict], tokenizer: PreTrainedTokenizerBase, seq
     return torch.tensor([rows[i] for i in kept], dtype=torch.long), torch.tensor([labels[i] for i in kept], dtype=torch.long)
 
 
-def pack(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
-    """Concatenate texts with EOS between them and cut into (N, seq_len) rows; the tail is dropped."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tokenizer.encode(t, add_special_tokens=False))
-        ids.append(eos)
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"{len(texts)} texts give {len(ids)} tokens: fewer than one row of {seq_len}")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
 def mixed_examples(rows: Sequence[dict], mix: dict[str, float] | None, seed: int, epochs: int = 1) -> list[dict]:
     """Examples resampled so each task's share follows ``mix`` (weights; None keeps the data's own mix)."""
     rng = random.Random(seed)

@@ -31,60 +31,18 @@ import math
 import statistics
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from phases.common.measure import forward_flops_per_token, heldout_loss, teacher_forced_hits
+from phases.data.encoding import EvalSet
 
 COMPONENTS = ("accuracy", "speed", "memory")  # what the weights weigh; perplexity is a guard
 # Evaluations in one process run one at a time (merging still overlaps): a timing taken while another
 # thread computes would make merges look slower than the inputs, which were timed alone. On 2 cores
 # one evaluation already uses both; a distributed task runner spreads evaluations over processes.
 _EXCLUSIVE = threading.RLock()
-
-
-@dataclass
-class EvalSet:
-    rows: torch.Tensor  # (N, seq_len) packed held-out token rows
-    problems: list[tuple[list[int], list[int]]]  # (prompt ids, answer ids + EOS)
-    split: str
-    skills: list[str]  # each problem's skill (its curriculum task)
-
-    @classmethod
-    def build(cls, split_rows: Sequence[dict], tokenizer, seq_len: int, n_rows: int, n_problems: int,
-              split: str) -> EvalSet:
-        """``n_problems`` per skill, spread over each skill's rows (so over its rungs)."""
-        from phases.cognate.data import pack  # the same packing the models were trained on
-
-        rows = pack([r["text"] for r in split_rows], tokenizer, seq_len)[:n_rows]
-        by_skill: dict[str, list[dict]] = {}
-        for r in split_rows:
-            if r["answer"]:
-                by_skill.setdefault(r["task"], []).append(r)
-        problems, skills = [], []
-        for skill in sorted(by_skill):
-            answerable = by_skill[skill]
-            for r in answerable[:: max(1, len(answerable) // n_problems)][:n_problems]:
-                prompt = tokenizer.encode(r["prompt"], add_special_tokens=False)
-                full = tokenizer.encode(r["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
-                if full[: len(prompt)] != prompt:  # BPE merged across the boundary: score the answer alone
-                    full = prompt + tokenizer.encode(" " + r["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
-                problems.append((prompt, full[len(prompt):]))
-                skills.append(skill)
-        if not problems:
-            raise ValueError(f"the {split} split has no problems with an answer to score accuracy on")
-        return cls(rows=rows, problems=problems, split=split, skills=skills)
-
-    def skill_hits(self, hits: Sequence[bool]) -> dict[str, list[int]]:
-        """Per skill, [problems answered, problems]."""
-        out: dict[str, list[int]] = {}
-        for h, k in zip(hits, self.skills):
-            out.setdefault(k, [0, 0])
-            out[k][0] += int(h)
-            out[k][1] += 1
-        return dict(sorted(out.items()))
 
 
 def structure_key(config: dict[str, Any]) -> str:
