@@ -44,7 +44,7 @@ def quietstar(config: PipelineConfig = PipelineConfig(), home: str | None = None
         prepared = prepare(config, home, run_group)
 
     data = generate_reasoning_data(config, prepared.curriculum, home)
-    baked = bake(config, model, data, home)
+    baked = bake(config, model, data, prepared.curriculum, home)
     reinforced = reinforce(config, baked, prepared.curriculum, home)
     evaluation = evaluate(config, baked, reinforced, prepared.curriculum, home)
 

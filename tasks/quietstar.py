@@ -47,8 +47,8 @@ def _stored(home: str, recipe: Recipe, label: str, journal: str, run: Callable[[
 # A recipe's config is the whole block its step reads (every field is in the key by construction) and
 # what else reaches that step; the data, evaluation and gate blocks do not shape the weights, so changing
 # them never retrains.
-def baked_recipe(config: PipelineConfig, model: ArtifactRef, data: ArtifactRef) -> Recipe:
-    return Recipe(kind="quietstar-baked", inputs=(model.id, data.id),
+def baked_recipe(config: PipelineConfig, model: ArtifactRef, data: ArtifactRef, curriculum: ArtifactRef) -> Recipe:
+    return Recipe(kind="quietstar-baked", inputs=(model.id, data.id, curriculum.id),
                   config={"bake": config.quietstar.bake.model_dump(mode="json"), "seq_len": config.model.seq_len,
                           "seed": config.seed},
                   code_version=code_version("phases.quietstar"))
@@ -62,11 +62,11 @@ def reinforced_recipe(config: PipelineConfig, baked: ArtifactRef, curriculum: Ar
 
 
 @task(name="quietstar-bake", cache_policy=recipe_cache(baked_recipe), persist_result=True)
-def bake(config: PipelineConfig, model: ArtifactRef, data: ArtifactRef, home: str) -> ArtifactRef:
+def bake(config: PipelineConfig, model: ArtifactRef, data: ArtifactRef, curriculum: ArtifactRef, home: str) -> ArtifactRef:
     st = store(home)
-    recipe = baked_recipe(config, model, data)
+    recipe = baked_recipe(config, model, data, curriculum)
     return _stored(home, recipe, "baking", "quietstar-bake", lambda work, out: steps.bake_model(
-        st.load(model), st.load(data), config.quietstar.bake, config.model.seq_len, config.seed, work, out,
+        st.load(model), st.load(data), st.load(curriculum), config.quietstar.bake, config.model.seq_len, config.seed, work, out,
         _reporter("baking")))
 
 

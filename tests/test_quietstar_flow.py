@@ -90,8 +90,13 @@ def test_flow_stores_baked_and_reinforced_models_with_lineage(flow_run):
     st = ArtifactStore(home)
     assert result.input.kind == "cognate-model" and result.data.kind == "reasoning-data"
     baked, model = st.manifest(result.baked), st.manifest(result.model)
-    assert baked["kind"] == "quietstar-baked" and baked["inputs"] == [result.input.id, result.data.id]
+    # the curriculum too: baking replays its training problems (reinforcement reads it as well)
+    assert baked["kind"] == "quietstar-baked" and baked["inputs"] == [result.input.id, result.data.id, model["inputs"][1]]
     assert model["kind"] == "quietstar-model" and model["inputs"][0] == result.baked.id
+    b = baked["metrics"]
+    assert b["baking"]["replay_rows"] > 0 and b["examples"]["heldout_select"] >= 1 and b["examples"]["heldout_gate"] >= 1
+    assert b["baking"]["selected"] in b["baking"]["evals"]  # the stopping rule's set chose the state...
+    assert b["baking"]["final"]["examples"] == b["examples"]["heldout_gate"]  # ...the gate's set measures it
     assert baked["metrics"]["embedding_init"]["method"].startswith("mean of the token text")
     assert model["metrics"]["thought_budget"] == {"strategy_count": 8, "strategy_length": 20, "count": 2, "length": 2}
     # the micro run fails its anti-theater check: one rollback with KL doubled, then the gate fails

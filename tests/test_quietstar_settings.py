@@ -21,7 +21,7 @@ def _ref(kind: str) -> ArtifactRef:
 
 
 def _recipes(config: PipelineConfig) -> tuple[Recipe, Recipe]:
-    return (baked_recipe(config, _ref("cognate-model"), _ref("reasoning-data")),
+    return (baked_recipe(config, _ref("cognate-model"), _ref("reasoning-data"), _ref("curriculum")),
             reinforced_recipe(config, _ref("quietstar-baked"), _ref("curriculum")))
 
 

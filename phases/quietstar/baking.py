@@ -7,7 +7,14 @@ mean of the embeddings of the BPE pieces its text had before it was added (``[th
 ``[``, ``thinking``…), plus Gaussian noise of ``init_noise`` × the embedding matrix's std. The model
 thus starts with tokens that mean roughly what their text meant, and distinct from each other.
 
-Convergence (the ≥ 85% gate), on held-out reasoning examples (problems never trained on), is
+Replay (``bake.replay``): that share of the rows are the curriculum's training problems, labelled on their
+answers only, so what the input model could do is rehearsed while the structure is learned. Tiny, 300 steps at
+Muon 0.02: held-out recall went from 66% to 0% without replay and stayed at 66% with half the rows replayed,
+and the structure was learned either way (structure-token accuracy 0.99 and 0.95).
+
+Two held-out sets of reasoning examples (problems never trained on): the stopping rule and the choice of the
+kept state (the best evaluation, not the last: the well-formed rate swings between checks) read one, and the
+convergence gate is measured on the other, which no decision read. Convergence (the ≥ 85% gate) is
 ``min(structure_token_accuracy, well_formed_rate)``:
 - structure_token_accuracy: teacher-forced, over every completion token that belongs to a structure
   marker (``[thinking]``, ``[/endthinking]``, an opening tag, each BPE piece of a closing tag): the
@@ -23,6 +30,7 @@ Also reported, not gated: answer_accuracy (the generated final answer is the exp
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import time
@@ -32,9 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_model, save_model
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase
 
+from phases.cognate.data import pack_whole
 from phases.cognate.modeling import CognateForCausalLM
 from phases.common.checkpoints import CheckpointManager
 from phases.common.hf_io import build
@@ -176,6 +186,15 @@ CLIP_NORM = 1.0
 FINAL_LR_FRACTION = 0.1
 
 
+BEST = "best.safetensors"  # the weights of the best evaluation so far, in the work directory
+
+
+def _score(evaluation: dict[str, Any]) -> tuple[float, float]:
+    """Which baked state is best: convergence, then structure-token accuracy (NaN, no markers seen, ranks last)."""
+    c, t = evaluation["convergence"], evaluation["structure_token_accuracy"]
+    return (c if c == c else -math.inf, t if t == t else -math.inf)
+
+
 def _kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over masked positions of KL(p_model ‖ p_ref)."""
     lp, lq = torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
@@ -183,14 +202,40 @@ def _kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> t
     return (kl * mask).sum() / mask.sum().clamp_min(1)
 
 
+def replay_rows(examples: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, seq_len: int, n_rows: int,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_rows`` rows of curriculum problems (shuffled, whole, labelled on their answers only: pack_whole)."""
+    shuffled = list(examples)
+    random.Random(seed).shuffle(shuffled)
+    ids, labels = pack_whole(shuffled[: max(1, 8 * n_rows)], tokenizer, seq_len)
+    return ids[:n_rows], labels[:n_rows]
+
+
+def _save_best(model: torch.nn.Module, workdir: Path) -> None:
+    tmp = workdir / f".best-{os.getpid()}.safetensors"
+    save_model(model, str(tmp))
+    os.replace(tmp, workdir / BEST)
+
+
 def bake(model: CognateForCausalLM, tokenizer: PreTrainedTokenizerBase, train: Sequence[dict[str, Any]],
-         heldout: Sequence[dict[str, Any]], settings: Baking, seq_len: int, seed: int, workdir: Path,
-         on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Fine-tune ``model`` (tokens already added) in place on rows of ``seq_len`` tokens until the
-    held-out convergence metric reaches ``settings.target`` or ``max_steps``; resumes from ``workdir``'s
-    latest checkpoint."""
+         select: Sequence[dict[str, Any]], gate: Sequence[dict[str, Any]], settings: Baking, seq_len: int, seed: int,
+         workdir: Path, on_progress: Callable[[dict[str, Any]], None] | None = None,
+         curriculum: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Fine-tune ``model`` (tokens already added) in place on rows of ``seq_len`` tokens until the convergence
+    metric on the ``select`` examples reaches ``settings.target`` or ``max_steps``; keeps the state that scored
+    best on them, and measures that state on the ``gate`` examples, which no decision read. With
+    ``settings.replay`` > 0, that share of the rows are ``curriculum`` problems labelled on their answers.
+    Resumes from ``workdir``'s latest checkpoint."""
     workdir = Path(workdir)
     rows, labels = pack_supervised(train, tokenizer, seq_len, seed)
+    replayed = 0
+    if settings.replay > 0:
+        if not curriculum:
+            raise BakingError(f"bake.replay is {settings.replay} but no curriculum problems were given to replay")
+        extra = replay_rows(curriculum, tokenizer, seq_len, round(settings.replay / (1 - settings.replay) * len(rows)),
+                            seed)
+        replayed = len(extra[0])
+        rows, labels = torch.cat([rows, extra[0]]), torch.cat([labels, extra[1]])
     ckpts = CheckpointManager(workdir / "checkpoints", keep_last=2, max_rollbacks=0)
     telemetry = TelemetryWriter(workdir / "telemetry.jsonl")
     opt = MuonGrokfast(model, settings.optim)
@@ -201,7 +246,7 @@ def bake(model: CognateForCausalLM, tokenizer: PreTrainedTokenizerBase, train: S
         ref.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     base_lrs = [[g["lr"] for g in o.param_groups] for o in opt.optimizers]
-    step, evals, resumed_from, last_acc = 1, [], None, None
+    step, evals, resumed_from = 1, [], None
     latest = ckpts.latest(model)
     if latest is not None:
         opt_state, meta = latest
@@ -237,18 +282,23 @@ def bake(model: CognateForCausalLM, tokenizer: PreTrainedTokenizerBase, train: S
         record = {"step": step, "lm_loss": out.lm_loss.item(), "grad_norm": grad_norm,
                   "kl": kl.item() if kl is not None else None, "lr": settings.optim.adam_lr * scale}
         if step % settings.eval_every == 0 or step == settings.max_steps:
-            acc = last_acc = structure_accuracy(model, tokenizer, heldout)
+            acc = structure_accuracy(model, tokenizer, select)
             evals.append({"step": step, **{k: acc[k] for k in ("convergence", "structure_token_accuracy",
                                                                "well_formed_rate", "answer_accuracy")}})
             record |= evals[-1]
             converged = acc["convergence"] >= settings.target
+            if _score(evals[-1]) > max((_score(e) for e in evals[:-1]), default=(-math.inf, -math.inf)):
+                _save_best(model, workdir)
             ckpts.save(step, model, opt.state_dict(), out.lm_loss.item(), extra={"evals": evals})
         telemetry.write(**record)
         if on_progress is not None:
             on_progress(record | {"total_steps": settings.max_steps})
         step += 1
-    final = last_acc if last_acc is not None and evals[-1]["step"] == step - 1 else structure_accuracy(
-        model, tokenizer, heldout)
-    return {"final": final, "evals": evals, "steps_run": step - 1, "converged": final["convergence"] >= settings.target,
-            "resumed_from": resumed_from, "train_rows": len(rows), "train_seconds": time.perf_counter() - t0,
+    selected = max(evals, key=_score) if evals else None
+    if selected is not None and (workdir / BEST).exists():
+        load_model(model, str(workdir / BEST))
+    final = structure_accuracy(model, tokenizer, gate)
+    return {"final": final, "evals": evals, "selected": selected, "steps_run": step - 1,
+            "converged": final["convergence"] >= settings.target, "resumed_from": resumed_from,
+            "train_rows": len(rows), "replay_rows": replayed, "train_seconds": time.perf_counter() - t0,
             "telemetry": str(telemetry.path)}

@@ -44,10 +44,11 @@ def _non_finite(model: torch.nn.Module) -> int:
     return sum(not torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
 
 
-def bake_model(model_dir: Path, data_dir: Path, settings: Baking, seq_len: int, seed: int, workdir: Path,
-               out: Path, on_progress: Progress | None = None) -> dict[str, Any]:
-    """The input model + the 12 tokens, fine-tuned on the reasoning data; saved with its tokenizer.
-    ``seq_len`` (the model's) is the row length unless ``settings.seq_len`` sets one."""
+def bake_model(model_dir: Path, data_dir: Path, curriculum_dir: Path, settings: Baking, seq_len: int, seed: int,
+               workdir: Path, out: Path, on_progress: Progress | None = None) -> dict[str, Any]:
+    """The input model + the 12 tokens, fine-tuned on the reasoning data (and, ``settings.replay`` of the rows,
+    the curriculum's training problems); saved with its tokenizer. ``seq_len`` (the model's) is the row length
+    unless ``settings.seq_len`` sets one."""
     seq_len = settings.seq_len or seq_len
     model = load_pretrained(CognateForCausalLM, model_dir)
     tokenizer = bpe.load(model_dir)
@@ -57,15 +58,21 @@ def bake_model(model_dir: Path, data_dir: Path, settings: Baking, seq_len: int, 
     if not train or not heldout:
         raise BakingError(f"{len(examples)} reasoning examples split into {len(train)} train / {len(heldout)} held-out "
                           f"(bake.heldout_fraction={settings.heldout_fraction}): generate more examples")
-    heldout = evenly_spaced(heldout, settings.heldout_examples)
-    result = bake(model, tokenizer, train, heldout, settings, seq_len, seed, workdir, on_progress)
+    # alternate held-out problems between the two sets, so each spans the strategies and tasks
+    select, gate = (evenly_spaced(heldout[k::2], settings.heldout_examples) for k in (0, 1))
+    if not gate:
+        raise BakingError(f"{len(heldout)} held-out reasoning example(s): two are needed, one to select the baked "
+                          f"state and one to gate it (raise bake.heldout_fraction={settings.heldout_fraction})")
+    curriculum = answerable(dataset_files.load_splits(curriculum_dir)["train"]) if settings.replay else []
+    result = bake(model, tokenizer, train, select, gate, settings, seq_len, seed, workdir, on_progress, curriculum)
     save_pretrained(model, out)
     tokenizer.save_pretrained(str(out))
     shutil.copy(result.pop("telemetry"), out / "telemetry-baking.jsonl")
     loss_curve({"baking": out / "telemetry-baking.jsonl"}, out / "loss.png", title="Quiet-STaR prompt baking")
     return {"baking": result, "embedding_init": init,
             "settings": settings.model_dump(mode="json") | {"seq_len": seq_len, "seed": seed},
-            "examples": {"train": len(train), "heldout_scored": len(heldout), "total": len(examples)},
+            "examples": {"train": len(train), "heldout_select": len(select), "heldout_gate": len(gate),
+                         "total": len(examples)},
             "params": sum(p.numel() for p in model.parameters()), "non_finite_tensors": _non_finite(model)}
 
 
