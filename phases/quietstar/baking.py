@@ -9,8 +9,9 @@ thus starts with tokens that mean roughly what their text meant, and distinct fr
 
 Replay (``bake.replay``): that share of the rows are the curriculum's training problems, labelled on their
 answers only, so what the input model could do is rehearsed while the structure is learned. Tiny, 300 steps at
-Muon 0.02: held-out recall went from 66% to 0% without replay and stayed at 66% with half the rows replayed,
-and the structure was learned either way (structure-token accuracy 0.99 and 0.95).
+Muon 0.02, the champion at 98% held-out recall: 0% after baking without replay; 38% with half the rows replayed
+(the kept state, step 150; 66% at step 300); 72% with 70% replayed (kept: step 250, whose structure passes the
+gate at 0.92 on the gate set). The structure is learned in every case (structure-token accuracy 0.93-0.99).
 
 Two held-out sets of reasoning examples (problems never trained on): the stopping rule and the choice of the
 kept state (the best evaluation, not the last: the well-formed rate swings between checks) read one, and the
