@@ -277,7 +277,7 @@ def test_finetune_records_its_decision_and_the_packed_check(packed_run):
     ft = tuned["finetune"]
     assert ft["trainable_params"] > 0 and ft["history"][0]["step"] == 0 and len(ft["history"]) >= 2
     rank = lambda r: (r["skill_accuracy"], r["token_accuracy"])  # noqa: E731
-    assert rank(ft["best"]) >= rank(ft["start"]) and tuned["objective"] == "answers"
+    assert rank(ft["best"]) >= rank(ft["start"]) and tuned["objective"] == "both"
     check = tuned["packed_vs_fake_quant"]
     assert check["argmax_agreement"] > 0.95 and check["max_abs_logit_diff"] < 0.1 * check["logit_scale"]
 
@@ -352,6 +352,9 @@ def test_answer_batches_label_the_answer_tokens_of_training_problems_only(micro)
     again_ids, again_labels = batches(1)
     assert torch.equal(ids, again_ids) and torch.equal(labels, again_labels)  # seeded per step
     assert not torch.equal(batches(2)[0], ids)
+    both = data.finetune_batches("both", batch_size=6, steps=2, seed=0)
+    assert isinstance(both(2), tuple) and torch.equal(both(2)[1], batches(2)[1])  # answers on even steps
+    assert isinstance(both(1), torch.Tensor) and both(1).shape == (6, config.model.seq_len)  # text on odd ones
     answers = {r["answer"].strip() for r in dataset_files.load_splits(root / "cur")["train"] if r["answer"]}
     for row_ids, row_labels in zip(ids, labels):
         marked = row_labels != -100

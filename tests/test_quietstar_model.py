@@ -293,3 +293,41 @@ def test_the_mixing_head_comes_from_the_seed_not_from_what_ran_before(tiny_lm):
     assert all(torch.equal(first[k], second[k]) for k in first)
     other = quietstar_from_baked(base, tok, thought_length=2, seed=6).state_dict()
     assert any(not torch.equal(first[k], other[k]) for k in first if k.startswith("mixing."))
+
+
+def test_baking_keeps_the_state_best_on_one_held_out_set_and_gates_it_on_the_other(tiny_lm, tmp_path, monkeypatch):
+    import copy
+
+    import phases.quietstar.baking as baking
+    from phases.common.checkpoints import CheckpointManager
+    from phases.quietstar.settings import Baking
+
+    base, tok, splits, _ = tiny_lm
+    model = copy.deepcopy(base)
+    reasoning = [{"prompt": r["prompt"], "answer": r["answer"],
+                  "text": f"{r['prompt']} [thinking]<step>{r['answer']}</step>[/endthinking] {r['answer']}"}
+                 for r in answerable(splits["train"])[:40]]
+    select, gate = reasoning[30:32], reasoning[32:35]
+    scripted = iter([0.6, 0.2])  # the select set's convergence at steps 2 and 4: the earlier state is the better
+    measure = baking.structure_accuracy
+    read = []
+
+    def structure_accuracy(m, t, examples, extra_tokens=16):
+        read.append("select" if examples is select else "gate" if examples is gate else "other")
+        out = measure(m, t, examples, extra_tokens)
+        return out | {"convergence": next(scripted)} if examples is select else out
+
+    monkeypatch.setattr(baking, "structure_accuracy", structure_accuracy)
+    settings = Baking(max_steps=4, eval_every=2, batch_size=2, replay=0.5, optim={"adam_lr": 1e-2, "muon_lr": 0.05})
+    result = baking.bake(model, tok, reasoning[:30], select, gate, settings, 48, 0, tmp_path,
+                         curriculum=answerable(splits["train"]))
+    assert read == ["select", "select", "gate"]  # the stopping rule reads one set, the gate's figure the other
+    assert result["selected"]["step"] == 2 and result["final"]["examples"] == len(gate)
+    assert result["replay_rows"] > 0 and result["replay_rows"] == pytest.approx(result["train_rows"] / 2, abs=1)
+    at_step_2 = copy.deepcopy(base)
+    CheckpointManager(tmp_path / "checkpoints", keep_last=2, max_rollbacks=0).load(2, at_step_2)
+    at_step_4 = copy.deepcopy(base)
+    CheckpointManager(tmp_path / "checkpoints", keep_last=2, max_rollbacks=0).load(4, at_step_4)
+    kept = model.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in at_step_2.state_dict().items())
+    assert not all(torch.equal(kept[k], v) for k, v in at_step_4.state_dict().items())  # training moved on after 2

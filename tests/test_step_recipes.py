@@ -29,7 +29,7 @@ def _other(v: Any) -> Any:
     if isinstance(v, float):
         return v * 0.9 if v else 0.1
     # a choice takes its other value; None (an optional number or mode) takes a string only as a mode
-    return {"strict": "lenient", "answers": "text", "text": "answers"}.get(v, "strict")
+    return {"strict": "lenient", "both": "answers", "answers": "text", "text": "answers"}.get(v, "strict")
 
 
 def _changed(section: str, path: tuple[str, ...], value: Any) -> PipelineConfig:

@@ -55,10 +55,10 @@ class BitNetFinetune(Strict):
         default=0.02, ge=0,
         description="fine-tune when held-out skill accuracy or next-token accuracy after quantization dropped by "
                     "more than this fraction")
-    objective: Literal["answers", "text"] = Field(
-        default="answers",
+    objective: Literal["both", "answers", "text"] = Field(
+        default="both",
         description="answers: the training split's problems, loss on their answer tokens (the skills); text: "
-                    "packed curriculum text, loss on every token")
+                    "packed curriculum text, loss on every token; both: the two in alternate steps")
     steps: int = Field(default=100, ge=0, description="0: never fine-tune")
     batch_size: int = Field(default=16, ge=1)
     grad_clip: float = Field(default=1.0, gt=0)

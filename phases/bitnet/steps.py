@@ -88,6 +88,15 @@ class Data:
         train = EvalSet.build(list(self.splits["train"]), self.tokenizer, self.seq_len, 0, per_skill, "train")
         return AnswerBatches(train.problems, batch_size, seed, self.tokenizer.pad_token_id or 0)
 
+    def finetune_batches(self, objective: str, batch_size: int, steps: int, seed: int):
+        """batch(step) for ``finetune.objective``: "both" takes answers on even steps and text on odd ones."""
+        if objective == "answers":
+            return self.answer_batches(batch_size, steps, seed)
+        if objective == "text":
+            return self.train_batches(batch_size, steps, seed)
+        answers, text = self.answer_batches(batch_size, steps, seed), self.train_batches(batch_size, steps, seed)
+        return lambda step: answers(step) if step % 2 == 0 else text(step)
+
     def prompts(self, n: int = 2) -> list[torch.Tensor]:
         return [torch.tensor([prompt]) for prompt, _ in self.problems.problems[:n]]
 
@@ -253,8 +262,7 @@ def finetune(staged_dir: Path, curriculum_dir: Path, heldout: BitNetHeldout, sec
         if run:
             torch.manual_seed(seed)
             telemetry = Path(out) / "telemetry-finetune.jsonl"
-            batches = (data.answer_batches if sec.objective == "answers" else data.train_batches)(
-                sec.batch_size, sec.steps, seed)
+            batches = data.finetune_batches(sec.objective, sec.batch_size, sec.steps, seed)
             result = qat(model, batches, lambda m: _select_stats(m, data), sec, telemetry)
             metrics["finetune"] = result
         metrics["after_finetune_base_path"] = held_out(model, data, with_accuracy=False)
