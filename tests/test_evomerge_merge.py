@@ -50,6 +50,24 @@ def test_ties_trims_elects_sign_by_mass_and_takes_the_disjoint_mean():
     assert torch.allclose(out, torch.tensor([3.0, -1.5, 0.0, 3.0]))
 
 
+@pytest.mark.parametrize("density", [0.01, 0.1, 0.4, 0.75, 0.999])
+def test_trim_keeps_exactly_the_top_k_magnitudes_that_a_full_sort_keeps(density):
+    delta = torch.randn(64, 96, generator=torch.Generator().manual_seed(3))  # no two magnitudes equal
+    k = max(1, int(density * delta.numel()))
+    by_sort = torch.zeros(delta.numel())
+    by_sort[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = 1
+    trimmed = tq.magnitude_prune(delta, density)
+    assert torch.equal(trimmed, delta * by_sort.reshape(delta.shape)) and int((trimmed != 0).sum()) == k
+
+
+def test_trim_breaks_ties_at_the_cut_by_position_as_a_stable_sort_does():
+    delta = torch.tensor([1.0, 2.0, 5.0, -2.0, 2.0, 2.0])
+    # k = 3: 5 and then the first two of the four entries tied at magnitude 2
+    assert torch.equal(tq.magnitude_prune(delta, 0.5), torch.tensor([0.0, 2.0, 5.0, -2.0, 0.0, 0.0]))
+    stable = torch.sort(delta.abs(), descending=True, stable=True).indices[:3]
+    assert set(stable.tolist()) == set(tq.magnitude_prune(delta, 0.5).nonzero().squeeze(1).tolist())
+
+
 def test_task_arithmetic_adds_scaled_deltas():
     base = torch.tensor([1.0, 1.0])
     out = tq.task_arithmetic(base, [torch.tensor([2.0, 1.0]), torch.tensor([1.0, 3.0])], [1.0, 0.5], lam=2.0)

@@ -68,15 +68,24 @@ def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: 
 
 
 def magnitude_prune(delta: Tensor, density: float) -> Tensor:
-    """TIES 'trim': keep the k = max(1, ⌊density·n⌋) entries of largest |δ|, zero the rest."""
+    """TIES 'trim': keep the k = max(1, ⌊density·n⌋) entries of largest |δ|, zero the rest.
+
+    The cut is the k-th largest magnitude (``kthvalue``, linear time; a full argsort, as mergekit does, was 7×
+    slower on a 2048² delta and made TIES slower than mergekit). Exactly k entries are kept: of the entries
+    tied at the cut, the first by position, which is what a stable descending sort keeps. Ties are common
+    here: a delta of float32 weights is rounded to the base's ulp."""
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    keep = torch.zeros(delta.numel(), dtype=delta.dtype)
-    keep[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:k]] = 1
-    return delta * keep.reshape(delta.shape)
+    magnitude = delta.abs().reshape(-1).float()
+    cut = torch.kthvalue(magnitude, delta.numel() - k + 1).values
+    keep = magnitude > cut
+    short = k - int(keep.sum())
+    if short > 0:
+        keep[(magnitude == cut).nonzero().squeeze(1)[:short]] = True
+    return torch.where(keep.reshape(delta.shape), delta, torch.zeros_like(delta))
 
 
 def bernoulli_drop(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
