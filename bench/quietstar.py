@@ -11,11 +11,18 @@
    of the same model: tokens/s each, and the slowdown.
 The model is a randomly initialised Cognate of the preset's shape unless --model names a saved one
 (timing depends on shapes, not on weights). Thought tokens: the two last ids of the vocabulary.
+3. With --quietstar DIR (a trained Quiet-STaR model, e.g. the store's quietstar-model) and --curriculum DIR:
+   thinking only where the direct next-token entropy exceeds a threshold (``config.thought_entropy``), at
+   each of --entropy's thresholds: decode ms per answer token on the test word problems (greedy, batch 1,
+   against the same model's plain decoding), the share of tokens that got a thought, and the held-out
+   accuracy per skill with thoughts (teacher-forced exact answers, the forging report's measure).
+Ends with one JSON line of the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -63,6 +70,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quietstar", default=None, help="a trained Quiet-STaR model directory, for part 3")
+    ap.add_argument("--curriculum", default=None, help="the curriculum directory its test problems come from")
+    ap.add_argument("--entropy", default="0,1,2,3", help="thresholds (nats) for part 3; 0 thinks everywhere")
+    ap.add_argument("--problems", type=int, default=20, help="part 3: test problems per skill (accuracy)")
+    ap.add_argument("--timed", type=int, default=3, help="part 3: word problems decoded for the timing")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,6 +125,63 @@ def main() -> None:
     print(f"| with a {args.length}-token thought before each token | {args.new_tokens / thinking:.1f} | "
           f"{1000 * thinking / args.new_tokens:.1f} |")
     print(f"slowdown with thoughts: {thinking / plain:.2f}x (a thought is {args.length + 2} extra decode steps)")
+    figures = {"bench": "quietstar", "threads": torch.get_num_threads(), "batched_over_sequential": sequential / batched,
+               "plain_ms_per_token": 1000 * plain / args.new_tokens,
+               "thinking_ms_per_token": 1000 * thinking / args.new_tokens, "slowdown": thinking / plain}
+    if args.quietstar:
+        figures["entropy_gate"] = entropy_gate(args)
+    print(json.dumps(figures))
+
+
+def entropy_gate(args) -> list[dict]:
+    """Part 3: one row per threshold."""
+    from phases.common.hf_io import load_pretrained
+    from phases.common.measure import teacher_forced_hits
+    from phases.data import dataset_files
+    from phases.data import tokenizer as bpe
+    from phases.data.encoding import EvalSet
+    from phases.quietstar.model import QuietStarForCausalLM
+
+    if not args.curriculum:
+        raise SystemExit("--quietstar needs --curriculum: the test problems come from it")
+    model = load_pretrained(QuietStarForCausalLM, args.quietstar).eval()
+    tokenizer = bpe.load(args.quietstar)
+    # no rows are packed (n_rows 0), so the row length is never used
+    test = EvalSet.build(list(dataset_files.load_splits(args.curriculum)["test"]), tokenizer, 1, 0, args.problems, "test")
+    timed = [torch.tensor([p]) for (p, _), k in zip(test.problems, test.skills) if k == "word_problem"][: args.timed]
+    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
+                  bad_words_ids=[[model.config.thought_start_id]])
+
+    def decode_s(thoughts: bool) -> float:
+        model.config.thoughts_enabled = thoughts
+        return sum(_time(lambda p=p: model.generate(p, **kwargs), 1) for p in timed)
+
+    plain = decode_s(False)
+    rows = []
+    print("\n| thought_entropy (nats) | ms/token | × plain | tokens with a thought | "
+          + " | ".join(f"{k} accuracy" for k in sorted(set(test.skills))) + " |")
+    print("|---" * (4 + len(set(test.skills))) + "|")
+    with torch.no_grad():
+        for threshold in [float(t) for t in args.entropy.split(",")]:
+            model.config.thought_entropy = threshold
+            seconds = decode_s(True)
+            shown = [model.generate(p, show_thoughts=True, **kwargs) for p in timed]
+            rate = sum(int((s[0, p.shape[1]:] == model.config.thought_start_id).sum()) for s, p in zip(shown, timed)) / (
+                args.new_tokens * len(timed))
+            skills = test.skill_hits(teacher_forced_hits(model, test.problems))
+            row = {"thought_entropy": threshold, "ms_per_token": 1000 * seconds / (args.new_tokens * len(timed)),
+                   "over_plain": seconds / plain, "thought_rate": rate,
+                   "accuracy": {k: h / n for k, (h, n) in skills.items()}}
+            rows.append(row)
+            print(f"| {threshold:g} | {row['ms_per_token']:.1f} | {row['over_plain']:.2f} | {rate:.0%} | "
+                  + " | ".join(f"{h}/{n}" for h, n in skills.values()) + " |")
+    model.config.thoughts_enabled = False
+    skills = test.skill_hits(teacher_forced_hits(model, test.problems))
+    print(f"| thoughts off | {1000 * plain / (args.new_tokens * len(timed)):.1f} | 1.00 | 0% | "
+          + " | ".join(f"{h}/{n}" for h, n in skills.values()) + " |")
+    rows.append({"thought_entropy": None, "ms_per_token": 1000 * plain / (args.new_tokens * len(timed)),
+                 "over_plain": 1.0, "thought_rate": 0.0, "accuracy": {k: h / n for k, (h, n) in skills.items()}})
+    return rows
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def full(config: PipelineConfig = PipelineConfig(), home: str | None = None) -> 
               ("evomerge champion", phase2.champion, False, False), ("quietstar baked", phase3.baked, False, False),
               ("quietstar", phase3.model, False, False), ("quietstar + thoughts", phase3.model, False, True),
               ("bitnet ternary", phase4.packed, True, False)]
-    phases = [{"name": name, "passed": result.gates_passed, "failed": result.failed_gates, "seconds": seconds[name]}
-              for name, result in (("cognate", phase1), ("evomerge", phase2), ("quietstar", phase3), ("bitnet", phase4))]
+    phases = [{"name": name, "passed": getattr(forged, name).gates_passed, "failed": getattr(forged, name).failed_gates,
+               "seconds": took} for name, took in seconds.items()]  # timed in phase order
     forged.report, forged.report_text = forging_report(config, stages, prepared.curriculum, phases, run_group, home)
     return forged

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from phases.common.measure import teacher_forced_hits, wilson_interval
+from phases.common.measure import accuracy_cell, teacher_forced_hits
 
 
 @dataclass
@@ -78,11 +78,6 @@ def measure(stages: Sequence[Stage], curriculum_dir: Path, seq_len: int, per_ski
     return out
 
 
-def _cell(hits: int, n: int) -> str:
-    lo, hi = wilson_interval(hits, n)
-    return f"{hits / n:.1%} [{lo:.0%}, {hi:.0%}]" if n else "n/a"
-
-
 def markdown(rows: Sequence[dict[str, Any]], phases: Sequence[PhaseSummary]) -> str:
     skills = sorted({s for r in rows for s in r["skills"]})
     n = max((r["skills"][s][1] for r in rows for s in r["skills"]), default=0)
@@ -90,10 +85,11 @@ def markdown(rows: Sequence[dict[str, Any]], phases: Sequence[PhaseSummary]) -> 
              f"Held-out test accuracy per skill ({n} problems each, exact greedy answer; 95% Wilson interval):", "",
              "| stage | " + " | ".join(skills) + " | mean |", "|---" * (len(skills) + 2) + "|"]
     for r in rows:
-        cells = [_cell(*r["skills"][s]) if s in r["skills"] else "n/a" for s in skills]
+        cells = [accuracy_cell(*r["skills"][s]) if s in r["skills"] else "n/a" for s in skills]
         mean = sum(h / m for h, m in r["skills"].values()) / max(1, len(r["skills"]))
         lines.append(f"| {r['stage']} | " + " | ".join(cells) + f" | {mean:.1%} |")
-    lines += ["", "| phase | gates | failing | wall time |", "|---|---|---|---|"]
+    if phases:  # the stored table has none: gates and times belong to a run, and are added per run
+        lines += ["", "| phase | gates | failing | wall time |", "|---|---|---|---|"]
     for p in phases:
         verdict = "not run" if p.passed is None else "PASS" if p.passed else "FAIL"
         wall = "" if p.seconds is None else f"{p.seconds:.0f} s"

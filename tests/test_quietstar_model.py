@@ -171,6 +171,37 @@ def test_generate_hides_thought_tokens_and_can_show_them():
     assert model.hide_written_thoughts(written).tolist() == [[7, 11]]
 
 
+def test_thoughts_only_where_the_direct_prediction_is_unsure_in_every_path():
+    model = wrapped(micro(chunk=4, shard=2048, window=64), length=2)
+    _open_mixing(model)
+    x = torch.randint(1, 48, (1, 5), generator=torch.Generator().manual_seed(7))
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, bad_words_ids=[[START]])
+    with torch.no_grad():
+        seq = model.generate(x, thoughts=False, **kwargs)  # 11 tokens to measure on
+        plain = model(seq, thoughts=False).logits
+        logp = torch.log_softmax(plain.float(), -1)
+        entropy = -(logp.exp() * logp).sum(-1)[0]
+        ranked = entropy.sort().values  # half the positions sure enough; the cut midway between two of them, so
+        model.config.thought_entropy = float(ranked[5:7].mean())  # rounding in either path cannot flip one
+        gated = model(seq).logits
+        unsure = entropy > model.config.thought_entropy
+        assert 0 < int(unsure.sum()) < len(unsure)
+        torch.testing.assert_close(gated[0, ~unsure], plain[0, ~unsure])  # a sure position: no thought reaches it
+        assert (gated[0, unsure] - plain[0, unsure]).abs().amax(-1).min() > 1e-4  # an unsure one: thought mixed in
+        for i in range(1, seq.shape[1] + 1):  # decoding thinks exactly where the full pass does
+            torch.testing.assert_close(model(seq[:, :i], use_cache=True).logits[:, -1], gated[:, i - 1],
+                                       atol=1e-5, rtol=1e-5)
+        shown = model.generate(x, show_thoughts=True, **kwargs)
+        thoughts = int((shown[0, 5:] == START).sum())
+        out = model.generate(x, **kwargs)  # the visible sequence: the positions that predicted its 6 new tokens
+        direct = torch.log_softmax(model(out, thoughts=False).logits[0, 4:10].float(), -1)
+        expected = int((-(direct.exp() * direct).sum(-1) > model.config.thought_entropy).sum())
+        model.config.thought_entropy = 1e9  # never unsure: plain decoding, token for token
+        never = model.generate(x, show_thoughts=True, **kwargs)
+        assert torch.equal(never, model.generate(x, thoughts=False, **kwargs))
+    assert 0 < thoughts == expected < 6  # one thought per unsure position, none elsewhere
+
+
 def test_no_thought_inside_a_written_block():
     ids = torch.tensor([[5, START, 6, 7, END, 8, START, 9]])
     assert outside_thinking(ids, START, END).tolist() == [[True, False, False, False, True, True, False, False]]

@@ -90,6 +90,14 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def accuracy_cell(hits: int, n: int, decimals: int = 0) -> str:
+    """"96.0% [87%, 99%]": an accuracy and its 95% Wilson interval (bounds to ``decimals``), as tables show it."""
+    if n <= 0:
+        return "n/a"
+    lo, hi = wilson_interval(hits, n)
+    return f"{hits / n:.1%} [{lo:.{decimals}%}, {hi:.{decimals}%}]"
+
+
 def difference_interval(hits_a: int, n_a: int, hits_b: int, n_b: int, z: float = 1.96) -> tuple[float, float]:
     """95% interval of p_a − p_b from the two Wilson intervals (Newcombe's hybrid score method). For two
     decodings of the same problems (an ablation) the samples are paired and positively correlated, so

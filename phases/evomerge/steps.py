@@ -173,17 +173,15 @@ def final_evaluation(model_dirs: dict[str, Path], data: fit.EvalSet, weights: di
 
 def skills_table(final: dict[str, Any]) -> str:
     """Markdown: each model's test accuracy per skill with its 95% Wilson interval, its mean over skills and
-    its fitness, champion first."""
-    from phases.common.measure import wilson_interval
+    its fitness, champion first (the header names the problems per skill)."""
+    from phases.common.measure import accuracy_cell
 
     models = {"champion": final["champion"], **final["inputs"]}
     skills = sorted({s for m in models.values() for s in m.get("skill_hits", {})})
-    lines = ["| model | " + " | ".join(skills) + " | mean | fitness |", "|---" * (len(skills) + 3) + "|"]
+    asked = {s: max(m.get("skill_hits", {}).get(s, (0, 0))[1] for m in models.values()) for s in skills}
+    lines = ["| model | " + " | ".join(f"{s} (n={asked[s]})" for s in skills) + " | mean | fitness |",
+             "|---" * (len(skills) + 3) + "|"]
     for name, m in models.items():
-        cells = []
-        for s in skills:
-            h, n = m.get("skill_hits", {}).get(s, (0, 0))
-            lo, hi = wilson_interval(h, n)
-            cells.append(f"{h / n:.1%} [{lo:.1%}, {hi:.1%}] (n={n})" if n else "n/a")
+        cells = [accuracy_cell(*m.get("skill_hits", {}).get(s, (0, 0)), decimals=1) for s in skills]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['accuracy']:.1%} | {m['fitness']:.3f} |")
     return "\n".join(lines)

@@ -14,6 +14,12 @@ Inside a ``[thinking] … [/endthinking]`` block the model writes out (what baki
 already thinking in the open: those positions get no internal thought (w = 0), in every path. That
 keeps decoding a written block at plain speed.
 
+Thinking where it is needed (``config.thought_entropy``, nats; 0, the default, thinks at every position): a
+position whose direct next-token distribution has entropy at or below the threshold gets no thought (w = 0),
+in every path, so decoding skips the L + 2 decoder steps of a thought wherever every row of the batch is
+that sure. A thought changes a prediction only through w, and a confident position is where the direct
+prediction is most likely already the one the thought would give.
+
 ``generate`` hides thoughts by default: internal thoughts never enter the sequence, and a
 ``[thinking] … [/endthinking]`` span the model writes in its visible output is cut out (rows right-padded).
 ``generate(..., show_thoughts=True)`` returns the internal thought before each generated token and keeps
@@ -37,9 +43,13 @@ class QuietStarConfig(CognateConfig):
 
     def __init__(self, thought_length: int = 4, thought_start_id: int | None = None,
                  thought_end_id: int | None = None, thought_banned: list[int] | None = None,
-                 mixing_inner: int | None = None, thoughts_enabled: bool = True, **kwargs):
+                 mixing_inner: int | None = None, thoughts_enabled: bool = True, thought_entropy: float = 0.0,
+                 **kwargs):
         if thought_length < 0:
             raise ValueError(f"thought_length must be >= 0, got {thought_length}")
+        if not thought_entropy >= 0:  # NaN too
+            raise ValueError(f"thought_entropy must be a number >= 0 (nats), got {thought_entropy}")
+        self.thought_entropy = float(thought_entropy)
         self.thought_length = thought_length
         self.thought_start_id = thought_start_id
         self.thought_end_id = thought_end_id
@@ -80,22 +90,31 @@ class QuietStarForCausalLM(CognateForCausalLM):
             cache.thought_open = ~outside
             hidden = self.model(input_ids, cache).last_hidden_state
             logits = self.lm_head(hidden)
-            if bool(outside.any()):
-                thought_hidden, thought_logits = self._think(cache, spec, input_ids.shape[0], outside)
-                w = self.mixing(hidden[:, -1:], thought_hidden) * outside[:, None].to(hidden.dtype)
+            think = outside & self._unsure(logits[:, -1])
+            if bool(think.any()):
+                thought_hidden, thought_logits = self._think(cache, spec, input_ids.shape[0], think)
+                w = self.mixing(hidden[:, -1:], thought_hidden) * think[:, None].to(hidden.dtype)
                 logits = torch.cat([logits[:, :-1], mix(logits[:, -1:], thought_logits, w)], 1)
             elif self._thought_log is not None:
                 self._thought_log.append(None)
         else:
             tp = parallel_thoughts(self, input_ids, spec)
-            outside = outside_thinking(input_ids, spec.start_id, spec.end_id)
-            w = self.mixing(tp.base_hidden, tp.talk_hidden[:, 0, :, 0]) * outside.to(tp.base_hidden.dtype)
+            think = outside_thinking(input_ids, spec.start_id, spec.end_id) & self._unsure(tp.base_logits)
+            w = self.mixing(tp.base_hidden, tp.talk_hidden[:, 0, :, 0]) * think.to(tp.base_hidden.dtype)
             logits = mix(tp.base_logits, tp.talk_logits[:, 0, :, 0], w)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
         return CognateOutput(loss=loss, lm_loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def _unsure(self, logits: torch.Tensor) -> torch.Tensor:
+        """(…,) True where the direct next-token entropy is above ``config.thought_entropy`` (always at 0)."""
+        threshold = getattr(self.config, "thought_entropy", 0.0)
+        if threshold <= 0:
+            return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+        logp = torch.log_softmax(logits.float(), -1)
+        return -(logp.exp() * logp).sum(-1) > threshold
 
     def _think(self, cache: CognateCache, spec: ThoughtSpec, batch: int,
                used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
