@@ -334,7 +334,7 @@ def test_baking_keeps_the_state_best_on_one_held_out_set_and_gates_it_on_the_oth
     from phases.quietstar.settings import Baking
 
     base, tok, splits, _ = tiny_lm
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base).requires_grad_(True)  # the fixture's model is shared: a test before may freeze it
     reasoning = [{"prompt": r["prompt"], "answer": r["answer"],
                   "text": f"{r['prompt']} [thinking]<step>{r['answer']}</step>[/endthinking] {r['answer']}"}
                  for r in answerable(splits["train"])[:40]]
