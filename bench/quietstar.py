@@ -157,30 +157,31 @@ def entropy_gate(args) -> list[dict]:
         return sum(_time(lambda p=p: model.generate(p, **kwargs), 1) for p in timed)
 
     plain = decode_s(False)
+    tokens = args.new_tokens * len(timed)
     rows = []
     print("\n| thought_entropy (nats) | ms/token | × plain | tokens with a thought | "
           + " | ".join(f"{k} accuracy" for k in sorted(set(test.skills))) + " |")
     print("|---" * (4 + len(set(test.skills))) + "|")
     with torch.no_grad():
-        for threshold in [float(t) for t in args.entropy.split(",")]:
-            model.config.thought_entropy = threshold
-            seconds = decode_s(True)
-            shown = [model.generate(p, show_thoughts=True, **kwargs) for p in timed]
-            rate = sum(int((s[0, p.shape[1]:] == model.config.thought_start_id).sum()) for s, p in zip(shown, timed)) / (
-                args.new_tokens * len(timed))
+        # each threshold with thoughts on, then the same model with them off (None)
+        for threshold in [*(float(t) for t in args.entropy.split(",")), None]:
+            if threshold is None:
+                model.config.thoughts_enabled = False
+                seconds, rate = plain, 0.0
+            else:
+                model.config.thought_entropy = threshold
+                seconds = decode_s(True)
+                shown = [model.generate(p, show_thoughts=True, **kwargs) for p in timed]
+                rate = sum(int((s[0, p.shape[1]:] == model.config.thought_start_id).sum())
+                           for s, p in zip(shown, timed)) / tokens
             skills = test.skill_hits(teacher_forced_hits(model, test.problems))
-            row = {"thought_entropy": threshold, "ms_per_token": 1000 * seconds / (args.new_tokens * len(timed)),
+            row = {"thought_entropy": threshold, "ms_per_token": 1000 * seconds / tokens,
                    "over_plain": seconds / plain, "thought_rate": rate,
                    "accuracy": {k: h / n for k, (h, n) in skills.items()}}
             rows.append(row)
-            print(f"| {threshold:g} | {row['ms_per_token']:.1f} | {row['over_plain']:.2f} | {rate:.0%} | "
+            label = "thoughts off" if threshold is None else f"{threshold:g}"
+            print(f"| {label} | {row['ms_per_token']:.1f} | {row['over_plain']:.2f} | {rate:.0%} | "
                   + " | ".join(f"{h}/{n}" for h, n in skills.values()) + " |")
-    model.config.thoughts_enabled = False
-    skills = test.skill_hits(teacher_forced_hits(model, test.problems))
-    print(f"| thoughts off | {1000 * plain / (args.new_tokens * len(timed)):.1f} | 1.00 | 0% | "
-          + " | ".join(f"{h}/{n}" for h, n in skills.values()) + " |")
-    rows.append({"thought_entropy": None, "ms_per_token": 1000 * plain / (args.new_tokens * len(timed)),
-                 "over_plain": 1.0, "thought_rate": 0.0, "accuracy": {k: h / n for k, (h, n) in skills.items()}})
     return rows
 
 
