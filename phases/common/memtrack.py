@@ -1,8 +1,11 @@
 """Bytes that tensors hold, measured without a GPU: the CPU analog of ``torch.cuda.max_memory_allocated``.
 
 ``AllocatedBytes`` watches every tensor an operator returns (forward, backward and optimizer alike) and
-counts its storage once until the storage is freed, so ``peak`` is the most bytes alive at once. It
-does not see tensors that existed before it started (the parameters): a caller adds those. Unlike
+counts its storage once until the storage is freed, so ``peak`` is the most bytes alive at once. An output
+that shares storage with one of the operator's inputs (a view, ``detach``, an in-place update) allocated
+nothing and is not counted: otherwise every parameter a layer reads through ``.t()`` and every optimizer
+state updated in place would count as new. It does not see tensors that existed before it started (the
+parameters, the optimizer states): a caller adds those. Unlike
 peak RSS it is deterministic: it reads tensor sizes, not what the allocator happens to keep.
 ``saved_bytes`` is narrower: what autograd keeps for backward in one forward pass.
 """
@@ -29,11 +32,13 @@ class AllocatedBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 st = t.untyped_storage()
                 ptr, n = st.data_ptr(), st.nbytes()
-                if n and ptr not in self._refs:  # views and in-place results share a counted storage
+                if n and ptr not in self._refs and ptr not in inputs:  # views and in-place results share a counted storage
                     self._refs[ptr] = weakref.ref(st, lambda _, p=ptr, n=n: self._free(p, n))
                     self.live += n
                     self.peak = max(self.peak, self.live)

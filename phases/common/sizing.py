@@ -81,16 +81,15 @@ class Recursion:
     checkpointing: bool = True
 
 
-# Per sequence, in values, measured with phases/common/memtrack.py on Cognate (tests/test_sizing_preflight.py
-# re-measures two shapes): one (recursion step, layer) keeps ~44 values per token per channel (projections,
-# attention, norms, SwiGLU, the memory's per-token reads) and 2 d×d matrices per memory write (W and S; a model
-# reading through the Q-K projection keeps its running sum A too); each recursion step keeps ~7 more per token
-# per channel (halting, the ACT mixture); the LM loss keeps 3 per token per vocabulary entry (logits,
-# log-softmax, their gradient). A checkpointed (step, layer) holds ~4 per token per channel until backward
-# reaches it: its input, and what the peak of a small-preset step (d=512) measures beyond that, not yet
-# accounted for term by term.
-_LAYER_STEP_PER_TOKEN, _MEMORY_MATRICES_PER_WRITE, _RECURSION_PER_TOKEN, _LOSS_PER_VOCAB = 44, 2, 7, 3
-_CHECKPOINT_PER_TOKEN = 4
+# Per sequence, in values, measured with phases/common/memtrack.py on Cognate (tests/test_cognate_memory_scale.py
+# re-measures three small shapes and the small preset's): one (recursion step, layer) keeps ~30 values per token
+# per channel (projections, attention, norms, SwiGLU, the memory's per-token reads) and 2 d×d matrices per memory
+# write (W and S; a model reading through the Q-K projection keeps its running sum A too); each recursion step
+# keeps ~7 more per token per channel (halting, the ACT mixture); the LM loss keeps 3 per token per vocabulary
+# entry (logits, log-softmax, their gradient). A checkpointed (step, layer) holds its input, 1 per token per
+# channel, until backward reaches it.
+_LAYER_STEP_PER_TOKEN, _MEMORY_MATRICES_PER_WRITE, _RECURSION_PER_TOKEN, _LOSS_PER_VOCAB = 30, 2, 7, 3
+_CHECKPOINT_PER_TOKEN = 1
 
 
 def recursion_activation_values(shape: ModelShape, rec: Recursion) -> int:
