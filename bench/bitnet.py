@@ -1,16 +1,18 @@
 """BitNet: compression, bits per weight, and packed vs FP32 decode speed and peak memory, in one run.
 
-    python bench/bitnet.py [--model DIR] [--packed DIR] [--tokens 32] [--repeats 3] [--prompts 2] [--rounds 3]
+    python bench/bitnet.py [--shape tiny|small] [--model DIR] [--packed DIR] [--tokens 32] [--repeats 3] [--prompts 2]
+                           [--rounds 3]
 
 --model: a saved Cognate directory (default: the newest quietstar-model / evomerge-champion / cognate-model in the
-store at $AGENT_FORGE_HOME, else a randomly initialised model of the tiny preset's shape; speed, memory and bytes do
-not depend on training). --packed: its packed artifact (default: packed here, every linear layer but the LM head,
-without calibration or fine-tuning, which change values, not sizes).
+store at $AGENT_FORGE_HOME for --shape tiny, else a randomly initialised model of the --shape preset's shape; speed,
+memory and bytes do not depend on training). --packed: its packed artifact (default: packed here, every linear
+layer but the LM head, without calibration or fine-tuning, which change values, not sizes).
 
 Each model decodes in its own subprocess on the same prompts: greedy, ``--tokens`` new tokens forced, decode cache,
 batch 1, CPU; tokens/s (wall-clock, and per CPU-second of the worker) is the median over repeats after a warm-up;
 peak memory is the growth of the worker's peak RSS (VmHWM) from just before the model is loaded to the end of
 decoding. The two models take turns for ``--rounds`` rounds, each in a fresh process; medians over the rounds.
+The last line is one JSON object: ``decode_speedup`` (packed / FP32 tokens/s), ``peak_memory_ratio``, ``shape``.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ def _status_mb(field: str) -> float:
     return float("nan")
 
 
-def worker(kind: str, path: str, tokens: int, repeats: int, prompts: int) -> dict:
+def worker(kind: str, path: str, tokens: int, repeats: int, prompts: int, threads: int) -> dict:
     import torch
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(threads)
     from phases.bitnet import evaluate as ev
     from phases.bitnet.packed_format import load_packed
     from phases.cognate import CognateForCausalLM
@@ -70,13 +72,13 @@ def _newest_model() -> Path | None:
     return None
 
 
-def _random_tiny(out: Path) -> Path:
+def _random(shape: str, out: Path) -> Path:
     import torch
 
     from phases.cognate import CognateConfig, CognateForCausalLM
     from phases.config import PipelineConfig
 
-    cfg = PipelineConfig.from_preset("tiny")
+    cfg = PipelineConfig.from_preset(shape)
     torch.manual_seed(0)
     CognateForCausalLM(CognateConfig(
         vocab_size=cfg.tokenizer.vocab_size, hidden_size=cfg.model.d_model, num_hidden_layers=cfg.model.n_layers,
@@ -99,15 +101,18 @@ def _pack_all(model_dir: Path, out: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
+    ap.add_argument("--shape", choices=("tiny", "small"), default="tiny",
+                    help="the preset whose shape a randomly initialised model takes when --model is not given")
     ap.add_argument("--packed")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each decoding worker")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"))
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.tokens, args.repeats, args.prompts)))
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.tokens, args.repeats, args.prompts, args.threads)))
         return
     tmp = Path(tempfile.mkdtemp(prefix="bitnet-bench-"))
     try:
@@ -123,9 +128,9 @@ def report(args: argparse.Namespace, tmp: Path) -> None:
     from phases.bitnet.packed_format import load_packed, packed_layers
     from phases.cognate import CognateForCausalLM
 
-    model_dir = Path(args.model) if args.model else _newest_model()
-    source = str(model_dir) if model_dir else "random init, tiny preset shape"
-    model_dir = model_dir or _random_tiny(tmp / "fp32")
+    model_dir = Path(args.model) if args.model else (_newest_model() if args.shape == "tiny" else None)
+    source = str(model_dir) if model_dir else f"random init, {args.shape} preset shape"
+    model_dir = model_dir or _random(args.shape, tmp / "fp32")
     packed_dir = Path(args.packed) if args.packed else _pack_all(model_dir, tmp / "packed")
     how = "" if args.packed else " (every linear but the LM head, plain absmean)"
     print(f"input:  {source}\npacked: {args.packed or 'a temporary directory'}{how}")
@@ -154,7 +159,8 @@ def report(args: argparse.Namespace, tmp: Path) -> None:
     for _ in range(args.rounds):  # the two take turns, so a change in machine load hits both alike
         for kind, path in (("fp32", model_dir), ("packed", packed_dir)):
             proc = subprocess.run([sys.executable, __file__, "--worker", kind, str(path), "--tokens", str(args.tokens),
-                                   "--repeats", str(args.repeats), "--prompts", str(args.prompts)],
+                                   "--repeats", str(args.repeats), "--prompts", str(args.prompts),
+                                   "--threads", str(args.threads)],
                                   capture_output=True, text=True, cwd=REPO)
             if proc.returncode != 0:
                 raise SystemExit(f"{kind} worker failed:\n{proc.stderr[-2000:]}")
@@ -171,6 +177,19 @@ def report(args: argparse.Namespace, tmp: Path) -> None:
           f"{p['tokens_per_cpu_s'] / f['tokens_per_cpu_s']:.2f}x), peak RSS growth "
           f"{p['peak_growth_mb'] / max(f['peak_growth_mb'], 1e-9):.2f}x, tensor bytes "
           f"{p['resident_tensor_bytes'] / f['resident_tensor_bytes']:.2f}x")
+    import transformers
+
+    print(json.dumps({
+        "bench": "bitnet", "shape": args.shape if not args.model else "model", "source": source,
+        "params": params, "device": "cpu", "threads": f["threads"], "tokens": args.tokens, "prompts": args.prompts,
+        "rounds": args.rounds, "decode_speedup": p["tokens_per_s"] / f["tokens_per_s"],
+        "decode_speedup_cpu_time": p["tokens_per_cpu_s"] / f["tokens_per_cpu_s"],
+        "fp32_tokens_per_s": f["tokens_per_s"], "packed_tokens_per_s": p["tokens_per_s"],
+        "peak_memory_ratio": p["peak_growth_mb"] / max(f["peak_growth_mb"], 1e-9),
+        "tensor_bytes_ratio": p["resident_tensor_bytes"] / f["resident_tensor_bytes"],
+        "compression_vs_fp32": comp["ratio_vs_fp32"], "compression_vs_fp16": comp["ratio_vs_fp16"],
+        "bits_per_weight": comp["bits_per_weight"],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,32 @@ def test_packed_layer_equals_transformers_bitlinear_and_the_fake_quantized_layer
     assert torch.equal(packed.ternary(), w_q) and float(packed.weight_scale) == pytest.approx(1 / (1.3 * float(gamma)))
 
 
+def test_packed_layer_integer_product_is_exact_and_follows_its_weight():
+    """The CPU path multiplies int8 by int8 into int32 on W_q unpacked once; it must give exactly the float
+    formula y = (W_q · x_q) / (s_w · s_x) + b, one row (decode) or many, and a new packed weight must not be
+    served from the old unpacked copy."""
+    g = torch.Generator().manual_seed(7)
+    lin = torch.nn.Linear(96, 40, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 96, generator=g) * 0.05)
+    packed = PackedBitLinear.from_bitlinear(BitLinear.from_linear(lin))
+
+    def reference(x):
+        x_q, s_x = quantize_activations(x)
+        w = packed_format.unpack(packed.weight, 40, torch.float32)
+        return torch.nn.functional.linear(x_q.float(), w) / (s_x * packed.weight_scale) + packed.bias
+
+    for shape in ((1, 1, 96), (3, 7, 96)):
+        x = torch.randn(*shape, generator=g) * 3
+        with torch.no_grad():
+            assert torch.equal(packed(x), reference(x))
+    assert packed.weight_int8.dtype == torch.int8 and "weight_int8" not in packed.state_dict()
+    with torch.no_grad():
+        packed.weight.copy_(packed_format.pack(-packed.ternary()))
+        x = torch.randn(1, 2, 96, generator=g)
+        assert torch.equal(packed(x), reference(x))
+
+
 # ----------------------------------------------------------------------------- a small trained Cognate
 MICRO_SHAPE = {"n_layers": 2, "d_model": 48, "n_heads": 4, "seq_len": 48}
 # one ACT step: the recursion count does not change which layers are quantized, and it triples the cost

@@ -11,8 +11,9 @@ Layer. ``PackedBitLinear`` holds only what inference needs: ``weight`` (the pack
 ``weight_scale`` s_w = 1 / (γ · c) so that
     y = (W_q · x_q) / (s_w · s_x) + b,
 the same formula (and buffers) as ``transformers.integrations.bitnet.BitLinear``. ``c`` is the calibrated output
-scale (calibrate.py; 1 without calibration). x_q and W_q are small integers, so W_q · x_q is exact in float32 for
-any in_features below 2²⁴ / 127 ≈ 132k: the float matmul is an integer matmul here.
+scale (calibrate.py; 1 without calibration). x_q and W_q are int8. On CPU, W_q · x_q is ``torch._int_mm`` (int32
+accumulation, exact) on W_q unpacked once to int8: decode reads a quarter of FP32's weight bytes per token. Elsewhere
+it is a float32 matmul, exact for any in_features below 2²⁴ / 127 ≈ 132k.
 
 Loading. The model is constructed on the meta device, the quantizer swaps the listed linear layers for
 PackedBitLinear, and only then are the stored tensors (uint8 packed weights, scales, FP16 rest) loaded: no
@@ -94,6 +95,10 @@ class PackedBitLinear(nn.Module):
                                                    device=device))
         self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        # int8_weight()'s cache, a buffer so that .to() moves it and memory counts see it: 4x the packed bytes,
+        # a quarter of FP32's
+        self.register_buffer("weight_int8", None, persistent=False)
+        self._int8_key: tuple[int, int] | None = None
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear) -> PackedBitLinear:
@@ -109,10 +114,24 @@ class PackedBitLinear(nn.Module):
     def ternary(self) -> torch.Tensor:
         return unpack(self.weight, self.out_features)
 
+    def int8_weight(self) -> torch.Tensor:
+        """W_q as an (out, in) int8 matrix, unpacked once and kept until ``weight`` changes."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self.weight_int8 is None or self._int8_key != key:
+            self.weight_int8, self._int8_key = unpack(self.weight, self.out_features), key
+        return self.weight_int8
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_q = unpack(self.weight, self.out_features, torch.float32)
+        w_q = self.int8_weight()
         x_q, s_x = quantize_activations(x)
-        y = F.linear(x_q.to(torch.float32), w_q) / (s_x * self.weight_scale.float())
+        rows = x_q.reshape(-1, self.in_features)
+        if rows.device.type == "cpu":
+            # int8 x int8 -> int32: exact, and it reads a quarter of FP32's weight bytes, which is what decode
+            # (one row at a time, memory-bound) waits on
+            acc = torch._int_mm(rows, w_q.t()).reshape(*x_q.shape[:-1], self.out_features)
+        else:  # torch._int_mm on CUDA wants more than 16 rows; the float product of small integers is as exact
+            acc = F.linear(x_q.to(torch.float32), w_q.to(torch.float32))
+        y = acc.to(torch.float32) / (s_x * self.weight_scale.float())
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
