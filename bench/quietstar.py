@@ -125,11 +125,20 @@ def main() -> None:
     print(f"| with a {args.length}-token thought before each token | {args.new_tokens / thinking:.1f} | "
           f"{1000 * thinking / args.new_tokens:.1f} |")
     print(f"slowdown with thoughts: {thinking / plain:.2f}x (a thought is {args.length + 2} extra decode steps)")
-    figures = {"bench": "quietstar", "threads": torch.get_num_threads(), "batched_over_sequential": sequential / batched,
+    import transformers
+
+    figures = {"bench": "quietstar", "device": "cpu", "threads": torch.get_num_threads(),
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+               "parallel_speedup": sequential / batched,
                "plain_ms_per_token": 1000 * plain / args.new_tokens,
-               "thinking_ms_per_token": 1000 * thinking / args.new_tokens, "slowdown": thinking / plain}
+               "thinking_ms_per_token": 1000 * thinking / args.new_tokens,
+               "thought_overhead": thinking / plain}  # a thought before every token
     if args.quietstar:
-        figures["entropy_gate"] = entropy_gate(args)
+        rows = entropy_gate(args)
+        figures["entropy_gate"] = rows
+        # per threshold: time per answer token with thoughts gated there / without thoughts
+        figures["thought_overhead_gated"] = {str(r["thought_entropy"]): r["over_plain"] for r in rows
+                                             if r["thought_entropy"] is not None}
     print(json.dumps(figures))
 
 

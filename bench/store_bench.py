@@ -4,12 +4,14 @@
 
 Prints the time to write and to verify-load an artifact of MB bytes through the store, next to the
 baselines of writing the same bytes with fsync and of reading them back through sha256, and the ratios.
+The last line is one JSON object (``overhead``: store time / baseline time per operation).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -66,6 +68,9 @@ def main() -> None:
     print(f"{'operation':<22}{'baseline s':>12}{'store s':>10}{'ratio':>8}   ({args.mb} MB)")
     for name, base, ours in rows:
         print(f"{name:<22}{base:>12.3f}{ours:>10.3f}{ours / base:>8.2f}x")
+    print(json.dumps({"bench": "store", "mb": args.mb, "baseline_s": {n: round(b, 4) for n, b, _ in rows},
+                      "store_s": {n: round(o, 4) for n, _, o in rows},
+                      "overhead": {n: round(o / b, 3) for n, b, o in rows}}))
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool 
     when ``normalize`` is False)."""
     if len(tensors) != len(weights):
         raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights")
-    out = torch.zeros_like(_work(tensors[0]))
-    for t, w in zip(tensors, weights):
+    out = _work(tensors[0]) * float(weights[0])  # the first term of the sum, without a zeroed tensor to add it to
+    for t, w in zip(tensors[1:], weights[1:]):
         out.add_(_work(t), alpha=float(w))
     if normalize:
         total = float(sum(weights))
@@ -53,18 +53,19 @@ def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: 
     if v0.shape != v1.shape:
         raise ValueError(f"slerp needs equal shapes, got {tuple(v0.shape)} and {tuple(v1.shape)}")
     a, b = _work(v0).reshape(-1), _work(v1).reshape(-1)
-    # Norms and the dot product in float64: float32 vector_norm drifts ~1e-4 relative on a 4M-element
-    # embedding, which moves cos Ω by 2e-4 and the result by 5e-6 (bench/evomerge.py measured it).
-    a64, b64 = a.double(), b.double()
-    na, nb = float(a64.norm()), float(b64.norm())
+    # Norms and the dot product summed in float64: float32 vector_norm drifts ~1e-4 relative on a 4M-element
+    # embedding, which moves cos Ω by 2e-4 and the result by 5e-6 (bench/evomerge.py measured it). The products
+    # stay float32 (one rounding each, ~1e-12 of the sum); only the sums need the range, and summing with
+    # dtype=float64 does not copy both tensors to float64 first.
+    na, nb = (math.sqrt(float((x * x).sum(dtype=torch.float64))) for x in (a, b))
     na, nb = na if na > eps else 1.0, nb if nb > eps else 1.0
-    dot = max(-1.0, min(1.0, float((a64 @ b64) / (na * nb))))
+    dot = max(-1.0, min(1.0, float((a * b).sum(dtype=torch.float64)) / (na * nb)))
     if abs(dot) > dot_threshold:
         ca, cb = 1.0 - t, t
     else:
         theta = math.acos(dot)
         ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
-    return (ca * a + cb * b).reshape(v0.shape).to(v0.dtype)
+    return (a * ca).add_(b, alpha=cb).reshape(v0.shape).to(v0.dtype)
 
 
 def magnitude_prune(delta: Tensor, density: float) -> Tensor:
@@ -125,19 +126,24 @@ def task_arithmetic(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[f
         elif sparsify is not None:
             raise ValueError(f"unknown sparsification {sparsify!r}")
         deltas.append(d)
+    if not consensus:
+        # Σ_i w_i δ_i accumulated in place, in input order: the same roundings as summing the stacked products
+        # (mergekit's way) without a stack of every delta or a divisor per entry
+        mixed = deltas[0].mul_(float(weights[0]))
+        for d, w_i in zip(deltas[1:], weights[1:]):
+            mixed.add_(d.mul_(float(w_i)))
+        if normalize:
+            total = sum(float(x) for x in weights)
+            mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+        return mixed.mul_(lam).add_(b).to(base.dtype)
     d = torch.stack(deltas)
     w = torch.tensor([float(x) for x in weights], dtype=d.dtype).reshape(-1, *([1] * b.dim()))
     d = d * w
-    if consensus:
-        majority = torch.where(d.sum(0) >= 0, 1.0, -1.0).to(d.dtype)
-        mask = (d.sign() == majority).to(d.dtype)
-        mixed = (d * mask).sum(0)
-        divisor = (w * mask).sum(0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = d.sum(0)
-        divisor = w.sum(0).expand_as(mixed).clone()
-        divisor[divisor.abs() < 1e-8] = 1
+    majority = torch.where(d.sum(0) >= 0, 1.0, -1.0).to(d.dtype)
+    mask = (d.sign() == majority).to(d.dtype)
+    mixed = (d * mask).sum(0)
+    divisor = (w * mask).sum(0)
+    divisor[divisor == 0] = 1
     if normalize:
         mixed = mixed / divisor
     return (b + lam * mixed).to(base.dtype)
