@@ -247,6 +247,30 @@ def test_policy_gradient_is_minus_the_advantage_on_each_thought_logprob():
     assert logp.grad[0, :, 0].tolist() == [[0.5] * 3, [-0.5] * 3]
 
 
+def test_positive_only_advantages_reinforce_only_the_better_thoughts():
+    reward = torch.tensor([[[1.0], [3.0], [5.0]]])  # (B=1, K=3, S=1): mean 3
+    logp = torch.zeros(1, 3, 1, 2, requires_grad=True)
+    loss, advantage = reinforce_loss(reward, logp, positive_only=True)
+    loss.backward()
+    assert advantage.flatten().tolist() == [0.0, 0.0, 2.0]
+    assert logp.grad[0, :2].abs().sum() == 0 and (logp.grad[0, 2] < 0).all()
+
+
+def test_the_reward_scores_the_talk_or_the_mixed_prediction():
+    """With the mixing weight at 0 the mixed prediction is the direct one, so a reward on it is 0 for every
+    thought, while the reward on the prediction right after the thought is not."""
+    model = wrapped(micro(chunk=4, shard=2048, window=64))
+    spec = T.ThoughtSpec(count=2, length=2, n_true=2, start_id=START, end_id=END, banned=(START, END))
+    x = torch.randint(1, 48, (1, 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        sc = score(model, x, spec, torch.Generator().manual_seed(1), forced_w=0.0)
+        assert sc.reward_on("mixed").abs().max() < 1e-5
+        assert sc.reward_on("talk").abs().max() > 1e-3
+        assert torch.equal(sc.reward, sc.reward_on("talk"))
+        sc = score(model, x, spec, torch.Generator().manual_seed(1), forced_w=1.0)
+        torch.testing.assert_close(sc.reward_on("mixed"), sc.reward_on("talk"))
+
+
 # ------------------------------------------------------------------ with a tokenizer: baking and anti-theater
 @pytest.fixture(scope="module")
 def tiny_lm():

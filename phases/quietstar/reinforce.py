@@ -12,6 +12,8 @@ Per batch of rows x (B, S), with K thoughts of L tokens after every position (th
 
 p_talk is the prediction right after ``[/endthinking]`` before mixing: the reward scores the thought
 itself, so it is informative from the first step (with the mixed prediction it would be 0 while w = 0).
+``reward_on: mixed`` scores p_mix instead, and ``positive_advantages`` keeps only advantages above 0 (the
+authors' code does both): two switches in settings.py.
 The KL acts on the direct predictions: it keeps the language model near the baked one without taxing
 the influence thoughts gain through the mixing head (which the anti-theater checks require).
 
@@ -90,7 +92,12 @@ class Scored:
     @property
     def reward(self) -> torch.Tensor:
         """(B, K, S) gain in log-likelihood of the next n true tokens from the thought."""
-        return ((self.lp_talk - self.lp_base[:, None]) * self.valid[:, None]).sum(-1)
+        return self.reward_on("talk")
+
+    def reward_on(self, which: str) -> torch.Tensor:
+        """The gain scored on the prediction right after the thought ('talk') or after mixing ('mixed')."""
+        lp = {"talk": self.lp_talk, "mixed": self.lp_mix}[which]
+        return ((lp - self.lp_base[:, None]) * self.valid[:, None]).sum(-1)
 
 
 def score(model: QuietStarForCausalLM, x: torch.Tensor, spec: ThoughtSpec, generator: torch.Generator | None = None,
@@ -115,11 +122,14 @@ def score(model: QuietStarForCausalLM, x: torch.Tensor, spec: ThoughtSpec, gener
 
 
 def reinforce_loss(reward: torch.Tensor, thought_logprobs: torch.Tensor,
-                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   mask: torch.Tensor | None = None, positive_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE with the per-position mean over thoughts as baseline: reward (B, K, S), log π of each
-    thought token (B, K, S, L), mask (B, S) of positions that count. Returns (loss, advantage)."""
+    thought token (B, K, S, L), mask (B, S) of positions that count; ``positive_only`` zeroes the negative
+    advantages. Returns (loss, advantage)."""
     reward = reward.detach()
     advantage = reward - reward.mean(1, keepdim=True)
+    if positive_only:
+        advantage = advantage.clamp_min(0)
     m = torch.ones_like(reward) if mask is None else mask[:, None].expand_as(reward).to(reward.dtype)
     loss = -(advantage * thought_logprobs.sum(-1) * m).sum() / m.sum().clamp_min(1)
     return loss, advantage
@@ -131,16 +141,16 @@ def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Ten
 
 
 def quietstar_loss(model: QuietStarForCausalLM, x: torch.Tensor, spec: ThoughtSpec, ref_logits: torch.Tensor | None,
-                   kl_weight: float, policy_weight: float = 1.0,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                   kl_weight: float, policy_weight: float = 1.0, generator: torch.Generator | None = None,
+                   reward_on: str = "talk", positive_only: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of the module docstring for one batch, and what telemetry records."""
     sc = score(model, x, spec, generator)
     K = spec.count
     vm = sc.valid[:, None].expand_as(sc.lp_mix)
     nll = -(sc.lp_mix * vm).sum() / vm.sum().clamp_min(1)
-    reward = sc.reward.detach()
+    reward = sc.reward_on(reward_on).detach()
     has_target = sc.valid[:, :, 0]
-    policy, advantage = reinforce_loss(reward, sc.tp.thought_logprobs, has_target)
+    policy, advantage = reinforce_loss(reward, sc.tp.thought_logprobs, has_target, positive_only)
     has_target = has_target[:, None].expand_as(advantage)
     kl = kl_to_reference(sc.tp.base_logits, ref_logits) if ref_logits is not None else torch.zeros(())
     loss = nll + policy_weight * policy + kl_weight * kl
@@ -302,7 +312,8 @@ def reinforce(model: QuietStarForCausalLM, baked: CognateForCausalLM, rows: torc
         x = rows[torch.randint(len(rows), (settings.batch_size,), generator=g)]
         with torch.no_grad():
             ref_logits = baked(x).logits
-        loss, stats = quietstar_loss(model, x, spec, ref_logits, state["kl_weight"], POLICY_WEIGHT, g)
+        loss, stats = quietstar_loss(model, x, spec, ref_logits, state["kl_weight"], POLICY_WEIGHT, g,
+                                     settings.reward_on, settings.positive_advantages)
         if not math.isfinite(loss.item()):
             raise ReinforceError(f"non-finite Quiet-STaR loss at step {step} ({stats}): "
                                  "lower rl.optim.adam_lr / rl.optim.muon_lr")

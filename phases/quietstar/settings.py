@@ -137,6 +137,14 @@ class Reinforcement(Strict):
     thought_count_cap: int | None = Field(default=2, ge=2, description="empty: the strategy's thought_count")
     thought_length_cap: int | None = Field(default=8, ge=1, description="empty: the strategy's thought_length")
     n_true: int = Field(default=4, ge=1, description="true tokens after a thought whose log-likelihood is the reward")
+    reward_on: Literal["talk", "mixed"] = Field(
+        default="talk", description=(
+            "the log-likelihood the reward scores: 'talk', right after the thought before mixing (informative while "
+            "the mixing weight is still 0), or 'mixed', after the mixing head"))
+    positive_advantages: bool = Field(
+        default=False, description=(
+            "drop negative advantages, as the Quiet-STaR authors' code does (remove_negative_rewards): only "
+            "thoughts better than their position's mean are reinforced"))
     steps: int = Field(default=6, ge=1)
     batch_size: int = Field(default=2, ge=1)
     seq_len: int = Field(default=32, ge=8, description="rows end right after a training problem's answer")
