@@ -13,6 +13,7 @@ from phases.bitnet.gates import bitnet_gates
 from phases.bitnet.steps import FIGURE, REPORT
 from phases.config import PipelineConfig
 from storage import ArtifactRef
+from tasks import showcase
 from tasks.bitnet import evaluate, finetune, quantize
 from tasks.gates import close_phase
 from tasks.runtime import latest_artifact, resolve_home, store
@@ -47,6 +48,7 @@ def bitnet(config: PipelineConfig = PipelineConfig(), home: str | None = None, r
     staged = quantize(config, model, prepared.curriculum, prepared.tokenizer, home)
     packed = finetune(config, staged, model, prepared.curriculum, home)
     report_ref = evaluate(config, model, staged, packed, prepared.curriculum, home)
+    showcase.bitnet_report(home, report_ref)
 
     st = store(home)
     report = st.read_json(report_ref, REPORT)

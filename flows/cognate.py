@@ -13,6 +13,7 @@ from phases.cognate.gates import cognate_gates
 from phases.cognate.specialists import specialists
 from phases.config import PipelineConfig
 from storage import ArtifactRef
+from tasks import showcase
 from tasks.cognate import diagnose_model, evaluate_cognate, go_no_go_markdown, train_foundation, train_specialist
 from tasks.gates import close_phase
 from tasks.runtime import resolve_home, store
@@ -38,6 +39,9 @@ def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
     futures = {s.name: train_specialist.submit(s.name, config, base, prepared.curriculum, batch_size, home)
                for s in specialists()}
     models = {name: f.result() for name, f in futures.items()}
+    for label, ref in {"base": base, **models}.items():
+        showcase.loss_curve(home, f"cognate-{label}-loss", ref, f"Cognate {label}")
+        showcase.finished(f"cognate-{label}-progress", f"Cognate {label}: training")
     evaluation = evaluate_cognate(config, models, prepared.curriculum, home)
     diagnoses = {}
     if config.cognate.diagnose.run:

@@ -15,6 +15,7 @@ from phases.config import PipelineConfig
 from phases.evomerge import steps
 from phases.evomerge.gates import evomerge_gates
 from storage import ArtifactError, ArtifactRef, ArtifactStore
+from tasks import showcase
 from tasks.evomerge import champion_recipe, evaluate_candidate, measure_inputs, store_champion
 from tasks.gates import close_phase
 from tasks.runtime import resolve_home, store, work_dir
@@ -96,6 +97,8 @@ def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None,
     else:
         logger.info("EvoMerge champion for this recipe already stored (%s): not evolving again", existing.id)
         ref = existing
+        showcase.finished("evomerge-progress", "EvoMerge: generations")
+    showcase.evomerge_champion(home, ref)
     metrics = st.manifest(ref)["metrics"]
     report = evomerge_gates(metrics["final"], metrics["run"], sec.gates, config.gate_mode("evomerge"))
     final = metrics["final"]

@@ -12,6 +12,7 @@ from flows.prepare import Prepared, prepare
 from phases.config import PipelineConfig
 from phases.quietstar.gates import quietstar_gates
 from storage import ArtifactRef
+from tasks import showcase
 from tasks.gates import close_phase
 from tasks.quietstar import bake, evaluate, reinforce
 from tasks.quietstar_data import generate_reasoning_data
@@ -47,6 +48,8 @@ def quietstar(config: PipelineConfig = PipelineConfig(), home: str | None = None
     baked = bake(config, model, data, prepared.curriculum, home)
     reinforced = reinforce(config, baked, prepared.curriculum, home)
     evaluation = evaluate(config, baked, reinforced, prepared.curriculum, home)
+    showcase.loss_curve(home, "quietstar-baking-loss", baked, "Quiet-STaR baking")
+    showcase.loss_curve(home, "quietstar-reinforce-loss", reinforced, "Quiet-STaR reinforcement")
 
     st = store(home)
     baking, reinforcement = st.manifest(baked)["metrics"], st.manifest(reinforced)["metrics"]

@@ -11,13 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 
 from phases.bitnet import steps
 from phases.config import PipelineConfig
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
-from tasks.runtime import png_markdown, producer, recipe_cache, record_execution, store
+from tasks.runtime import producer, recipe_cache, record_execution, store
 
 
 def _recipe_config(config: PipelineConfig, step: str) -> dict[str, Any]:
@@ -95,13 +94,7 @@ def evaluate(config: PipelineConfig, model: ArtifactRef, staged: ArtifactRef, pa
         return steps.evaluate(st.load(model), st.manifest(staged)["metrics"], st.load(packed), st.load(curriculum),
                               config.bitnet.heldout, config.bitnet.evaluate, config.model, out)
 
-    ref = st.get_or_create(recipe, build, producer())
-    report = st.read_json(ref, steps.REPORT)
-    png = st.file(ref, steps.FIGURE)
-    create_markdown_artifact(key="bitnet-report", description="BitNet: sparsity per layer, accuracy before/after",
-                             markdown=summary_markdown(report)
-                             + "\n\n" + png_markdown(png, "bitnet"))
-    return ref
+    return st.get_or_create(recipe, build, producer())
 
 
 def summary_markdown(report: dict[str, Any]) -> str:

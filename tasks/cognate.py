@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from phases.cognate import steps
 from phases.cognate.specialists import specialists, stage_steps_for
@@ -60,11 +60,8 @@ def _reporter(label: str, total_steps: int):
 
 def _trained_model(home: str, recipe: Recipe, label: str, journal: str, train: Callable[[Path, Path], dict]) -> ArtifactRef:
     """The model artifact for ``recipe``, trained (resumably) only when it is not stored yet."""
-    ref = stored_with_checkpoints(home, recipe, journal,
-                                  lambda work, out: train(work, out) | {"telemetry": steps.telemetry_summary(out)})
-    create_markdown_artifact(key=f"cognate-{label}-loss", description=f"Cognate {label}: training and held-out loss",
-                             markdown=png_markdown(store(home).file(ref, "loss.png"), f"{label} loss"))
-    return ref
+    return stored_with_checkpoints(home, recipe, journal,
+                                   lambda work, out: train(work, out) | {"telemetry": steps.telemetry_summary(out)})
 
 
 def foundation_recipe(config: PipelineConfig, curriculum: ArtifactRef, tokenizer: ArtifactRef, batch_size: int) -> Recipe:

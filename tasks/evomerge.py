@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 
 from phases.config import PipelineConfig
 from phases.evomerge import fitness as fit
@@ -21,7 +20,7 @@ from phases.evomerge.genome import Genome
 from phases.evomerge.plots import fitness_curve
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
-from tasks.runtime import phase_cache, png_markdown, producer, recipe_cache, record_execution, store
+from tasks.runtime import phase_cache, producer, recipe_cache, record_execution, store
 
 _EVAL_SETS: dict[tuple, fit.EvalSet] = {}
 _STRUCTURE_MEMO: dict[str, dict[str, float]] = {}  # speed and memory per model structure, per process
@@ -105,11 +104,6 @@ def store_champion(config: PipelineConfig, champion: dict[str, Any], base: Artif
                                                           "recipe": genome.recipe(), **files}}
 
     ref = st.get_or_create(recipe, build, producer())
-    create_markdown_artifact(key="evomerge-fitness", description="EvoMerge: fitness per generation",
-                             markdown=png_markdown(st.file(ref, "fitness.png"), "fitness per generation"))
-    create_markdown_artifact(key="evomerge-skills", description="EvoMerge: held-out skill accuracy, champion and inputs",
-                             markdown="### Test accuracy per skill (95% Wilson interval)\n\n"
-                             + st.file(ref, "skills.md").read_text())
     get_run_logger().info("champion %s stored as %s", genome.describe(), ref.id)
     return ref
 

@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 
 from phases.config import PipelineConfig
 from phases.quietstar import steps
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
-from tasks.runtime import phase_cache, png_markdown, recipe_cache, record_execution, store, stored_with_checkpoints
+from tasks.runtime import phase_cache, recipe_cache, record_execution, store, stored_with_checkpoints
 
 
 def _reporter(label: str) -> Callable[[dict[str, Any]], None]:
@@ -38,10 +37,7 @@ def _reporter(label: str) -> Callable[[dict[str, Any]], None]:
 
 
 def _stored(home: str, recipe: Recipe, label: str, journal: str, run: Callable[[Path, Path], dict]) -> ArtifactRef:
-    ref = stored_with_checkpoints(home, recipe, journal, run)
-    create_markdown_artifact(key=f"quietstar-{label}-loss", description=f"Quiet-STaR {label}: training loss",
-                             markdown=png_markdown(store(home).file(ref, "loss.png"), f"{label} loss"))
-    return ref
+    return stored_with_checkpoints(home, recipe, journal, run)
 
 
 # A recipe's config is the whole block its step reads (every field is in the key by construction) and

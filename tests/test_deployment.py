@@ -140,6 +140,23 @@ class Stack:
             time.sleep(1)
         raise AssertionError(f"flow run {flow_run_id} did not finish; worker log:\n{self.log('worker')}")
 
+    def artifacts(self, parent_id: str) -> list[dict]:
+        """The UI artifacts of a run and of its subflows, newest first."""
+        subflows = self.post("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [parent_id]}}})
+        ids = [parent_id] + [s["id"] for s in subflows]
+        return self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": ids}}, "sort": "CREATED_DESC"})
+
+    def artifact_keys(self, parent_id: str) -> set[str]:
+        return {a["key"] for a in self.artifacts(parent_id) if a.get("key")}
+
+    def final_progress(self, parent_id: str) -> dict[str, float]:
+        """Each progress bar's newest value."""
+        out: dict[str, float] = {}
+        for a in self.artifacts(parent_id):
+            if a["type"] == "progress":
+                out.setdefault(a["key"], float(a["data"]))
+        return out
+
     def task_states(self, parent_id: str) -> dict[str, str]:
         """Final state name of each task (its newest run) in the parent and its subflows."""
         subflows = self.post("/flow_runs/filter", {
@@ -191,6 +208,11 @@ def test_full_deployment_completes_and_second_run_is_cached(stack):
     # the report finds its stored table and adds this run's gates and wall times: it runs, it measures nothing
     assert states.pop("forging-report") == "Completed"
     assert states and set(states.values()) == {"Cached"}, states
+    # a cached run shows what the run that computed it showed: loss curves, fitness, reports, finished progress
+    shown = stack.artifact_keys(first["id"])
+    assert {"cognate-base-loss", "cognate-memory-progress", "evomerge-fitness", "evomerge-skills",
+            "quietstar-reinforce-loss", "bitnet-report", "forging-report", "bitnet-gates"} <= shown, shown
+    assert stack.artifact_keys(second["id"]) == shown
 
 
 def test_failed_run_is_retried_like_the_ui_and_resumes(stack, tmp_path):
@@ -231,6 +253,8 @@ def test_failed_run_is_retried_like_the_ui_and_resumes(stack, tmp_path):
     states = stack.task_states(run_id)
     assert states["cognate-foundation"] == "Cached", states
     assert states["cognate-specialist"] == "Completed" and states["cognate-evaluate"] == "Completed", states
+    progress = stack.final_progress(run_id)
+    assert "cognate-base-progress" in progress and set(progress.values()) == {100.0}, progress  # the work is done
     after = _snapshot(home)
     assert {k: after[k] for k in before} == before  # nothing stored before the failure changed
     store = ArtifactStore(home)
