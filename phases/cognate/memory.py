@@ -120,8 +120,8 @@ class NeuralMemory(nn.Module):
     def read(W: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return q @ W.transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m_persistent: torch.Tensor,
-                norm_persistent: torch.Tensor, state: MemoryState, chunk: int, shard: int,
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m_persistent: torch.Tensor | None,
+                norm_persistent: torch.Tensor | None, state: MemoryState, chunk: int, shard: int,
                 lr_scale: float = 1.0, decay_scale: float = 1.0, surprise_threshold: float = 0.0,
                 qk_projection: bool = False) -> torch.Tensor:
         """Process a span of tokens starting at ``state.pos``; updates ``state`` in place.

@@ -153,10 +153,12 @@ class CognateLayer(nn.Module):
         out = attention(qh, torch.cat([kph, kh], 2), torch.cat([vph, vh], 2), mask)
         return self.o_proj(merge_heads(out))
 
-    def remember(self, qn: torch.Tensor, kn: torch.Tensor, v: torch.Tensor, seed: tuple[torch.Tensor, torch.Tensor],
-                 cfg: CognateConfig, state: MemoryState) -> torch.Tensor:
+    def remember(self, qn: torch.Tensor, kn: torch.Tensor, v: torch.Tensor,
+                 seed: tuple[torch.Tensor, torch.Tensor] | tuple[None, None], cfg: CognateConfig,
+                 state: MemoryState) -> torch.Tensor:
         """Read the long-term memory and write this span into it (``state`` is updated in place). qn, kn
-        L2-normalised; ``seed`` = persistent_qk(persistent keys), which the Q-K projection starts from."""
+        L2-normalised; ``seed`` = persistent_qk(persistent keys), which the Q-K projection starts from
+        ((None, None) without it)."""
         return self.memory(qn, kn, v, *seed, state, chunk=cfg.mem_chunk_size, shard=cfg.shard_length,
                            lr_scale=cfg.mem_lr_scale, decay_scale=cfg.mem_decay_scale,
                            surprise_threshold=cfg.surprise_threshold, qk_projection=cfg.qk_projection)
@@ -179,7 +181,10 @@ class CognateLayer(nn.Module):
             state = slot["mem"]
         else:
             state = MemoryState.empty(x.shape[0], x.shape[-1], x.device, x.dtype, pos=int(positions[0]))
-        y = self.remember(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, persistent_qk(kp), cfg, state)
+        # only the Q-K projection reads the seed: a d×d product per layer and recursion step, 15% of a small-shape
+        # decode token when it was computed regardless
+        seed = persistent_qk(kp) if cfg.qk_projection else (None, None)
+        y = self.remember(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, seed, cfg, state)
         if cfg.mem_read_scale != 1.0:
             y = y * cfg.mem_read_scale
         if slot is not None:
