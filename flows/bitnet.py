@@ -28,6 +28,7 @@ class BitNet(BaseModel):
     report: ArtifactRef
     gates_passed: bool
     failed_gates: list[str] = []  # ids of the gates that failed (lenient runs go on past them)
+    run_url: str | None = None  # this phase's run in the Prefect UI (None where no UI URL is configured)
 
 
 def latest_model(home: str) -> ArtifactRef:
@@ -56,5 +57,5 @@ def bitnet(config: PipelineConfig = PipelineConfig(), home: str | None = None, r
     close_phase(gates, config, run_group, home,
                 {"report": report, "quantize": st.manifest(staged)["metrics"], "finetune": st.manifest(packed)["metrics"]},
                 [packed, report_ref], images={"bitnet/sparsity_accuracy": str(st.file(report_ref, FIGURE))})
-    return BitNet(source=model, packed=packed, report=report_ref, gates_passed=gates.passed,
+    return BitNet(source=model, packed=packed, report=report_ref, gates_passed=gates.passed, run_url=flow_run.ui_url,
                   failed_gates=[g.id for g in gates.failed])

@@ -24,6 +24,7 @@ class Cognate(BaseModel):
     models: dict[str, ArtifactRef]
     gates_passed: bool
     failed_gates: list[str] = []  # ids of the gates that failed (lenient runs go on past them)
+    run_url: str | None = None  # this phase's run in the Prefect UI (None where no UI URL is configured)
 
 
 @flow(name="cognate", persist_result=True)
@@ -60,5 +61,5 @@ def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
                 [base, *models.values(), *diagnoses.values()],
                 images={f"loss/{name}": str(st.file(ref, "loss.png")) for name, ref in {"base": base, **models}.items()}
                 | {f"diagnosis/{name}": str(st.file(ref, "diagnosis.png")) for name, ref in diagnoses.items()})
-    return Cognate(base=base, models=models, gates_passed=report.passed,
+    return Cognate(base=base, models=models, gates_passed=report.passed, run_url=flow_run.ui_url,
                    failed_gates=[g.id for g in report.failed])

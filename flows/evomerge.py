@@ -31,6 +31,7 @@ class EvoMerge(BaseModel):
     generations: int
     gates_passed: bool
     failed_gates: list[str] = []  # ids of the gates that failed (lenient runs go on past them)
+    run_url: str | None = None  # this phase's run in the Prefect UI (None where no UI URL is configured)
 
 
 def latest_cognate(st: ArtifactStore) -> tuple[dict[str, ArtifactRef], ArtifactRef]:
@@ -107,6 +108,6 @@ def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None,
                 final["champion"]["fitness"], best_input, final["champion"]["fitness"] / best_input,
                 metrics["run"]["stop_reason"])
     close_phase(report, config, run_group, home, metrics, [ref], images={"evomerge/fitness": str(st.file(ref, "fitness.png"))})
-    return EvoMerge(champion=ref, inputs=models, base=base, stop_reason=metrics["run"]["stop_reason"],
+    return EvoMerge(champion=ref, inputs=models, base=base, stop_reason=metrics["run"]["stop_reason"], run_url=flow_run.ui_url,
                     generations=metrics["run"]["generations_run"], gates_passed=report.passed,
                     failed_gates=[g.id for g in report.failed])

@@ -61,6 +61,6 @@ def full(config: PipelineConfig = PipelineConfig(), home: str | None = None) -> 
               ("quietstar", phase3.model, False, False), ("quietstar + thoughts", phase3.model, False, True),
               ("bitnet ternary", phase4.packed, True, False)]
     phases = [{"name": name, "passed": getattr(forged, name).gates_passed, "failed": getattr(forged, name).failed_gates,
-               "seconds": took} for name, took in seconds.items()]  # timed in phase order
+               "seconds": took, "link": getattr(forged, name).run_url} for name, took in seconds.items()]  # phase order
     forged.report, forged.report_text = forging_report(config, stages, prepared.curriculum, phases, run_group, home)
     return forged

@@ -28,6 +28,7 @@ class QuietStar(BaseModel):
     model: ArtifactRef
     gates_passed: bool
     failed_gates: list[str] = []  # ids of the gates that failed (lenient runs go on past them)
+    run_url: str | None = None  # this phase's run in the Prefect UI (None where no UI URL is configured)
 
 
 def latest_model(home: str) -> ArtifactRef:
@@ -61,4 +62,5 @@ def quietstar(config: PipelineConfig = PipelineConfig(), home: str | None = None
                 [data, baked, reinforced],
                 images={"loss/baking": str(st.file(baked, "loss.png")), "loss/reinforce": str(st.file(reinforced, "loss.png"))})
     return QuietStar(input=model, data=data, baked=baked, model=reinforced, gates_passed=report.passed,
+                     run_url=flow_run.ui_url,
                      failed_gates=[g.id for g in report.failed])

@@ -36,6 +36,7 @@ class PhaseSummary:
     passed: bool | None  # None: the phase did not run in this pipeline run
     failed: list[str] = field(default_factory=list)
     seconds: float | None = None  # a phase a retry found finished takes seconds
+    link: str | None = None  # where the phase's own run is shown (its gates, plots, progress)
 
 
 def _load(stage: Stage):
@@ -93,7 +94,8 @@ def markdown(rows: Sequence[dict[str, Any]], phases: Sequence[PhaseSummary]) -> 
     for p in phases:
         verdict = "not run" if p.passed is None else "PASS" if p.passed else "FAIL"
         wall = "" if p.seconds is None else f"{p.seconds:.0f} s"
-        lines.append(f"| {p.name} | {verdict} | {', '.join(p.failed) or '-'} | {wall} |")
+        name = f"[{p.name}]({p.link})" if p.link else p.name
+        lines.append(f"| {name} | {verdict} | {', '.join(p.failed) or '-'} | {wall} |")
     return "\n".join(lines) + "\n"
 
 

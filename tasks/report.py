@@ -49,10 +49,10 @@ def forging_report(config: PipelineConfig, stages: list[StageRef], curriculum: A
     create_markdown_artifact(key="forging-report", markdown=text,
                              description="What each phase added: per-skill held-out accuracy at every stage")
     get_run_logger().info("\n%s", text)
-    # Wall times stay out of W&B: its boundary task is keyed by what it logs, and a retry that found the phases
-    # finished must not log the same report twice
+    # Wall times and run links stay out of W&B: its boundary task is keyed by what it logs, and a retry that found
+    # the phases finished must not log the same report twice
     metrics = {"stages": {r["stage"]: {s: h / n for s, (h, n) in r["skills"].items()} for r in rows},
-               "phases": {p["name"]: {k: v for k, v in p.items() if k != "seconds"} for p in phases}}
+               "phases": {p["name"]: {k: v for k, v in p.items() if k not in ("seconds", "link")} for p in phases}}
     log_phase_boundary("report", run_group, home, config.tracking.wandb_mode, config.tracking.project,
                        config.model_dump(mode="json"), metrics, GateReport(phase="report", mode=config.gates.mode),
                        [ref])

@@ -213,6 +213,14 @@ def test_full_deployment_completes_and_second_run_is_cached(stack):
     assert {"cognate-base-loss", "cognate-memory-progress", "evomerge-fitness", "evomerge-skills",
             "quietstar-reinforce-loss", "bitnet-report", "forging-report", "bitnet-gates"} <= shown, shown
     assert stack.artifact_keys(second["id"]) == shown
+    # the top-level run's own artifact: the forging report, with each phase's verdict linked to its subflow run
+    report = [a for a in stack.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [second["id"]]}}})
+              if a.get("key") == "forging-report"]
+    assert report, "the agent-forge run itself carries no forging report"
+    subflows = {s["name"]: s["id"] for s in stack.post("/flow_runs/filter", {
+        "flow_runs": {"parent_flow_run_id": {"any_": [second["id"]]}}})}
+    phase_runs = [i for i in subflows.values() if f"/flow-run/{i})" in report[0]["data"]]
+    assert len(phase_runs) == 4, (report[0]["data"], subflows)  # cognate, evomerge, quietstar and bitnet; not prepare
 
 
 def test_failed_run_is_retried_like_the_ui_and_resumes(stack, tmp_path):

@@ -34,5 +34,7 @@ def test_the_markdown_gives_intervals_means_gates_and_wall_times(tmp_path):
     assert "| cognate speed | 96.0% [87%, 99%] | 0.0% [0%, 7%] | 48.0% |" in lines
     assert "| evomerge champion | 90.0% [79%, 96%] | 80.0% [67%, 89%] | 85.0% |" in lines
     assert "| evomerge | FAIL | accuracy_gain | 60 s |" in lines and "| cognate | PASS | - | 251 s |" in lines
+    linked = fr.markdown(rows, [fr.PhaseSummary("bitnet", False, ["speedup"], 70.0, "http://ui/flow-runs/flow-run/x")])
+    assert "| [bitnet](http://ui/flow-runs/flow-run/x) | FAIL | speedup | 70 s |" in linked.splitlines()
     stored = fr.markdown(rows, [])  # the store's table: no phase table, as no run's gates are in it
     assert "| phase | gates | failing | wall time |" not in stored and stored.rstrip().endswith("| 85.0% |")
