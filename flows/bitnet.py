@@ -16,7 +16,7 @@ from storage import ArtifactRef
 from tasks import showcase
 from tasks.bitnet import evaluate, finetune, quantize
 from tasks.gates import close_phase
-from tasks.runtime import latest_artifact, resolve_home, store
+from tasks.runtime import latest_artifact, resolve_home, run_link, store
 
 # the pipeline's order: the latest phase's output is what BitNet compresses
 INPUT_KINDS = ("quietstar-model", "evomerge-champion", "cognate-model")
@@ -57,5 +57,5 @@ def bitnet(config: PipelineConfig = PipelineConfig(), home: str | None = None, r
     close_phase(gates, config, run_group, home,
                 {"report": report, "quantize": st.manifest(staged)["metrics"], "finetune": st.manifest(packed)["metrics"]},
                 [packed, report_ref], images={"bitnet/sparsity_accuracy": str(st.file(report_ref, FIGURE))})
-    return BitNet(source=model, packed=packed, report=report_ref, gates_passed=gates.passed, run_url=flow_run.ui_url,
+    return BitNet(source=model, packed=packed, report=report_ref, gates_passed=gates.passed, run_url=run_link(),
                   failed_gates=[g.id for g in gates.failed])

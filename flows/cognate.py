@@ -16,7 +16,7 @@ from storage import ArtifactRef
 from tasks import showcase
 from tasks.cognate import diagnose_model, evaluate_cognate, go_no_go_markdown, train_foundation, train_specialist
 from tasks.gates import close_phase
-from tasks.runtime import resolve_home, store
+from tasks.runtime import resolve_home, run_link, store
 
 
 class Cognate(BaseModel):
@@ -61,5 +61,5 @@ def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
                 [base, *models.values(), *diagnoses.values()],
                 images={f"loss/{name}": str(st.file(ref, "loss.png")) for name, ref in {"base": base, **models}.items()}
                 | {f"diagnosis/{name}": str(st.file(ref, "diagnosis.png")) for name, ref in diagnoses.items()})
-    return Cognate(base=base, models=models, gates_passed=report.passed, run_url=flow_run.ui_url,
+    return Cognate(base=base, models=models, gates_passed=report.passed, run_url=run_link(),
                    failed_gates=[g.id for g in report.failed])

@@ -18,7 +18,7 @@ from storage import ArtifactError, ArtifactRef, ArtifactStore
 from tasks import showcase
 from tasks.evomerge import champion_recipe, evaluate_candidate, measure_inputs, store_champion
 from tasks.gates import close_phase
-from tasks.runtime import resolve_home, store, work_dir
+from tasks.runtime import resolve_home, run_link, store, work_dir
 
 SPECIALIST_ORDER = ("reasoning", "memory", "speed")
 
@@ -108,6 +108,6 @@ def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None,
                 final["champion"]["fitness"], best_input, final["champion"]["fitness"] / best_input,
                 metrics["run"]["stop_reason"])
     close_phase(report, config, run_group, home, metrics, [ref], images={"evomerge/fitness": str(st.file(ref, "fitness.png"))})
-    return EvoMerge(champion=ref, inputs=models, base=base, stop_reason=metrics["run"]["stop_reason"], run_url=flow_run.ui_url,
+    return EvoMerge(champion=ref, inputs=models, base=base, stop_reason=metrics["run"]["stop_reason"], run_url=run_link(),
                     generations=metrics["run"]["generations_run"], gates_passed=report.passed,
                     failed_gates=[g.id for g in report.failed])

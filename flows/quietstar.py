@@ -16,7 +16,7 @@ from tasks import showcase
 from tasks.gates import close_phase
 from tasks.quietstar import bake, evaluate, reinforce
 from tasks.quietstar_data import generate_reasoning_data
-from tasks.runtime import latest_artifact, resolve_home, store
+from tasks.runtime import latest_artifact, resolve_home, run_link, store
 
 INPUT_KINDS = ("evomerge-champion", "cognate-model")  # the pipeline's order: the latest phase's output
 
@@ -62,5 +62,5 @@ def quietstar(config: PipelineConfig = PipelineConfig(), home: str | None = None
                 [data, baked, reinforced],
                 images={"loss/baking": str(st.file(baked, "loss.png")), "loss/reinforce": str(st.file(reinforced, "loss.png"))})
     return QuietStar(input=model, data=data, baked=baked, model=reinforced, gates_passed=report.passed,
-                     run_url=flow_run.ui_url,
+                     run_url=run_link(),
                      failed_gates=[g.id for g in report.failed])

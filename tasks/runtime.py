@@ -119,6 +119,14 @@ def stored_with_checkpoints(home: str, recipe: Recipe, journal: str, run: Callab
     return ref
 
 
+def run_link() -> str | None:
+    """This flow run's page in the Prefect UI; None where no UI URL is configured (a local run's temporary
+    server), where prefect would give a link that starts with "None"."""
+    from prefect.settings import get_current_settings
+
+    return flow_run.ui_url if get_current_settings().ui_url else None
+
+
 def png_markdown(png: Path, alt: str) -> str:
     """An inline PNG for a Prefect markdown artifact (the UI cannot reach files in the store)."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"
