@@ -58,7 +58,7 @@ def _reporter(label: str, total_steps: int):
     return report
 
 
-def _trained_model(home: str, recipe: Recipe, label: str, journal: str, train: Callable[[Path, Path], dict]) -> ArtifactRef:
+def _trained_model(home: str, recipe: Recipe, journal: str, train: Callable[[Path, Path], dict]) -> ArtifactRef:
     """The model artifact for ``recipe``, trained (resumably) only when it is not stored yet."""
     return stored_with_checkpoints(home, recipe, journal,
                                    lambda work, out: train(work, out) | {"telemetry": steps.telemetry_summary(out)})
@@ -81,7 +81,7 @@ def train_foundation(config: PipelineConfig, curriculum: ArtifactRef, tokenizer:
                      home: str) -> ArtifactRef:
     st = store(home)
     recipe = foundation_recipe(config, curriculum, tokenizer, batch_size)
-    return _trained_model(home, recipe, "base", "cognate-foundation", lambda work, out: steps.train_foundation(
+    return _trained_model(home, recipe, "cognate-foundation", lambda work, out: steps.train_foundation(
         config.model, config.cognate, st.load(curriculum), st.load(tokenizer), batch_size, config.seed, work, out,
         _reporter("base", config.cognate.train.foundation_steps)))
 
@@ -94,7 +94,7 @@ def train_specialist(name: str, config: PipelineConfig, base: ArtifactRef, curri
     recipe = specialist_recipe(name, config, base, curriculum, batch_size)
     # the flow trains every specialist side by side: each in its own process, with its share of the cores
     threads = max(1, usable_cpus() // len(specialists()))
-    return _trained_model(home, recipe, name, f"cognate-specialist:{name}", lambda work, out: run_in_worker(
+    return _trained_model(home, recipe, f"cognate-specialist:{name}", lambda work, out: run_in_worker(
         steps.train_specialist, spec, st.load(base), config.cognate, config.model.seq_len, st.load(curriculum),
         batch_size, config.seed, work, out, threads=threads,
         on_progress=_reporter(name, 2 * stage_steps_for(spec, config.cognate.act_max_steps, config.cognate.train.stage_steps))))

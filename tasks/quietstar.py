@@ -5,7 +5,6 @@ data, curriculum) and checkpoint into a work directory named by the recipe, so a
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -36,10 +35,6 @@ def _reporter(label: str) -> Callable[[dict[str, Any]], None]:
     return report
 
 
-def _stored(home: str, recipe: Recipe, label: str, journal: str, run: Callable[[Path, Path], dict]) -> ArtifactRef:
-    return stored_with_checkpoints(home, recipe, journal, run)
-
-
 # A recipe's config is the whole block its step reads (every field is in the key by construction) and
 # what else reaches that step; the data, evaluation and gate blocks do not shape the weights, so changing
 # them never retrains.
@@ -61,7 +56,7 @@ def reinforced_recipe(config: PipelineConfig, baked: ArtifactRef, curriculum: Ar
 def bake(config: PipelineConfig, model: ArtifactRef, data: ArtifactRef, curriculum: ArtifactRef, home: str) -> ArtifactRef:
     st = store(home)
     recipe = baked_recipe(config, model, data, curriculum)
-    return _stored(home, recipe, "baking", "quietstar-bake", lambda work, out: steps.bake_model(
+    return stored_with_checkpoints(home, recipe, "quietstar-bake", lambda work, out: steps.bake_model(
         st.load(model), st.load(data), st.load(curriculum), config.quietstar.bake, config.model.seq_len, config.seed, work, out,
         _reporter("baking")))
 
@@ -70,7 +65,7 @@ def bake(config: PipelineConfig, model: ArtifactRef, data: ArtifactRef, curricul
 def reinforce(config: PipelineConfig, baked: ArtifactRef, curriculum: ArtifactRef, home: str) -> ArtifactRef:
     st = store(home)
     recipe = reinforced_recipe(config, baked, curriculum)
-    return _stored(home, recipe, "reinforce", "quietstar-reinforce", lambda work, out: steps.reinforce_model(
+    return stored_with_checkpoints(home, recipe, "quietstar-reinforce", lambda work, out: steps.reinforce_model(
         st.load(baked), st.load(curriculum), config.quietstar.rl, config.model, config.seed, work, out,
         _reporter("reinforce")))
 
