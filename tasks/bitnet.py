@@ -16,7 +16,7 @@ from phases.bitnet import steps
 from phases.config import PipelineConfig
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
-from tasks.runtime import producer, recipe_cache, record_execution, store
+from tasks.runtime import create, recipe_cache, store
 
 
 def _recipe_config(config: PipelineConfig, step: str) -> dict[str, Any]:
@@ -50,11 +50,10 @@ def quantize(config: PipelineConfig, model: ArtifactRef, curriculum: ArtifactRef
     recipe = staged_recipe(config, model, curriculum, tokenizer)
 
     def build(out):
-        record_execution(home, "bitnet-quantize")
         return steps.quantize(st.load(model), st.load(curriculum), st.load(tokenizer), config.bitnet.heldout,
                               config.bitnet.quantize, config.model, out)
 
-    ref = st.get_or_create(recipe, build, producer())
+    ref = create(home, recipe, "bitnet-quantize", build)
     m = st.manifest(ref)["metrics"]
     logger = get_run_logger()
     for s in m["stages"]:
@@ -71,11 +70,10 @@ def finetune(config: PipelineConfig, staged: ArtifactRef, model: ArtifactRef, cu
     recipe = packed_recipe(config, staged, model, curriculum)
 
     def build(out):
-        record_execution(home, "bitnet-finetune")
         return steps.finetune(st.load(staged), st.load(curriculum), config.bitnet.heldout, config.bitnet.finetune,
                               config.model, config.seed, out)
 
-    ref = st.get_or_create(recipe, build, producer())
+    ref = create(home, recipe, "bitnet-finetune", build)
     m = st.manifest(ref)["metrics"]
     get_run_logger().info("fine-tuning decision: %s; packed vs fake-quantized logits: max |diff| %.4g, arg-max "
                           "agreement %.4f", m["decision"], m["packed_vs_fake_quant"]["max_abs_logit_diff"],
@@ -90,11 +88,10 @@ def evaluate(config: PipelineConfig, model: ArtifactRef, staged: ArtifactRef, pa
     recipe = report_recipe(config, model, staged, packed, curriculum)
 
     def build(out):
-        record_execution(home, "bitnet-evaluate")
         return steps.evaluate(st.load(model), st.manifest(staged)["metrics"], st.load(packed), st.load(curriculum),
                               config.bitnet.heldout, config.bitnet.evaluate, config.model, out)
 
-    return st.get_or_create(recipe, build, producer())
+    return create(home, recipe, "bitnet-evaluate", build)
 
 
 def summary_markdown(report: dict[str, Any]) -> str:

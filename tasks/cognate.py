@@ -19,9 +19,9 @@ from phases.config import PipelineConfig
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
 from tasks.runtime import (
+    create,
     phase_cache,
     png_markdown,
-    producer,
     recipe_cache,
     record_execution,
     store,
@@ -130,11 +130,10 @@ def diagnose_model(name: str, config: PipelineConfig, model: ArtifactRef, home: 
     st = store(home)
 
     def build(out: Path) -> dict[str, Any]:
-        record_execution(home, "cognate-diagnose")
         return run_in_worker(steps.diagnose_model, st.load(model), config.cognate.diagnose, out, name,
                              threads=max(1, usable_cpus() // workers))
 
-    ref = st.get_or_create(diagnosis_recipe(config, model), build, producer())
+    ref = create(home, diagnosis_recipe(config, model), "cognate-diagnose", build)
     m = st.manifest(ref)["metrics"]
     get_run_logger().info("%s state diagnostics: %s (state health %.2f): %s", name, m["verdict"], m["health"],
                           ", ".join(f"{k} {v}" for k, v in m["statuses"].items()))

@@ -11,7 +11,7 @@ from phases.data import curriculum, dataset_files, hub_download, hub_registry
 from phases.data import tokenizer as bpe
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
-from tasks.runtime import producer, recipe_cache, record_execution, store
+from tasks.runtime import create, recipe_cache, store
 
 
 def curriculum_recipe(data: DataConfig) -> Recipe:
@@ -42,7 +42,6 @@ def build_curriculum(data: DataConfig, home: str) -> ArtifactRef:
     recipe = curriculum_recipe(data)
 
     def build(out: Path) -> dict:
-        record_execution(home, "build-curriculum")
         splits = curriculum.generate(data.train_per_stage, data.eval_per_stage, data.seed)
         sizes = dataset_files.save_splits(splits, out)
         rows = [r for split in splits.values() for r in split]
@@ -56,7 +55,7 @@ def build_curriculum(data: DataConfig, home: str) -> ArtifactRef:
         }
 
     st = store(home)
-    ref = st.get_or_create(recipe, build, producer())
+    ref = create(home, recipe, "build-curriculum", build)
     get_run_logger().info("curriculum %s: %s", ref, st.manifest(ref)["metrics"]["rows"])
     return ref
 
@@ -67,11 +66,10 @@ def download_hub_dataset(name: str, max_examples: int, home: str) -> ArtifactRef
     recipe = hub_recipe(name, max_examples)
 
     def build(out: Path) -> dict:
-        record_execution(home, f"download-hub-dataset:{name}")
         splits = hub_download.fetch(ds, max_examples)  # raises DatasetUnavailable with the reason
         return {"rows": dataset_files.save_splits(splits, out), "hub_id": ds.hub_id}
 
-    return store(home).get_or_create(recipe, build, producer())
+    return create(home, recipe, f"download-hub-dataset:{name}", build)
 
 
 @task(name="train-tokenizer", cache_policy=recipe_cache(tokenizer_recipe), persist_result=True)
@@ -80,7 +78,6 @@ def train_tokenizer(tok: TokenizerConfig, corpora: list[ArtifactRef], home: str)
     recipe = tokenizer_recipe(tok, corpora)
 
     def build(out: Path) -> dict:
-        record_execution(home, "train-tokenizer")
         splits = [dataset_files.load_splits(st.load(r)) for r in corpora]
         train_texts = [t for dd in splits for t in dd["train"]["text"]]
         val_texts = [t for dd in splits for t in dd["validation"]["text"]]
@@ -94,4 +91,4 @@ def train_tokenizer(tok: TokenizerConfig, corpora: list[ArtifactRef], home: str)
             "trained_on_texts": len(train_texts),
         }
 
-    return st.get_or_create(recipe, build, producer())
+    return create(home, recipe, "train-tokenizer", build)

@@ -20,7 +20,7 @@ from phases.evomerge.genome import Genome
 from phases.evomerge.plots import fitness_curve
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
-from tasks.runtime import phase_cache, producer, recipe_cache, record_execution, store
+from tasks.runtime import create, phase_cache, recipe_cache, record_execution, store
 
 _EVAL_SETS: dict[tuple, fit.EvalSet] = {}
 _STRUCTURE_MEMO: dict[str, dict[str, float]] = {}  # speed and memory per model structure, per process
@@ -86,7 +86,6 @@ def store_champion(config: PipelineConfig, champion: dict[str, Any], base: Artif
     genome = Genome.model_validate(champion)
 
     def build(out: Path) -> dict[str, Any]:
-        record_execution(home, "evomerge-champion")
         dirs = {n: st.load(r) for n, r in inputs.items()}
         # the YAML names its inputs relative to where the champion will live, so the artifact's bytes are
         # the same in every home (and the YAML still runs with `agent-forge merge` from inside it)
@@ -103,7 +102,7 @@ def store_champion(config: PipelineConfig, champion: dict[str, Any], base: Artif
         return {"final": final, "run": run, "champion": {"key": genome.key(), "techniques": genome.describe(),
                                                           "recipe": genome.recipe(), **files}}
 
-    ref = st.get_or_create(recipe, build, producer())
+    ref = create(home, recipe, "evomerge-champion", build)
     get_run_logger().info("champion %s stored as %s", genome.describe(), ref.id)
     return ref
 

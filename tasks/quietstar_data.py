@@ -26,7 +26,7 @@ from phases.quietstar.reasoning_data.generation import BudgetExhausted, Generati
 from phases.quietstar.reasoning_data.openrouter import OpenRouterClient, OpenRouterError, Price, resolve_base_url
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
-from tasks.runtime import producer, recipe_cache, record_execution, store, work_dir
+from tasks.runtime import create, recipe_cache, store, work_dir
 
 # The paid-for ledger is named by the content and the prompt's own version, not the whole package's
 # code version: a change elsewhere in phases/quietstar must never make a rerun buy the examples again.
@@ -88,7 +88,6 @@ def generate_reasoning_data(config: PipelineConfig, curriculum: ArtifactRef, hom
                                  code_version=LEDGER_VERSION))
 
     def build(out: Path) -> dict[str, Any]:
-        record_execution(home, "quietstar-data")
         rows = dataset_files.load_splits(st.load(curriculum))["train"]
         problems = generation.checkable_problems(rows, q.max_prompt_chars)
         if openrouter:
@@ -103,7 +102,7 @@ def generate_reasoning_data(config: PipelineConfig, curriculum: ArtifactRef, hom
                     summary["accepted"], summary["planned"], summary["rejects_by_reason"], usd(summary["spent_usd"]))
         return summary
 
-    return st.get_or_create(recipe, build, producer())
+    return create(home, recipe, "quietstar-data", build)
 
 
 def _from_openrouter(config: PipelineConfig, problems: list[dict[str, Any]], base_url: str, work: Path, logger):

@@ -14,7 +14,7 @@ from phases.common.gates import GateReport
 from phases.config import PipelineConfig
 from storage import ArtifactRef, Recipe
 from tasks.code_version import code_version
-from tasks.runtime import producer, record_execution, store
+from tasks.runtime import create, store
 from tasks.tracking import log_phase_boundary
 
 # (row name, artifact, is it packed, score with thoughts): the order of the climb
@@ -37,13 +37,13 @@ def forging_report(config: PipelineConfig, stages: list[StageRef], curriculum: A
     st = store(home)
 
     def build(out):
-        record_execution(home, "forging-report")  # the measuring; a run that finds the table only reads it
+        # the measuring; a run that finds the table only reads it
         rows = fr.measure([fr.Stage(name, st.load(ref), packed, thoughts) for name, ref, packed, thoughts in stages],
                           st.load(curriculum), config.model.seq_len, config.report.problems_per_skill)
         fr.write(out, rows, [])
         return {"stages": rows}
 
-    ref = st.get_or_create(report_recipe(config, stages, curriculum), build, producer())
+    ref = create(home, report_recipe(config, stages, curriculum), "forging-report", build)
     rows = st.manifest(ref)["metrics"]["stages"]
     text = fr.markdown(rows, [fr.PhaseSummary(**p) for p in phases])
     create_markdown_artifact(key="forging-report", markdown=text,

@@ -83,12 +83,15 @@ def producer() -> dict[str, Any]:
     }
 
 
-def record_execution(home: str, task_name: str) -> None:
+def record_execution(home: str, task_name: str, artifact: Recipe | None = None) -> None:
     """Append one line per real execution of a task body: cached tasks never reach this, so the
-    journal is how a user (and the resume tests) can see what actually ran."""
+    journal is how a user (and the resume tests) can see what actually ran, and which artifact it built."""
     path = Path(home) / JOURNAL
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"task": task_name, "flow_run_id": str(flow_run.id), "at": time.time(), "pid": os.getpid()})
+    entry = {"task": task_name, "flow_run_id": str(flow_run.id), "at": time.time(), "pid": os.getpid()}
+    if artifact is not None:
+        entry["artifact"] = f"{artifact.kind}/{artifact.key}"
+    line = json.dumps(entry)
     with open(path, "a") as f:
         f.write(line + "\n")
 
@@ -100,6 +103,16 @@ def read_journal(home: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def create(home: str, recipe: Recipe, journal: str, build: Callable[[Path], dict | None]) -> ArtifactRef:
+    """The artifact for ``recipe``: ``build(out)`` runs, journaled under ``journal``, only when it is not stored."""
+
+    def journaled(out: Path) -> dict | None:
+        record_execution(home, journal, recipe)
+        return build(out)
+
+    return store(home).get_or_create(recipe, journaled, producer())
+
+
 def work_dir(home: str, recipe: Recipe) -> Path:
     """Where a task checkpoints while it builds ``recipe``: named by the recipe, so a retry resumes there."""
     return Path(home) / "work" / recipe.kind / recipe.key
@@ -109,12 +122,7 @@ def stored_with_checkpoints(home: str, recipe: Recipe, journal: str, run: Callab
     """The artifact for ``recipe``: ``run(workdir, out)`` runs only when it is not stored yet, checkpointing
     into ``work_dir``, which is removed once the artifact is whole."""
     work = work_dir(home, recipe)
-
-    def build(out: Path) -> dict:
-        record_execution(home, journal)
-        return run(work, out)
-
-    ref = store(home).get_or_create(recipe, build, producer())
+    ref = create(home, recipe, journal, lambda out: run(work, out))
     shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming; the artifact is whole
     return ref
 

@@ -56,3 +56,24 @@ def cognate_micro(prefect_harness, tmp_path_factory):
     home = tmp_path_factory.mktemp("cognate-home")
     config = PipelineConfig.from_preset("tiny", **COGNATE_MICRO)
     return config, home, cognate(config, str(home))
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """A real Prefect server and process worker with the project's deployments (tests/prefect_stack.py)."""
+    from prefect_stack import Stack
+
+    s = Stack(tmp_path_factory.mktemp("deploy"))
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def deployed(stack) -> dict:
+    """`agent-forge/full` run once on the micro config, unbroken, into ``stack.home``: its finished flow run."""
+    first = stack.wait(stack.run_deployment())
+    assert first["state"]["type"] == "COMPLETED", stack.log("worker")
+    return first

@@ -4,6 +4,8 @@ thought-blind model, generate hides thoughts, baking adds tied token rows, rollb
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from thought_references import cached_sequential, sliced_reference
@@ -386,3 +388,113 @@ def test_baking_keeps_the_state_best_on_one_held_out_set_and_gates_it_on_the_oth
     kept = model.state_dict()
     assert all(torch.equal(kept[k], v) for k, v in at_step_2.state_dict().items())
     assert not all(torch.equal(kept[k], v) for k, v in at_step_4.state_dict().items())  # training moved on after 2
+
+
+class _Killed(Exception):
+    pass
+
+
+def _dies_on(calls: set[int], real):
+    """``real``, except that its n-th calls (counted over every process it is used in) raise, the way a
+    SIGKILL lands mid-measurement."""
+    count = [0]
+
+    def measured(*args, **kwargs):
+        count[0] += 1
+        if count[0] in calls:
+            raise _Killed(count[0])
+        return real(*args, **kwargs)
+
+    return measured
+
+
+def _until_done(run):
+    for _ in range(20):
+        try:
+            return run()
+        except _Killed:
+            pass
+    raise AssertionError("never finished")
+
+
+def test_interrupted_reinforcement_ends_with_an_unbroken_runs_record(tiny_lm, tmp_path, monkeypatch):
+    import phases.quietstar.reinforce as rl
+
+    base, tok, splits, _ = tiny_lm
+    rows = rl.answer_windows(answerable(splits["train"])[:20], tok, 16)
+    problems = theater_problems(answerable(splits["validation"])[:2], tok)
+    # checks at every step, one of them failing: a rollback, then steps run again
+    settings = Reinforcement(steps=4, batch_size=1, n_true=2, kl_weight=0.1,
+                             theater={"check_every": 1, "max_retries": 1, "eval_thoughts": 2})
+    real = rl.anti_theater
+    verdicts = iter([True, False] + [True] * 20)  # step 2 fails once
+
+    def scripted(*args, **kwargs):
+        return real(*args, **kwargs) | {"passed": next(verdicts)}
+
+    def run(workdir):
+        model = quietstar_from_baked(base, tok, thought_length=2)
+        out = rl.reinforce(model, base, rows, problems, settings, thought_count=2, seed=0, workdir=workdir)
+        return out, model.state_dict()
+
+    monkeypatch.setattr(rl, "anti_theater", scripted)
+    unbroken, weights = run(tmp_path / "unbroken")
+    assert len(unbroken["rollbacks"]) == 1 and unbroken["steps_run"] == 5
+    verdicts = iter([True, False] + [True] * 20)
+    monkeypatch.setattr(rl, "anti_theater", _dies_on({2, 4, 6}, scripted))  # in a check, after a rollback, and later
+    resumed, resumed_weights = _until_done(lambda: run(tmp_path / "killed"))
+    for key in ("checks", "rollbacks", "retries", "kl_weight_final", "steps_run", "final_check"):
+        assert resumed[key] == unbroken[key], key
+    assert Path(resumed["telemetry"]).read_text() == Path(unbroken["telemetry"]).read_text()
+    assert all(torch.equal(resumed_weights[k], v) for k, v in weights.items())
+
+
+def test_a_reinforcement_that_ran_out_of_retries_ends_there_when_run_again(tiny_lm, tmp_path, monkeypatch):
+    """A process killed after the loop gave up, before its artifact was stored: the rerun ends where it ended."""
+    import phases.quietstar.reinforce as rl
+
+    base, tok, splits, _ = tiny_lm
+    rows = rl.answer_windows(answerable(splits["train"])[:20], tok, 16)
+    problems = theater_problems(answerable(splits["validation"])[:2], tok)
+    settings = Reinforcement(steps=3, batch_size=1, n_true=2, theater={"check_every": 1, "max_retries": 1,
+                                                                       "eval_thoughts": 2})
+    real = rl.anti_theater
+    monkeypatch.setattr(rl, "anti_theater", lambda *a, **k: real(*a, **k) | {"passed": False})
+    runs = []
+    for _ in range(2):
+        model = quietstar_from_baked(base, tok, thought_length=2)
+        out = rl.reinforce(model, base, rows, problems, settings, thought_count=2, seed=0, workdir=tmp_path)
+        runs.append((out, Path(out["telemetry"]).read_text(), model.state_dict()))
+    (first, lines, weights), (again, lines_again, weights_again) = runs
+    assert first["retries"] == 1 and first["steps_run"] == 2 and lines.count("retries used up") == 1
+    assert {k: again[k] for k in ("checks", "steps_run", "final_check")} == {
+        k: first[k] for k in ("checks", "steps_run", "final_check")}
+    assert lines_again == lines
+    assert all(torch.equal(weights_again[k], v) for k, v in weights.items())
+
+
+def test_interrupted_baking_ends_with_an_unbroken_runs_record(tiny_lm, tmp_path, monkeypatch):
+    import copy
+
+    import phases.quietstar.baking as baking
+    from phases.quietstar.settings import Baking
+
+    base, tok, splits, _ = tiny_lm
+    reasoning = [{"prompt": r["prompt"], "answer": r["answer"],
+                  "text": f"{r['prompt']} [thinking]<step>{r['answer']}</step>[/endthinking] {r['answer']}"}
+                 for r in answerable(splits["train"])[:40]]
+    settings = Baking(max_steps=6, eval_every=2, batch_size=2, target=1.0, replay=0.0, optim={"adam_lr": 1e-2, "muon_lr": 0.05})
+
+    def run(workdir):
+        model = copy.deepcopy(base).requires_grad_(True)
+        out = baking.bake(model, tok, reasoning[:30], reasoning[30:32], reasoning[32:35], settings, 48, 0, workdir)
+        return out, model.state_dict()
+
+    unbroken, weights = run(tmp_path / "unbroken")
+    monkeypatch.setattr(baking, "structure_accuracy", _dies_on({2, 4}, baking.structure_accuracy))
+    resumed, resumed_weights = _until_done(lambda: run(tmp_path / "killed"))
+    assert resumed["resumed_from"] == 4 and unbroken["resumed_from"] is None
+    for key in ("evals", "selected", "steps_run", "final"):
+        assert resumed[key] == unbroken[key], key
+    assert Path(resumed["telemetry"]).read_text() == Path(unbroken["telemetry"]).read_text()
+    assert all(torch.equal(resumed_weights[k], v) for k, v in weights.items())

@@ -253,7 +253,7 @@ def bake(model: CognateForCausalLM, tokenizer: PreTrainedTokenizerBase, train: S
         opt_state, meta = latest
         opt.load_state_dict(opt_state)
         step, evals, resumed_from = meta["step"] + 1, meta["evals"], meta["step"]
-        telemetry.write(step=meta["step"], event="resumed")
+        telemetry.truncate(meta["telemetry_lines"])  # the killed process's lines after it are written again
     converged = bool(evals) and evals[-1]["convergence"] >= settings.target
     t0 = time.perf_counter()
     model.train()
@@ -290,8 +290,11 @@ def bake(model: CognateForCausalLM, tokenizer: PreTrainedTokenizerBase, train: S
             converged = acc["convergence"] >= settings.target
             if _score(evals[-1]) > max((_score(e) for e in evals[:-1]), default=(-math.inf, -math.inf)):
                 _save_best(model, workdir)
-            ckpts.save(step, model, opt.state_dict(), out.lm_loss.item(), extra={"evals": evals})
-        telemetry.write(**record)
+            telemetry.write(**record)
+            ckpts.save(step, model, opt.state_dict(), out.lm_loss.item(),
+                       extra={"evals": evals, "telemetry_lines": telemetry.lines})
+        else:
+            telemetry.write(**record)
         if on_progress is not None:
             on_progress(record | {"total_steps": settings.max_steps})
         step += 1

@@ -291,23 +291,30 @@ def reinforce(model: QuietStarForCausalLM, baked: CognateForCausalLM, rows: torc
     params = [p for p in model.parameters() if p.requires_grad]
     spec = thought_spec(settings, model, thought_count)
 
-    state = json.loads(state_file.read_text()) if state_file.exists() else {
-        "kl_weight": settings.kl_weight, "retries": 0, "checks": [], "rollbacks": []}
+    # What happened so far, as an unbroken run would have it at its latest durable point: the checks, rollbacks,
+    # KL weight, steps run and telemetry lines. It is written to the state file after a rollback and into each
+    # checkpoint; a resume takes the newer of the two (by ``saves``) and drops the telemetry written after it.
+    state = {"kl_weight": settings.kl_weight, "retries": 0, "checks": [], "rollbacks": [], "steps_run": 0,
+             "telemetry_lines": 0, "saves": 0}
     latest = ckpts.latest(model)
     if latest is None:
-        ckpts.save(0, model, opt.state_dict(), 0.0, extra={"good": True})
+        ckpts.save(0, model, opt.state_dict(), 0.0, extra={"good": True, "state": state})
         step = 1
     else:
         opt.load_state_dict(latest[0])
         step = latest[1]["step"] + 1
-        telemetry.write(step=step - 1, event="resumed", kl_weight=state["kl_weight"])
+        saved = [latest[1]["state"]] + ([json.loads(state_file.read_text())] if state_file.exists() else [])
+        state = max(saved, key=lambda st: st["saves"])
+        telemetry.truncate(state["telemetry_lines"])
 
     def save_state() -> None:
+        state["saves"] += 1
+        state["telemetry_lines"] = telemetry.lines
         state_file.write_text(json.dumps(state))
 
-    t0, steps_run, last_check = time.perf_counter(), 0, None
+    t0 = time.perf_counter()
     model.train()
-    while step <= settings.steps:
+    while step <= settings.steps and not state.get("ended"):
         g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * state["retries"] + step)
         x = rows[torch.randint(len(rows), (settings.batch_size,), generator=g)]
         with torch.no_grad():
@@ -321,16 +328,18 @@ def reinforce(model: QuietStarForCausalLM, baked: CognateForCausalLM, rows: torc
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, CLIP_NORM))
         opt.step()
         opt.zero_grad()
-        steps_run += 1
+        state["steps_run"] += 1
         record = {"step": step, "lm_loss": stats["nll_mixed"], "grad_norm": grad_norm, "kl_weight": state["kl_weight"],
                   "lr": settings.optim.adam_lr, "rollback_count": state["retries"], **stats}
         if step % settings.theater.check_every == 0 or step == settings.steps:
             check = anti_theater(model, problems, settings, seed=seed + step)
-            last_check = check | {"step": step, "kl_weight": state["kl_weight"]}
-            state["checks"].append(last_check)
+            state["checks"].append(check | {"step": step, "kl_weight": state["kl_weight"]})
             record["theater"] = check
+            telemetry.write(**record)
             if check["passed"]:
-                ckpts.save(step, model, opt.state_dict(), stats["nll_mixed"], extra={"good": True})
+                state["saves"] += 1
+                state["telemetry_lines"] = telemetry.lines
+                ckpts.save(step, model, opt.state_dict(), stats["nll_mixed"], extra={"good": True, "state": state})
             elif state["retries"] < settings.theater.max_retries:
                 state["retries"] += 1
                 state["kl_weight"] *= 2
@@ -338,25 +347,25 @@ def reinforce(model: QuietStarForCausalLM, baked: CognateForCausalLM, rows: torc
                 opt.load_state_dict(opt_state)
                 state["rollbacks"].append({"at_step": step, "to_step": meta["step"], "new_kl_weight": state["kl_weight"],
                                            "failed": {k: check[k] for k in ("divergence", "ablation", "correlation")}})
-                save_state()
-                telemetry.write(**record)
                 telemetry.write(step=step, event="anti-theater failed: rolled back, KL doubled",
                                 rollback_count=state["retries"], kl_weight=state["kl_weight"])
+                save_state()
                 step = meta["step"] + 1
                 continue
             else:
-                save_state()
-                telemetry.write(**record)
                 telemetry.write(step=step, event="anti-theater failed: retries used up")
+                # the run ends on these weights: kept, so a resume ends here too instead of running the step again
+                state.update(ended=True, saves=state["saves"] + 1, telemetry_lines=telemetry.lines)
+                ckpts.save(step, model, opt.state_dict(), stats["nll_mixed"], extra={"good": False, "state": state})
                 break
-            save_state()
-        telemetry.write(**record)
+        else:
+            telemetry.write(**record)
         if on_progress is not None:
             on_progress(record | {"total_steps": settings.steps})
         step += 1
-    if last_check is None:  # resumed after the last check: measure what is there
-        last_check = anti_theater(model, problems, settings, seed=seed) | {"step": step - 1,
-                                                                                   "kl_weight": state["kl_weight"]}
+    # the last check an unbroken run made; a run resumed after it finds it in its state
+    last_check = state["checks"][-1] if state["checks"] else (
+        anti_theater(model, problems, settings, seed=seed) | {"step": step - 1, "kl_weight": state["kl_weight"]})
     return {"final_check": last_check, "checks": state["checks"], "rollbacks": state["rollbacks"],
-            "retries": state["retries"], "kl_weight_final": state["kl_weight"], "steps_run": steps_run,
+            "retries": state["retries"], "kl_weight_final": state["kl_weight"], "steps_run": state["steps_run"],
             "train_seconds": time.perf_counter() - t0, "telemetry": str(telemetry.path)}
