@@ -6,6 +6,7 @@ store's files), never the source of truth: ``use_artifact`` does not work offlin
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -55,6 +56,8 @@ def log_phase_boundary(
 
     wandb_dir = Path(home) / "wandb"
     wandb_dir.mkdir(parents=True, exist_ok=True)
+    for crashed in mark_crashed_runs(wandb_dir):
+        logger.warning("W&B: a killed process left a partial run; marked crashed, not synced: %s", crashed)
     run = wandb.init(
         project=project,
         group=run_group,
@@ -67,6 +70,7 @@ def log_phase_boundary(
         # no system-stats monitor: its own process (wandb-symon) outlived a SIGKILL of the run's process group
         settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
     )
+    marker = _open_run(wandb_dir, Path(run.dir).parent)
     try:
         run.summary.update(_flatten(metrics))
         run.summary["gates/passed"] = gates.passed
@@ -93,8 +97,52 @@ def log_phase_boundary(
         run_dir = str(Path(run.dir).parent)
     finally:
         run.finish()
+        marker.unlink()
     logger.info("W&B %s run for phase %s written to %s", mode, phase, run_dir)
     return run_dir
+
+
+# A W&B run is open from init to finish. A SIGKILL in between leaves a partial offline run that nothing in
+# that process can close, so each open run leaves a marker naming its directory and process, removed at finish.
+_OPEN = "open-runs"
+CRASHED_PREFIX = "crashed-"
+
+
+def _open_run(wandb_dir: Path, run_dir: Path) -> Path:
+    marker = wandb_dir / _OPEN / f"{os.getpid()}-{run_dir.name}.json"
+    marker.parent.mkdir(exist_ok=True)
+    marker.write_text(json.dumps({"pid": os.getpid(), "run_dir": str(run_dir)}))
+    return marker
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def mark_crashed_runs(wandb_dir: Path) -> list[Path]:
+    """Runs whose process died before finishing them: each directory is renamed ``crashed-<name>`` with a
+    CRASHED.txt saying so, so `wandb sync .../offline-run-*` leaves them out. Returns the new directories."""
+    marked = []
+    for marker in sorted((wandb_dir / _OPEN).glob("*.json")):
+        info = json.loads(marker.read_text())
+        if _alive(info["pid"]):
+            continue
+        run_dir = Path(info["run_dir"])
+        if run_dir.is_dir():
+            crashed = run_dir.with_name(CRASHED_PREFIX + run_dir.name)
+            run_dir.rename(crashed)
+            (crashed / "CRASHED.txt").write_text(
+                f"process {info['pid']} was killed before this W&B run finished; its records may be partial. "
+                "The phase is logged again when its flow runs again.\n")
+            marked.append(crashed)
+        marker.unlink()
+    return marked
 
 
 def _json_safe(value: Any) -> Any:
