@@ -81,10 +81,15 @@ class PipelineConfig(Strict):
 
     def gate_mode(self, phase: str) -> Literal["strict", "lenient"]:
         """A phase's effective gate mode: the phase's own ``gates.mode`` where one is set (a user's per-phase
-        choice; no preset sets one), else the pipeline's ``gates.mode``."""
+        choice; no preset sets one), else the pipeline's ``gates.mode``, which, where ``gates.reasons`` names
+        phases, is lenient for those alone."""
         own = {"prepare": None, "cognate": self.cognate.gates.mode, "evomerge": self.evomerge.gates.mode,
                "quietstar": self.quietstar.gates.mode, "bitnet": self.bitnet.gates.mode}[phase]
-        return own or self.gates.mode
+        if own:
+            return own
+        if self.gates.mode == "lenient" and self.gates.reasons and phase not in self.gates.reasons:
+            return "strict"
+        return self.gates.mode
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> PipelineConfig:
@@ -111,9 +116,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"train_per_stage": 4000, "eval_per_stage": 400},
         "tokenizer": {"vocab_size": 1024},
         "tracking": {}, "preflight": {}, "report": {},
-        "gates": {"mode": "lenient", "reason": (
-            "tiny is the CPU demo: a 1M-parameter model trained for minutes on 2 cores misses most targets; the "
-            "tables show FAIL where it fails, and --set gates.mode=strict stops the run at the first failing phase")},
+        # Each target below is kept, measured and shown FAIL in its table; the phase goes on because these limits
+        # are the tiny shape's, not the recipe's (the figures: README, "The forging report"). prepare stays strict.
+        "gates": {"mode": "lenient", "reasons": {
+            "cognate": "a 2-layer d=192 model trained for 4 minutes on 2 cores: its MAG gates stay near their start, "
+                       "its held-out loss moves with the memory chunk size, and the reasoning specialist, whose 4-5 "
+                       "recursion steps leave it 41 steps a stage (memory 165, speed 248), learns no skill",
+            "evomerge": "the tiny specialists learn their skills by moving every matrix 3-5x its norm away from a "
+                        "40-step base, so no weight-space merge keeps a skill: the champion is an input",
+            "quietstar": "no tiny model answers a word problem, so thoughts have nothing to raise",
+            "bitnet": "at d=192 packed ternary decode is slower than FP32 (per-token overhead outweighs the small "
+                      "matmuls); bench/bitnet.py measures the small shape",
+        }},
         "cognate": cognate_settings.TINY,
         "evomerge": evomerge_settings.TINY, "quietstar": {}, "bitnet": {},
     },

@@ -39,7 +39,7 @@ def close_phase(report: GateReport, config: PipelineConfig, run_group: str, home
     metrics, gates, outputs, images), then strict or lenient applied, so a strict failure comes after
     everything a user needs to see why."""
     if report.mode == "lenient" and config.gates.mode == "lenient":  # the pipeline's leniency, and its reason
-        report.reason = config.gates.reason
+        report.reason = config.gates.reasons.get(report.phase, "")
     publish_gates(report)
     log_phase_boundary(report.phase, run_group, home, config.tracking.wandb_mode, config.tracking.project,
                        config.model_dump(mode="json"), metrics, report, outputs, images=images)

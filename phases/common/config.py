@@ -79,7 +79,10 @@ class ReportConfig(Strict):
 class GateConfig(Strict):
     """The pipeline's gate mode. A phase's own ``gates.mode``, where set, wins for that phase (the one rule:
     ``PipelineConfig.gate_mode``); presets set only this one, so ``--set gates.mode=strict`` makes every
-    phase strict."""
+    phase strict. A lenient preset names the phases it lets through and why, phase by phase."""
 
     mode: Literal["strict", "lenient"] = Field(default="strict", description="strict gates fail the flow")
-    reason: str = Field(default="", description="why the gates are lenient: shown in every lenient gate table's title")
+    reasons: dict[Literal["prepare", "cognate", "evomerge", "quietstar", "bitnet"], str] = Field(
+        default_factory=dict, description=(
+            "where set, lenient applies only to these phases, each with why its targets are out of reach (shown in "
+            "its gate table's title); the others stay strict. Empty: lenient applies to every phase"))
