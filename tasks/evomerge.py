@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from phases.common.resources import pick_device
 from phases.config import PipelineConfig
 from phases.evomerge import fitness as fit
 from phases.evomerge import steps
@@ -29,9 +30,15 @@ _LOCK = threading.Lock()
 
 def search_config(config: PipelineConfig) -> dict[str, Any]:
     """What decides the champion: the whole section but its gates block, which is read after the search
-    (changing a threshold never re-runs it)."""
+    (changing a threshold never re-runs it), and the device the candidates are measured on (floating-point
+    sums differ across devices, so a near tie could go the other way)."""
     return {"evomerge": config.evomerge.model_dump(mode="json", exclude={"gates"}), "seed": config.seed,
-            "seq_len": config.model.seq_len}
+            "seq_len": config.model.seq_len, "eval_device": eval_device(config)}
+
+
+def eval_device(config: PipelineConfig) -> str:
+    """Where fitness is measured: the device preflight checked (``preflight.device``, resolved the same way)."""
+    return pick_device(config.preflight.device)
 
 
 def champion_recipe(config: PipelineConfig, base: ArtifactRef, inputs: list[ArtifactRef], curriculum: ArtifactRef) -> Recipe:
@@ -56,7 +63,7 @@ def measure_inputs(config: PipelineConfig, inputs: list[ArtifactRef], curriculum
     dirs = [st.load(r) for r in inputs]
     data = eval_set(home, curriculum, dirs[0], config, "validation")
     probe = data.rows[:config.evomerge.fitness.probe_rows]
-    return [steps.measure_model(steps.load_model(d), data, probe, _STRUCTURE_MEMO) for d in dirs]
+    return [steps.measure_model(steps.load_model(d), data, probe, _STRUCTURE_MEMO, eval_device(config)) for d in dirs]
 
 
 @task(name="evomerge-fitness", cache_policy=phase_cache("phases.evomerge"), persist_result=True,
@@ -69,7 +76,7 @@ def evaluate_candidate(genome: dict[str, Any], label: str, config: PipelineConfi
     dirs = [st.load(r, verify=False) for r in inputs]  # verified once by measure_inputs; not re-hashed per candidate
     data = eval_set(home, curriculum, dirs[0], config, "validation")
     return steps.evaluate_genome(Genome.model_validate(genome), st.load(base, verify=False), dirs, data,
-                                 config.evomerge.fitness.probe_rows, _STRUCTURE_MEMO)
+                                 config.evomerge.fitness.probe_rows, _STRUCTURE_MEMO, eval_device(config))
 
 
 def _champion_recipe(config: PipelineConfig, base: ArtifactRef, inputs: dict[str, ArtifactRef],
@@ -95,7 +102,7 @@ def store_champion(config: PipelineConfig, champion: dict[str, Any], base: Artif
         generations = steps.write_history(Path(state_dir), out)
         data = eval_set(home, curriculum, next(iter(dirs.values())), config, "test")
         final = steps.final_evaluation({**dirs, "champion": out}, data, weights,
-                                       config.evomerge.fitness.max_perplexity_increase)
+                                       config.evomerge.fitness.max_perplexity_increase, eval_device(config))
         fitness_curve(generations, out / "fitness.png", input_best=run["input_best_fitness"],
                       reseed_below=config.evomerge.search.reseed_below)
         (out / "skills.md").write_text(steps.skills_table(final) + "\n")

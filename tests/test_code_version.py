@@ -87,13 +87,14 @@ def _cli(repo: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_a_rerun_after_a_code_change_rebuilds_the_changed_phase_and_a_comment_rebuilds_nothing(tmp_path):
+def test_a_rerun_after_a_code_change_rebuilds_the_changed_phase_and_a_comment_rebuilds_nothing(stack, tmp_path):
     repo = tmp_path / "repo"
     for package in ("flows", "tasks", "phases", "storage"):
         shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     home = tmp_path / "home"
+    # the session's Prefect server (tests/prefect_stack.py): a run that starts its own pays 6 s more
     env = {**os.environ, "AGENT_FORGE_HOME": str(home), "PREFECT_HOME": str(tmp_path / "prefect"), "WANDB_MODE": "disabled",
-           "PYTHONPATH": str(repo)}
+           "PYTHONPATH": str(repo), "PREFECT_API_URL": stack.api}
     (tmp_path / "prefect").mkdir()
 
     def run() -> list[str]:

@@ -95,6 +95,22 @@ def test_sigkilled_training_resumes_from_its_checkpoint_and_ends_where_an_unbrok
         assert r[key] == u[key], key
 
 
+def test_a_run_resumed_after_its_last_checkpoint_ends_with_the_unbroken_runs_model(tmp_path):
+    """Killed after the last step's checkpoint, before the model was saved: the rerun runs no step, and must
+    still hand on the model (weights and config) an unbroken run hands on."""
+    model, batches, ev = _setup()
+    first = train(model, batches, ev, _settings(eval_every=3), tmp_path, 9)
+    again_model, batches, ev = _setup()
+    again = train(again_model, batches, ev, _settings(eval_every=3), tmp_path, 9)
+    assert again.resumed_from == 9 and first.resumed_from is None
+    assert again_model.config.mem_chunk_size == model.config.mem_chunk_size != 4  # 4: what setup() builds
+    assert again_model.config.to_dict() == model.config.to_dict()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again_model.state_dict().values()))
+    timing = {"train_seconds", "niah_seconds", "resumed_from", "telemetry"}
+    assert {k: v for k, v in again.as_dict().items() if k not in timing} == {
+        k: v for k, v in first.as_dict().items() if k not in timing}
+
+
 def test_a_specialist_stage_climbs_the_ladder_and_a_foundation_stage_does_not():
     from phases.cognate.steps import stage_rows
 

@@ -235,3 +235,26 @@ def test_the_skills_table_gives_each_models_accuracy_with_its_interval():
     assert table[0] == "| model | arithmetic (n=20) | kv_recall (n=20) | mean | fitness |"
     assert table[2].startswith("| champion | 90.0% [69.9%, 97.2%] | 95.0% [76.4%, 99.1%] | 92.5% | 2.100 |")
     assert "0.0% [0.0%, 16.1%]" in table[3]
+
+
+def test_fitness_is_measured_on_the_device_preflight_checks_and_the_champion_recipe_names_it(models, validation):
+    import torch
+
+    from phases.common.resources import PreflightError
+    from phases.config import PipelineConfig
+    from tasks.evomerge import eval_device, search_config
+
+    cpu = PipelineConfig.from_preset("tiny", preflight={"device": "cpu"})
+    assert eval_device(cpu) == "cpu" and search_config(cpu)["eval_device"] == "cpu"
+    auto = PipelineConfig.from_preset("tiny")
+    assert eval_device(auto) == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():  # asked for a GPU there is none of: the preflight's own error
+        with pytest.raises(PreflightError, match="no CUDA GPU"):
+            eval_device(PipelineConfig.from_preset("tiny", preflight={"device": "cuda"}))
+    model = steps.load_model(models["a"])
+    raw = steps.measure_model(model, validation, validation.rows[:1], {}, eval_device(auto))
+    assert next(model.parameters()).device.type == eval_device(auto)
+    on_cpu = steps.measure_model(steps.load_model(models["a"]), validation, validation.rows[:1], {}, "cpu")
+    # the same measurement wherever it runs: counts exactly, sums to float tolerance
+    assert raw["hits"] == on_cpu["hits"] and raw["flops_per_token"] == on_cpu["flops_per_token"]
+    assert raw["loss"] == pytest.approx(on_cpu["loss"], rel=1e-4)

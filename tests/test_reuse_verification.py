@@ -25,9 +25,11 @@ def _only(store: ArtifactStore, kind: str) -> Path:
     return store.artifact_dir(kind, m["id"])
 
 
-def test_damaged_artifacts_are_quarantined_and_rebuilt_with_a_hot_and_a_cold_prefect_cache(tmp_path):
+def test_damaged_artifacts_are_quarantined_and_rebuilt_with_a_hot_and_a_cold_prefect_cache(stack, tmp_path):
     home = tmp_path / "home"
-    env = {**os.environ, "AGENT_FORGE_HOME": str(home), "PREFECT_HOME": str(tmp_path / "prefect"), "WANDB_MODE": "disabled"}
+    # the session's Prefect server (tests/prefect_stack.py): a run that starts its own pays 6 s more
+    env = {**os.environ, "AGENT_FORGE_HOME": str(home), "PREFECT_HOME": str(tmp_path / "prefect"), "WANDB_MODE": "disabled",
+           "PREFECT_API_URL": stack.api}
     (tmp_path / "prefect").mkdir()
     assert _cli(*ARGS, env=env).returncode == 0
     store = ArtifactStore(home)

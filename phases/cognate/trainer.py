@@ -234,6 +234,9 @@ def train(
         step += 1
 
     train_seconds = time.perf_counter() - t_start
+    # the last step's chunk size, which a model saved after an unbroken run carries: a run resumed after its last
+    # checkpoint runs no step and would keep the size it was loaded with
+    model.set_runtime(mem_chunk_size=clipper.chunk_size(step_offset + steps))
     if math.isnan(history["last_eval"]):
         history["last_eval"] = heldout_loss(model, eval_ids, labels=eval_labels)
     return TrainResult(

@@ -70,13 +70,15 @@ def _nbytes(obj: Any, seen: set[int]) -> int:
 def inference_memory_bytes(model, seq_len: int) -> int:
     weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in
                   [*model.parameters(), *model.buffers()]}.values())
-    out = model(torch.zeros(1, seq_len, dtype=torch.long), use_cache=True)
+    out = model(torch.zeros(1, seq_len, dtype=torch.long, device=next(model.parameters()).device), use_cache=True)
     return weights + _nbytes(out.cache, set())
 
 
 def measure(model, data: EvalSet, structure_memo: dict[str, dict[str, float]] | None = None,
-            speed_rows: int = 4) -> dict[str, float]:
-    """The raw components, all measured. ``structure_memo`` carries speed and memory across candidates."""
+            speed_rows: int = 4, device: str = "cpu") -> dict[str, float]:
+    """The raw components, all measured on ``device`` (the model moves there). ``structure_memo`` carries
+    speed and memory across candidates: both are counts (FLOPs, bytes), the same on any device."""
+    model.to(device)
     with _EXCLUSIVE:
         # One intra-op thread on CPU: a candidate's ops are small, and on a busy 2-core machine two
         # OpenMP threads spent 15× longer at their barriers than one thread took to do the work.
@@ -90,15 +92,16 @@ def measure(model, data: EvalSet, structure_memo: dict[str, dict[str, float]] | 
 
 def _measure(model, data: EvalSet, structure_memo: dict[str, dict[str, float]] | None, speed_rows: int) -> dict[str, float]:
     model.eval()
-    loss = heldout_loss(model, data.rows)
+    rows = data.rows.to(next(model.parameters()).device)
+    loss = heldout_loss(model, rows)
     if not math.isfinite(loss):
         return {"loss": loss, "perplexity": math.inf, "accuracy": 0.0, "skill_hits": {}, "hits": [], "flops_per_token": math.inf,
                 "memory_bytes": math.inf, "non_finite": 1.0}
     key = structure_key(model.config.to_dict())
     memo = structure_memo if structure_memo is not None else {}
     if key not in memo:
-        memo[key] = {"flops_per_token": forward_flops_per_token(model, data.rows[:speed_rows]),
-                     "memory_bytes": float(inference_memory_bytes(model, data.rows.shape[1]))}
+        memo[key] = {"flops_per_token": forward_flops_per_token(model, rows[:speed_rows]),
+                     "memory_bytes": float(inference_memory_bytes(model, rows.shape[1]))}
     hits = teacher_forced_hits(model, data.problems)
     skills = data.skill_hits(hits)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
@@ -148,7 +151,7 @@ def score(raw: dict[str, Any], ref: dict[str, Any], weights: dict[str, float]) -
 @torch.no_grad()
 def predictions(model, rows: torch.Tensor) -> list[int]:
     """Argmax next-token predictions on probe rows: the candidate's behaviour, for diversity."""
-    return model(rows).logits.argmax(-1).reshape(-1).tolist()
+    return model(rows.to(next(model.parameters()).device)).logits.argmax(-1).reshape(-1).tolist()
 
 
 def diversity(preds: Sequence[Sequence[int]]) -> float:

@@ -52,17 +52,17 @@ def load_model(path: Path):
     return load_pretrained(AutoModelForCausalLM, path).eval()
 
 
-def measure_model(model, data: fit.EvalSet, probe: torch.Tensor, memo: dict | None) -> dict[str, Any]:
-    raw = fit.measure(model, data, memo)
+def measure_model(model, data: fit.EvalSet, probe: torch.Tensor, memo: dict | None, device: str = "cpu") -> dict[str, Any]:
+    raw = fit.measure(model, data, memo, device=device)
     raw["predictions"] = fit.predictions(model, probe) if raw["non_finite"] == 0 else []
     return raw
 
 
 def evaluate_genome(genome: Genome, base: Path, inputs: Sequence[Path], data: fit.EvalSet, probe_rows: int,
-                    memo: dict | None = None) -> dict[str, Any]:
+                    memo: dict | None = None, device: str = "cpu") -> dict[str, Any]:
     state, config = merge_genome(base, inputs, genome)
     model = build_model(state, config)
-    return measure_model(model, data, data.rows[:probe_rows], memo) | {"n_layers": config["num_hidden_layers"]}
+    return measure_model(model, data, data.rows[:probe_rows], memo, device) | {"n_layers": config["num_hidden_layers"]}
 
 
 def write_champion(genome: Genome, base: Path, inputs: Sequence[Path], names: Sequence[str], out: Path) -> dict[str, Any]:
@@ -154,11 +154,11 @@ def discard_state(state_dir: Path) -> None:
 
 
 def final_evaluation(model_dirs: dict[str, Path], data: fit.EvalSet, weights: dict[str, float],
-                     max_perplexity_increase: float | None) -> dict[str, Any]:
-    """Every model measured again on the test split, one at a time (no concurrent timing), scored
-    against the inputs' mean on that split."""
+                     max_perplexity_increase: float | None, device: str = "cpu") -> dict[str, Any]:
+    """Every model measured again on the test split, one at a time, scored against the inputs' mean on
+    that split."""
     memo: dict = {}
-    raws = {name: fit.measure(load_model(d), data, memo) for name, d in model_dirs.items()}
+    raws = {name: fit.measure(load_model(d), data, memo, device=device) for name, d in model_dirs.items()}
     ref = fit.reference([r for n, r in raws.items() if n != "champion"], max_perplexity_increase)
     out: dict[str, Any] = {"reference": ref, "inputs": {}}
     for name, raw in raws.items():
