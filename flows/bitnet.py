@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from flows.prepare import Prepared, prepare
 from phases.bitnet.gates import bitnet_gates
-from phases.bitnet.steps import FIGURE, REPORT
+from phases.bitnet.steps import FIGURE
 from phases.config import PipelineConfig
 from storage import ArtifactRef
 from tasks import showcase
@@ -52,7 +52,7 @@ def bitnet(config: PipelineConfig = PipelineConfig(), home: str | None = None, r
     showcase.bitnet_report(home, report_ref)
 
     st = store(home)
-    report = st.read_json(report_ref, REPORT)
+    report = st.manifest(report_ref)["metrics"]  # report.json and this run's timings
     gates = bitnet_gates(report, config.bitnet.gates, config.gate_mode("bitnet"))
     close_phase(gates, config, run_group, home,
                 {"report": report, "quantize": st.manifest(staged)["metrics"], "finetune": st.manifest(packed)["metrics"]},

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
-from phases.bitnet.steps import FIGURE, REPORT
+from phases.bitnet.steps import FIGURE
 from storage import ArtifactRef
 from tasks.bitnet import summary_markdown
 from tasks.runtime import png_markdown, store
@@ -37,5 +37,5 @@ def evomerge_champion(home: str, ref: ArtifactRef) -> None:
 def bitnet_report(home: str, ref: ArtifactRef) -> None:
     st = store(home)
     create_markdown_artifact(key="bitnet-report", description="BitNet: sparsity per layer, accuracy before/after",
-                             markdown=summary_markdown(st.read_json(ref, REPORT)) + "\n\n"
+                             markdown=summary_markdown(st.manifest(ref)["metrics"]) + "\n\n"
                              + png_markdown(st.file(ref, FIGURE), "bitnet"))

@@ -2,8 +2,8 @@
 deployment on a worker (the ``deployed`` fixture); then again with `agent-forge run`, phase by phase in fresh
 processes, SIGKILLed (the whole process group) at startup and in every phase along the way. Both stores must
 hold the same artifact ids with the same files, byte for byte; no task body whose artifact was already stored
-may run again; no process may outlive its run. The one exception to "byte for byte" is what is a timing by
-nature: the BitNet report's decode speeds and durations."""
+may run again; no process may outlive its run. Timings (the BitNet report's decode speeds) are measurements of
+a copy, kept in its manifest's metrics, never in the files an artifact id names."""
 
 import json
 import os
@@ -19,7 +19,6 @@ from storage import ArtifactStore
 from tasks.runtime import read_journal
 
 REPO = Path(__file__).resolve().parents[1]
-TIMINGS = {"speed", "seconds", "cpu_seconds"}  # report.json keys that hold wall or CPU time
 
 # (flow, journal task to wait for, seconds after it starts). None: seconds after the process starts.
 # Each restart resumes, so a plan's later kills land further into the phase: in checkpointed training,
@@ -51,11 +50,7 @@ def _contents(home: Path) -> dict[str, dict[str, str]]:
     store = ArtifactStore(home)
     out = {}
     for m in store.list():
-        files = {name: meta["sha256"] for name, meta in m["files"].items()}
-        if m["kind"] == "bitnet-report":
-            report = json.loads((store.artifact_dir(m["kind"], m["id"]) / "report.json").read_text())
-            files["report.json"] = json.dumps({k: v for k, v in report.items() if k not in TIMINGS}, sort_keys=True)
-        out[f"{m['kind']}/{m['id']}"] = files
+        out[f"{m['kind']}/{m['id']}"] = {name: meta["sha256"] for name, meta in m["files"].items()}
     return out
 
 
