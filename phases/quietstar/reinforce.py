@@ -307,10 +307,14 @@ def reinforce(model: QuietStarForCausalLM, baked: CognateForCausalLM, rows: torc
         state = max(saved, key=lambda st: st["saves"])
         telemetry.truncate(state["telemetry_lines"])
 
-    def save_state() -> None:
+    def durable() -> dict:
+        """The state as of now, one save newer: what a checkpoint or the state file records."""
         state["saves"] += 1
         state["telemetry_lines"] = telemetry.lines
-        state_file.write_text(json.dumps(state))
+        return state
+
+    def save_state() -> None:
+        state_file.write_text(json.dumps(durable()))
 
     t0 = time.perf_counter()
     model.train()
@@ -337,9 +341,7 @@ def reinforce(model: QuietStarForCausalLM, baked: CognateForCausalLM, rows: torc
             record["theater"] = check
             telemetry.write(**record)
             if check["passed"]:
-                state["saves"] += 1
-                state["telemetry_lines"] = telemetry.lines
-                ckpts.save(step, model, opt.state_dict(), stats["nll_mixed"], extra={"good": True, "state": state})
+                ckpts.save(step, model, opt.state_dict(), stats["nll_mixed"], extra={"good": True, "state": durable()})
             elif state["retries"] < settings.theater.max_retries:
                 state["retries"] += 1
                 state["kl_weight"] *= 2
@@ -355,8 +357,8 @@ def reinforce(model: QuietStarForCausalLM, baked: CognateForCausalLM, rows: torc
             else:
                 telemetry.write(step=step, event="anti-theater failed: retries used up")
                 # the run ends on these weights: kept, so a resume ends here too instead of running the step again
-                state.update(ended=True, saves=state["saves"] + 1, telemetry_lines=telemetry.lines)
-                ckpts.save(step, model, opt.state_dict(), stats["nll_mixed"], extra={"good": False, "state": state})
+                state["ended"] = True
+                ckpts.save(step, model, opt.state_dict(), stats["nll_mixed"], extra={"good": False, "state": durable()})
                 break
         else:
             telemetry.write(**record)
