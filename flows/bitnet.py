@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from pydantic import BaseModel
 
+from flows.phase_result import PhaseResult, verdict
 from flows.prepare import Prepared, prepare
 from phases.bitnet.gates import bitnet_gates
 from phases.bitnet.steps import FIGURE
@@ -16,19 +16,16 @@ from storage import ArtifactRef
 from tasks import showcase
 from tasks.bitnet import evaluate, finetune, quantize
 from tasks.gates import close_phase
-from tasks.runtime import latest_artifact, resolve_home, run_link, store
+from tasks.runtime import latest_artifact, resolve_home, store
 
 # the pipeline's order: the latest phase's output is what BitNet compresses
 INPUT_KINDS = ("quietstar-model", "evomerge-champion", "cognate-model")
 
 
-class BitNet(BaseModel):
+class BitNet(PhaseResult):
     source: ArtifactRef  # the model that was quantized
     packed: ArtifactRef
     report: ArtifactRef
-    gates_passed: bool
-    failed_gates: list[str] = []  # ids of the gates that failed (lenient runs go on past them)
-    run_url: str | None = None  # this phase's run in the Prefect UI (None where no UI URL is configured)
 
 
 def latest_model(home: str) -> ArtifactRef:
@@ -57,5 +54,4 @@ def bitnet(config: PipelineConfig = PipelineConfig(), home: str | None = None, r
     close_phase(gates, config, run_group, home,
                 {"report": report, "quantize": st.manifest(staged)["metrics"], "finetune": st.manifest(packed)["metrics"]},
                 [packed, report_ref], images={"bitnet/sparsity_accuracy": str(st.file(report_ref, FIGURE))})
-    return BitNet(source=model, packed=packed, report=report_ref, gates_passed=gates.passed, run_url=run_link(),
-                  failed_gates=[g.id for g in gates.failed])
+    return BitNet(source=model, packed=packed, report=report_ref, **verdict(gates))

@@ -6,8 +6,8 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
-from pydantic import BaseModel
 
+from flows.phase_result import PhaseResult, verdict
 from flows.prepare import Prepared, prepare
 from phases.cognate.gates import cognate_gates
 from phases.cognate.specialists import specialists
@@ -16,15 +16,12 @@ from storage import ArtifactRef
 from tasks import showcase
 from tasks.cognate import diagnose_model, evaluate_cognate, go_no_go_markdown, train_foundation, train_specialist
 from tasks.gates import close_phase
-from tasks.runtime import resolve_home, run_link, store
+from tasks.runtime import resolve_home, store
 
 
-class Cognate(BaseModel):
+class Cognate(PhaseResult):
     base: ArtifactRef
     models: dict[str, ArtifactRef]
-    gates_passed: bool
-    failed_gates: list[str] = []  # ids of the gates that failed (lenient runs go on past them)
-    run_url: str | None = None  # this phase's run in the Prefect UI (None where no UI URL is configured)
 
 
 @flow(name="cognate", persist_result=True)
@@ -61,5 +58,4 @@ def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
                 [base, *models.values(), *diagnoses.values()],
                 images={f"loss/{name}": str(st.file(ref, "loss.png")) for name, ref in {"base": base, **models}.items()}
                 | {f"diagnosis/{name}": str(st.file(ref, "diagnosis.png")) for name, ref in diagnoses.items()})
-    return Cognate(base=base, models=models, gates_passed=report.passed, run_url=run_link(),
-                   failed_gates=[g.id for g in report.failed])
+    return Cognate(base=base, models=models, **verdict(report))

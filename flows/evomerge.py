@@ -8,8 +8,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
-from pydantic import BaseModel
 
+from flows.phase_result import PhaseResult, verdict
 from flows.prepare import Prepared, prepare
 from phases.config import PipelineConfig
 from phases.evomerge import steps
@@ -18,20 +18,17 @@ from storage import ArtifactError, ArtifactRef, ArtifactStore
 from tasks import showcase
 from tasks.evomerge import champion_recipe, evaluate_candidate, measure_inputs, store_champion
 from tasks.gates import close_phase
-from tasks.runtime import resolve_home, run_link, store, work_dir
+from tasks.runtime import resolve_home, store, work_dir
 
 SPECIALIST_ORDER = ("reasoning", "memory", "speed")
 
 
-class EvoMerge(BaseModel):
+class EvoMerge(PhaseResult):
     champion: ArtifactRef
     inputs: dict[str, ArtifactRef]
     base: ArtifactRef
     stop_reason: str
     generations: int
-    gates_passed: bool
-    failed_gates: list[str] = []  # ids of the gates that failed (lenient runs go on past them)
-    run_url: str | None = None  # this phase's run in the Prefect UI (None where no UI URL is configured)
 
 
 def latest_cognate(st: ArtifactStore) -> tuple[dict[str, ArtifactRef], ArtifactRef]:
@@ -108,6 +105,5 @@ def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None,
                 final["champion"]["fitness"], best_input, final["champion"]["fitness"] / best_input,
                 metrics["run"]["stop_reason"])
     close_phase(report, config, run_group, home, metrics, [ref], images={"evomerge/fitness": str(st.file(ref, "fitness.png"))})
-    return EvoMerge(champion=ref, inputs=models, base=base, stop_reason=metrics["run"]["stop_reason"], run_url=run_link(),
-                    generations=metrics["run"]["generations_run"], gates_passed=report.passed,
-                    failed_gates=[g.id for g in report.failed])
+    return EvoMerge(champion=ref, inputs=models, base=base, stop_reason=metrics["run"]["stop_reason"],
+                    generations=metrics["run"]["generations_run"], **verdict(report))

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from pydantic import BaseModel
 
+from flows.phase_result import PhaseResult, verdict
 from flows.prepare import Prepared, prepare
 from phases.config import PipelineConfig
 from phases.quietstar.gates import quietstar_gates
@@ -16,19 +16,16 @@ from tasks import showcase
 from tasks.gates import close_phase
 from tasks.quietstar import bake, evaluate, reinforce
 from tasks.quietstar_data import generate_reasoning_data
-from tasks.runtime import latest_artifact, resolve_home, run_link, store
+from tasks.runtime import latest_artifact, resolve_home, store
 
 INPUT_KINDS = ("evomerge-champion", "cognate-model")  # the pipeline's order: the latest phase's output
 
 
-class QuietStar(BaseModel):
+class QuietStar(PhaseResult):
     input: ArtifactRef
     data: ArtifactRef
     baked: ArtifactRef
     model: ArtifactRef
-    gates_passed: bool
-    failed_gates: list[str] = []  # ids of the gates that failed (lenient runs go on past them)
-    run_url: str | None = None  # this phase's run in the Prefect UI (None where no UI URL is configured)
 
 
 def latest_model(home: str) -> ArtifactRef:
@@ -61,6 +58,4 @@ def quietstar(config: PipelineConfig = PipelineConfig(), home: str | None = None
                  "evaluation": evaluation},
                 [data, baked, reinforced],
                 images={"loss/baking": str(st.file(baked, "loss.png")), "loss/reinforce": str(st.file(reinforced, "loss.png"))})
-    return QuietStar(input=model, data=data, baked=baked, model=reinforced, gates_passed=report.passed,
-                     run_url=run_link(),
-                     failed_gates=[g.id for g in report.failed])
+    return QuietStar(input=model, data=data, baked=baked, model=reinforced, **verdict(report))
