@@ -7,6 +7,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.parameters import described
 from flows.phase_result import PhaseResult, verdict
 from flows.prepare import Prepared, prepare
 from phases.bitnet.gates import bitnet_gates
@@ -34,6 +35,7 @@ def latest_model(home: str) -> ArtifactRef:
 
 
 @flow(name="bitnet", persist_result=True)
+@described
 def bitnet(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None,
            model: ArtifactRef | None = None, prepared: Prepared | None = None) -> BitNet:
     home = resolve_home(home)

@@ -7,6 +7,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.parameters import described
 from flows.phase_result import PhaseResult, verdict
 from flows.prepare import Prepared, prepare
 from phases.cognate.gates import cognate_gates
@@ -25,6 +26,7 @@ class Cognate(PhaseResult):
 
 
 @flow(name="cognate", persist_result=True)
+@described
 def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None,
             prepared: Prepared | None = None) -> Cognate:
     home = resolve_home(home)
@@ -33,8 +35,9 @@ def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, 
         prepared = prepare(config, home, run_group)
     batch_size = config.cognate.train.batch_size or prepared.strategy["batch_size"]
 
-    base = train_foundation(config, prepared.curriculum, prepared.tokenizer, batch_size, home)
-    futures = {s.name: train_specialist.submit(s.name, config, base, prepared.curriculum, batch_size, home)
+    hub = prepared.hub_datasets  # their training rows join each stage's mix (cognate.train.hub_share)
+    base = train_foundation(config, prepared.curriculum, prepared.tokenizer, batch_size, home, hub)
+    futures = {s.name: train_specialist.submit(s.name, config, base, prepared.curriculum, batch_size, home, hub)
                for s in specialists()}
     models = {name: f.result() for name, f in futures.items()}
     for label, ref in {"base": base, **models}.items():

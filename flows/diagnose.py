@@ -7,6 +7,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.parameters import described
 from phases.cognate.gates import diagnosis_gates
 from phases.config import PipelineConfig
 from storage import ArtifactRef
@@ -18,6 +19,7 @@ DIAGNOSABLE = ("quietstar-model", "evomerge-champion", "cognate-model")
 
 
 @flow(name="diagnose", persist_result=True)
+@described
 def diagnose(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None,
              model: ArtifactRef | None = None) -> ArtifactRef:
     home = resolve_home(home)

@@ -9,6 +9,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
+from flows.parameters import described
 from flows.phase_result import PhaseResult, verdict
 from flows.prepare import Prepared, prepare
 from phases.config import PipelineConfig
@@ -48,6 +49,7 @@ def latest_cognate(st: ArtifactStore) -> tuple[dict[str, ArtifactRef], ArtifactR
 
 
 @flow(name="evomerge", persist_result=True)
+@described
 def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None,
              models: dict[str, ArtifactRef] | None = None, base: ArtifactRef | None = None,
              prepared: Prepared | None = None) -> EvoMerge:

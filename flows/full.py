@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from flows.bitnet import BitNet, bitnet
 from flows.cognate import Cognate, cognate
 from flows.evomerge import EvoMerge, evomerge
+from flows.parameters import described
 from flows.prepare import prepare
 from flows.quietstar import QuietStar, quietstar
 from phases.config import PipelineConfig
@@ -35,7 +36,9 @@ class Forged(BaseModel):
 
 
 @flow(name="agent-forge", persist_result=True)
+@described
 def full(config: PipelineConfig = PipelineConfig(), home: str | None = None) -> Forged:
+    """The whole pipeline, every phase's gates, then the forging report."""
     home = resolve_home(home)
     run_group = str(flow_run.id)  # one W&B group per pipeline run; a retry keeps it
     # Checked here, in the top-level run, as well as in prepare: a Retry re-enters this body but takes a
@@ -62,5 +65,6 @@ def full(config: PipelineConfig = PipelineConfig(), home: str | None = None) -> 
               ("bitnet ternary", phase4.packed, True, False)]
     phases = [{"name": name, "passed": getattr(forged, name).gates_passed, "failed": getattr(forged, name).failed_gates,
                "seconds": took, "link": getattr(forged, name).run_url} for name, took in seconds.items()]  # phase order
-    forged.report, forged.report_text = forging_report(config, stages, prepared.curriculum, phases, run_group, home)
+    forged.report, forged.report_text = forging_report(config, stages, prepared.curriculum, phases, run_group, home,
+                                                       prepared.hub_datasets)
     return forged

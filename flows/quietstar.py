@@ -7,6 +7,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.parameters import described
 from flows.phase_result import PhaseResult, verdict
 from flows.prepare import Prepared, prepare
 from phases.config import PipelineConfig
@@ -33,6 +34,7 @@ def latest_model(home: str) -> ArtifactRef:
 
 
 @flow(name="quietstar", persist_result=True)
+@described
 def quietstar(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None,
               model: ArtifactRef | None = None, prepared: Prepared | None = None) -> QuietStar:
     home = resolve_home(home)

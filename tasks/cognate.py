@@ -4,7 +4,7 @@ from its latest good checkpoint when the flow is retried, and a finished one com
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,40 +64,42 @@ def _trained_model(home: str, recipe: Recipe, journal: str, train: Callable[[Pat
                                    lambda work, out: train(work, out) | {"telemetry": steps.telemetry_summary(out)})
 
 
-def foundation_recipe(config: PipelineConfig, curriculum: ArtifactRef, tokenizer: ArtifactRef, batch_size: int) -> Recipe:
-    return Recipe(kind="cognate-base", inputs=(curriculum.id, tokenizer.id),
+def foundation_recipe(config: PipelineConfig, curriculum: ArtifactRef, tokenizer: ArtifactRef, batch_size: int,
+                      hub: Sequence[ArtifactRef] = ()) -> Recipe:
+    return Recipe(kind="cognate-base", inputs=(curriculum.id, tokenizer.id, *(r.id for r in hub)),
                   config=_training_config(config, batch_size), code_version=code_version("phases.cognate"))
 
 
 def specialist_recipe(name: str, config: PipelineConfig, base: ArtifactRef, curriculum: ArtifactRef,
-                      batch_size: int) -> Recipe:
-    return Recipe(kind="cognate-model", inputs=(base.id, curriculum.id),
+                      batch_size: int, hub: Sequence[ArtifactRef] = ()) -> Recipe:
+    return Recipe(kind="cognate-model", inputs=(base.id, curriculum.id, *(r.id for r in hub)),
                   config=_training_config(config, batch_size) | {"specialist": name},
                   code_version=code_version("phases.cognate"))
 
 
 @task(name="cognate-foundation", cache_policy=recipe_cache(foundation_recipe), persist_result=True)
 def train_foundation(config: PipelineConfig, curriculum: ArtifactRef, tokenizer: ArtifactRef, batch_size: int,
-                     home: str) -> ArtifactRef:
+                     home: str, hub: Sequence[ArtifactRef] = ()) -> ArtifactRef:
     st = store(home)
-    recipe = foundation_recipe(config, curriculum, tokenizer, batch_size)
+    recipe = foundation_recipe(config, curriculum, tokenizer, batch_size, hub)
     return _trained_model(home, recipe, "cognate-foundation", lambda work, out: steps.train_foundation(
         config.model, config.cognate, st.load(curriculum), st.load(tokenizer), batch_size, config.seed, work, out,
-        _reporter("base", config.cognate.train.foundation_steps)))
+        _reporter("base", config.cognate.train.foundation_steps), [st.load(r) for r in hub]))
 
 
 @task(name="cognate-specialist", cache_policy=recipe_cache(specialist_recipe), persist_result=True)
 def train_specialist(name: str, config: PipelineConfig, base: ArtifactRef, curriculum: ArtifactRef, batch_size: int,
-                     home: str) -> ArtifactRef:
+                     home: str, hub: Sequence[ArtifactRef] = ()) -> ArtifactRef:
     spec = {s.name: s for s in specialists()}[name]
     st = store(home)
-    recipe = specialist_recipe(name, config, base, curriculum, batch_size)
+    recipe = specialist_recipe(name, config, base, curriculum, batch_size, hub)
     # the flow trains every specialist side by side: each in its own process, with its share of the cores
     threads = max(1, usable_cpus() // len(specialists()))
     return _trained_model(home, recipe, f"cognate-specialist:{name}", lambda work, out: run_in_worker(
         steps.train_specialist, spec, st.load(base), config.cognate, config.model.seq_len, st.load(curriculum),
         batch_size, config.seed, work, out, threads=threads,
-        on_progress=_reporter(name, 2 * stage_steps_for(spec, config.cognate.act_max_steps, config.cognate.train.stage_steps))))
+        on_progress=_reporter(name, 2 * stage_steps_for(spec, config.cognate.act_max_steps, config.cognate.train.stage_steps)),
+        hub_dirs=[st.load(r) for r in hub]))
 
 
 @task(name="cognate-evaluate", cache_policy=phase_cache("phases.cognate"), persist_result=True)

@@ -22,12 +22,14 @@ def curriculum_recipe(data: DataConfig) -> Recipe:
     )
 
 
-def hub_recipe(name: str, max_examples: int) -> Recipe:
+def hub_recipe(name: str, data: DataConfig) -> Recipe:
     ds = hub_registry.lookup(name)
     return Recipe(
         kind="hub-dataset",
         config={"name": ds.name, "hub_id": ds.hub_id, "config": ds.config, "split": ds.split,
-                "revision": ds.revision, "max_examples": max_examples},
+                "eval_split": ds.eval_split, "revision": data.hub_revisions.get(name, ds.revision),
+                "source": hub_download.source_of(ds, data.hub_mirror), "max_examples": data.hub_max_examples,
+                "eval_examples": data.hub_eval_examples},
         code_version=code_version("phases.data"),
     )
 
@@ -61,13 +63,16 @@ def build_curriculum(data: DataConfig, home: str) -> ArtifactRef:
 
 
 @task(name="download-hub-dataset", cache_policy=recipe_cache(hub_recipe), persist_result=True)
-def download_hub_dataset(name: str, max_examples: int, home: str) -> ArtifactRef:
+def download_hub_dataset(name: str, data: DataConfig, home: str) -> ArtifactRef:
     ds = hub_registry.lookup(name)
-    recipe = hub_recipe(name, max_examples)
+    recipe = hub_recipe(name, data)
 
     def build(out: Path) -> dict:
-        splits = hub_download.fetch(ds, max_examples)  # raises DatasetUnavailable with the reason
-        return {"rows": dataset_files.save_splits(splits, out), "hub_id": ds.hub_id}
+        # raises DatasetUnavailable with the dataset, its source and the cause
+        splits, revision = hub_download.fetch(ds, data.hub_max_examples, data.hub_eval_examples, data.hub_mirror,
+                                              recipe.config["revision"])
+        return {"rows": dataset_files.save_splits(splits, out), "hub_id": ds.hub_id, "resolved_revision": revision,
+                "stage": ds.stage, "scorer": ds.scorer, "eval_split": ds.eval_split}
 
     return create(home, recipe, f"download-hub-dataset:{name}", build)
 

@@ -37,7 +37,7 @@ def recipe_cache(recipe: Callable[..., Recipe]) -> CachePolicy:
     wanted = list(inspect.signature(recipe).parameters)
 
     def key(_context: Any, parameters: dict[str, Any]) -> str:
-        r = recipe(**{name: parameters[name] for name in wanted})
+        r = recipe(**{name: parameters[name] for name in wanted if name in parameters})  # absent: its default
         st = store(parameters["home"])
         # Verify before reuse: Prefect's cached result is only a ref, so the files behind it are checked
         # here. A corrupt artifact goes to quarantine, which changes the key: Prefect misses, and the

@@ -121,9 +121,25 @@ class Stack:
                 os.killpg(p.pid, signal.SIGKILL)
 
     # ------------------------------------------------------------------ runs
+    def deployment(self, name: str = "agent-forge/full") -> dict:
+        return self.get(f"/deployments/name/{name}")
+
     def run_deployment(self, **params) -> str:
-        out = self.cli("deployment", "run", "agent-forge/full", "--params", json.dumps({"config": MICRO, **params}))
+        """A run of agent-forge/full as the UI's run form submits it: the form's parameters, posted to the
+        deployment's create_flow_run (the server checks them against the form's schema)."""
+        run = self.post(f"/deployments/{self.deployment()['id']}/create_flow_run",
+                        {"parameters": {"config": MICRO, **params}})
+        return run["id"]
+
+    def run_deployment_cli(self) -> str:
+        """The same, as a user types it: `prefect deployment run agent-forge/full`."""
+        out = self.cli("deployment", "run", "agent-forge/full", "--params", json.dumps({"config": MICRO}))
         return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+
+    def retry(self, flow_run_id: str) -> None:
+        """What the UI's Retry button posts: the run back to Scheduled, named AwaitingRetry, unforced."""
+        self.post(f"/flow_runs/{flow_run_id}/set_state", {
+            "state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}, "force": False})
 
     def wait(self, flow_run_id: str, timeout: float = 420) -> dict:
         deadline = time.monotonic() + timeout

@@ -347,7 +347,9 @@ def test_compression_and_sparsity_are_measured_from_the_files(packed_run):
     written = json.loads((root / "report" / "report.json").read_text())
     assert not {"speed", "seconds", "cpu_seconds"} & set(written) and written["compression"] == comp
     assert report["memory"]["packed_resident_bytes"] < report["memory"]["fp32_resident_bytes"]
-    assert (root / "report" / "bitnet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (root / "report" / "bitnet.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(png[16:20], "big") == 690  # the UI's width for an artifact's image: shown unscaled
     assert 0.2 < sp["input_free"] < 0.5  # absmean's zeros on the input's own weights
     gates = bitnet_gates(report, sec.gates, "lenient")
     assert {g.id for g in gates.gates} >= {"compression", "accuracy_drop", "speedup"}

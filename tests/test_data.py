@@ -160,6 +160,12 @@ def test_registry_has_the_sixteen_planned_datasets():
     assert {d.stage for d in hub_registry.REGISTRY.values()} <= set(curriculum.STAGES)
 
 
+def test_every_registry_dataset_is_pinned_to_a_commit_but_the_one_branch_named():
+    unpinned = {d.name: d.revision for d in hub_registry.REGISTRY.values()
+                if not (d.revision and len(d.revision) == 40 and set(d.revision) <= set("0123456789abcdef"))}
+    assert unpinned == {"strategy_qa": "refs/convert/parquet"}
+
+
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_converters_map_onto_the_curriculum_schema(name):
     ds = hub_registry.lookup(name)
@@ -182,8 +188,8 @@ def test_unknown_dataset_name_lists_the_known_ones():
 
 def test_offline_download_fails_naming_the_dataset(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(hub_download.DatasetUnavailable, match=r"'gsm8k' \(openai/gsm8k.*could not be downloaded"):
-        hub_download.fetch(hub_registry.lookup("gsm8k"), 10)
+    with pytest.raises(hub_download.DatasetUnavailable, match=r"'gsm8k' \(openai/gsm8k.*could not be read: \w+"):
+        hub_download.fetch(hub_registry.lookup("gsm8k"), 10, 10)
 
 
 def test_arithmetic_is_worked_column_by_column_and_every_column_is_checked(splits):
@@ -240,6 +246,6 @@ def test_the_answers_gate_fails_a_curriculum_with_one_wrong_label(splits):
     measured = {"verified_fraction": sum(curriculum.verify(r) for r in rows) / len(rows), "train_heldout_overlap": 0,
                 "rows": {"train": 1}}
     tok = {"roundtrip_rate": 1.0, "chars_per_token": 3.0}
-    gates = {g.id: g for g in prepare_gates(measured, tok, 0, 0, False).gates}
+    gates = {g.id: g for g in prepare_gates(measured, tok, 0, 0, {}).gates}
     assert measured["verified_fraction"] < 1 and not gates["answers_verified"].passed
     assert "no_heldout_leak" not in gates  # 0 by construction: reported, not gated

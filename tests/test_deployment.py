@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from prefect_stack import PHASE_KINDS, SPECIALISTS
+from test_run_form import assert_form
 
 from storage import ArtifactStore
 from tasks.runtime import read_journal
@@ -19,6 +20,14 @@ def _snapshot(home: Path) -> dict[str, str]:
     return {m["id"]: (Path(st.ref(m["id"]).path) / "manifest.json").read_text() for m in st.list()}
 
 
+def test_the_form_the_server_serves_titles_every_section_and_fills_none_from_a_preset(stack):
+    deployment = stack.deployment()
+    assert deployment["enforce_parameter_schema"]  # the server checks a run's parameters against this schema
+    config = deployment["parameter_openapi_schema"]["properties"]["config"]
+    assert config["title"] and config["description"]
+    assert_form(deployment["parameter_openapi_schema"])
+
+
 def test_full_deployment_completes_and_second_run_is_cached(stack, deployed):
     first = deployed
     store = ArtifactStore(stack.home)
@@ -28,7 +37,7 @@ def test_full_deployment_completes_and_second_run_is_cached(stack, deployed):
     before = _snapshot(stack.home)
     executions = len(read_journal(str(stack.home)))
 
-    second = stack.wait(stack.run_deployment())
+    second = stack.wait(stack.run_deployment_cli())  # as the README says it
     assert second["state"]["type"] == "COMPLETED", stack.log("worker")
     assert _snapshot(stack.home) == before  # same artifacts, untouched
     again = [e["task"] for e in read_journal(str(stack.home))][executions:]
@@ -73,7 +82,7 @@ def test_failed_run_is_retried_like_the_ui_and_resumes(stack, tmp_path):
     assert set(ran_before[5:]) == SPECIALISTS
 
     blocker.unlink()  # the fix
-    stack.cli("flow-run", "retry", run_id)  # what the UI's Retry button does
+    stack.retry(run_id)  # what the UI's Retry button posts
     done = stack.wait(run_id)
     assert done["id"] == run_id and done["state"]["type"] == "COMPLETED", stack.log("worker")
     assert done["run_count"] >= 2

@@ -116,7 +116,8 @@ def test_gates_can_fail_strict_and_warn_lenient(prefect_harness, home):
 def test_unreachable_hub_dataset_falls_back_or_fails(prefect_harness, home):
     from flows.prepare import prepare
 
-    cfg = PipelineConfig.from_preset("tiny", **{**TINY, "data": {**TINY["data"], "hub_datasets": ["gsm8k"]}})
+    cfg = PipelineConfig.from_preset("tiny", **{**TINY, "data": {**TINY["data"], "hub_datasets": ["gsm8k"],
+                                                              "offline_fallback": True}})
     out = prepare(cfg, str(home))
     assert out.hub_datasets == [] and out.curriculum.kind == "curriculum"
     # conftest sets WANDB_MODE=disabled, which beats the config's "offline": nothing is logged

@@ -38,9 +38,9 @@ PREPARE = ({"verified_fraction": 1.0, "train_heldout_overlap": 0, "rows": {"trai
 ])
 def test_prepare_gate_fails_alone(gate, broken):
     cur, tok = copy.deepcopy(PREPARE)
-    assert not _failing(prepare_gates(cur, tok, 0, 0, False))
+    assert not _failing(prepare_gates(cur, tok, 0, 0, {}))
     broken(cur, tok)
-    assert _failing(prepare_gates(cur, tok, 0, 0, False)) == {gate}
+    assert _failing(prepare_gates(cur, tok, 0, 0, {})) == {gate}
 
 
 # ----------------------------------------------------------------------------- cognate

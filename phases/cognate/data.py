@@ -77,6 +77,18 @@ def mixed_examples(rows: Sequence[dict], mix: dict[str, float] | None, seed: int
     return [rng.choice(by_task[t]) for t in rng.choices(tasks, weights, k=n)]
 
 
+def with_hub_share(examples: list[dict], hub_rows: Sequence[dict], share: float, seed: int) -> list[dict]:
+    """``examples`` with ``share`` of them replaced by rows drawn from ``hub_rows`` (seeded, with replacement), the
+    order shuffled: the same count, so the stage's steps and epochs read the same; unchanged without hub rows."""
+    if not hub_rows or share <= 0:
+        return examples
+    rng = random.Random(f"hub:{seed}")
+    n_hub = round(share * len(examples))
+    out = examples[: len(examples) - n_hub] + [rng.choice(hub_rows) for _ in range(n_hub)]
+    rng.shuffle(out)
+    return out
+
+
 def mixed_texts(rows: Sequence[dict], mix: dict[str, float] | None, seed: int, epochs: int = 1) -> list[str]:
     return [r["text"] for r in mixed_examples(rows, mix, seed, epochs)]
 

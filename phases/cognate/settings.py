@@ -65,6 +65,9 @@ class CognateTraining(Strict):
         "the learning rate falls linearly over this last share of a model's steps (a specialist's: both its "
         "stages together); 0: constant"))
     lr_floor: float = Field(default=0.05, ge=0, le=1, description="the decay ends at this share of the learning rate")
+    hub_share: float = Field(default=0.25, ge=0, lt=1, description=(
+        "share of each stage's training examples drawn from the selected hub datasets of that stage and the "
+        "stages below it (data.hub_datasets); with none selected, every example is the curriculum's"))
     optim: CognateOptim = Field(default_factory=CognateOptim)
 
 

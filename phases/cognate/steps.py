@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from phases.cognate import diagnostics, evaluate
 from phases.cognate.configuration import CognateConfig
-from phases.cognate.data import Batches, mixed_examples, pack_whole
+from phases.cognate.data import Batches, mixed_examples, pack_whole, with_hub_share
 from phases.cognate.modeling import CognateForCausalLM
 from phases.cognate.plots import diagnosis_figure, loss_curve
 from phases.cognate.settings import CognateDiagnostics, CognateSection
@@ -44,8 +44,10 @@ def model_config(shape: ModelShape, sec: CognateSection, tokenizer: PreTrainedTo
     )
 
 
-def load_inputs(curriculum_dir: Path, tokenizer_dir: Path):
-    return dataset_files.load_splits(curriculum_dir), bpe.load(tokenizer_dir)
+def load_inputs(curriculum_dir: Path, tokenizer_dir: Path, hub_dirs: Sequence[Path] = ()):
+    """(curriculum splits, tokenizer, the hub datasets' training rows)."""
+    hub_rows = [r for d in hub_dirs for r in dataset_files.load_splits(d)["train"]]
+    return dataset_files.load_splits(curriculum_dir), bpe.load(tokenizer_dir), hub_rows
 
 
 def stage_rows(splits, split: str, stage: str | None, climb: bool = False) -> list[dict]:
@@ -59,8 +61,10 @@ def stage_rows(splits, split: str, stage: str | None, climb: bool = False) -> li
 def train_stage(model: CognateForCausalLM, splits, tokenizer, stage: str, sec: CognateSection, seq_len: int,
                 batch_size: int, seed: int, workdir: Path, steps: int, step_offset: int,
                 mix: dict[str, float] | None, on_progress: Progress | None, regimes=(), climb: bool = False,
-                schedule_span: tuple[int, int] | None = None) -> TrainResult:
-    rows, labels = pack_whole(mixed_examples(stage_rows(splits, "train", stage, climb), mix, seed), tokenizer, seq_len)
+                schedule_span: tuple[int, int] | None = None, hub_rows: Sequence[dict] = ()) -> TrainResult:
+    examples = mixed_examples(stage_rows(splits, "train", stage, climb), mix, seed)
+    examples = with_hub_share(examples, stage_rows({"train": hub_rows}, "train", stage, climb), sec.train.hub_share, seed)
+    rows, labels = pack_whole(examples, tokenizer, seq_len)
     # the rollback detector watches the skills this stage trains: a specialist narrowing onto its own mix
     # loses ground on the others by design, and that is no spike
     held = [r for r in stage_rows(splits, "validation", stage, climb) if not mix or mix.get(r["task"], 0) > 0]
@@ -91,11 +95,11 @@ def _finish(model: CognateForCausalLM, tokenizer, results: dict[str, TrainResult
 
 def train_foundation(shape: ModelShape, sec: CognateSection, curriculum_dir: Path, tokenizer_dir: Path,
                      batch_size: int, seed: int, workdir: Path, out: Path,
-                     on_progress: Progress | None = None) -> dict[str, Any]:
+                     on_progress: Progress | None = None, hub_dirs: Sequence[Path] = ()) -> dict[str, Any]:
     """The shared base: a fresh model trained once on the foundation stage, at ``train.foundation_act_steps``
     recursion steps, with its batches rotating through the specialists' runtime settings where
     ``train.rotate_regimes`` is on (each specialist then starts in a regime the base has trained in)."""
-    splits, tokenizer = load_inputs(curriculum_dir, tokenizer_dir)
+    splits, tokenizer, hub_rows = load_inputs(curriculum_dir, tokenizer_dir, hub_dirs)
     torch.manual_seed(seed)
     model = build(CognateForCausalLM, model_config(shape, sec, tokenizer))
     regimes = [runtime_for(s, sec.act_max_steps) for s in specialists()] if sec.train.rotate_regimes else []
@@ -103,18 +107,19 @@ def train_foundation(shape: ModelShape, sec: CognateSection, curriculum_dir: Pat
         sec = sec.model_copy(update={"train": sec.train.model_copy(update={"polarization_weight": 0.0})})
     model.set_runtime(act_max_steps=sec.train.foundation_act_steps or sec.act_max_steps)
     result = train_stage(model, splits, tokenizer, "foundation", sec, shape.seq_len, batch_size, seed,
-                         workdir / "foundation", sec.train.foundation_steps, 0, None, on_progress, regimes)
+                         workdir / "foundation", sec.train.foundation_steps, 0, None, on_progress, regimes,
+                         hub_rows=hub_rows)
     model.set_runtime(act_max_steps=sec.act_max_steps)  # the base keeps the shape's bound; specialists set their own
     return _finish(model, tokenizer, {"foundation": result}, out)
 
 
 def train_specialist(spec: Specialist, base_dir: Path, sec: CognateSection, seq_len: int, curriculum_dir: Path,
                      batch_size: int, seed: int, workdir: Path, out: Path,
-                     on_progress: Progress | None = None) -> dict[str, Any]:
+                     on_progress: Progress | None = None, hub_dirs: Sequence[Path] = ()) -> dict[str, Any]:
     """A specialist: the shared base, its own runtime settings, then the reasoning and advanced stages. Each
     stage keeps the rungs below it in its data (``climb``): the test covers every rung, and trained on the
     harder rungs alone the speed specialist answered 0.5% of the arithmetic test."""
-    splits, tokenizer = load_inputs(curriculum_dir, base_dir)
+    splits, tokenizer, hub_rows = load_inputs(curriculum_dir, base_dir, hub_dirs)
     model = load_pretrained(CognateForCausalLM, base_dir)
     model.set_runtime(**runtime_for(spec, sec.act_max_steps))
     results, offset = {}, sec.train.foundation_steps
@@ -124,7 +129,7 @@ def train_specialist(spec: Specialist, base_dir: Path, sec: CognateSection, seq_
     for i, stage in enumerate(stages):
         results[stage] = train_stage(model, splits, tokenizer, stage, sec, seq_len, batch_size, seed + spec.seed_offset + i,
                                      workdir / stage, n_steps, offset, spec.mix, on_progress, climb=True,
-                                     schedule_span=span)
+                                     schedule_span=span, hub_rows=hub_rows)
         offset += n_steps
     return _finish(model, tokenizer, results, out) | {"specialist": spec.name}
 

@@ -44,13 +44,19 @@ class DataConfig(Strict):
     seed: int = 1234
     train_per_stage: int = Field(default=4000, ge=10, description="generated training examples per curriculum stage")
     eval_per_stage: int = Field(default=60, ge=5, description="validation and test examples per stage, each")
-    hub_datasets: list[str] = Field(
-        default_factory=list, description="registry names to pre-download (needs the Hub), e.g. ['gsm8k']"
-    )
-    hub_max_examples: int = Field(default=2000, ge=1, description="rows kept per downloaded dataset")
-    offline_fallback: bool = Field(
-        default=True, description="on a failed download, warn and train on the built-in curriculum"
-    )
+    hub_datasets: list[str] = Field(default_factory=list, description=(
+        "registry names (phases/data/hub_registry.py) whose rows join the tokenizer, each Cognate stage's training "
+        "mix (cognate.train.hub_share) and, where the dataset has a labelled held-out split, the forging report"))
+    hub_max_examples: int = Field(default=2000, ge=1, description="training rows kept per downloaded dataset")
+    hub_eval_examples: int = Field(default=200, ge=1, description="held-out rows kept per dataset with its own eval split")
+    hub_mirror: str | None = Field(default=None, description=(
+        "a directory of dataset repositories in the Hub's layout (<mirror>/openai/gsm8k: Parquet + README), read "
+        "instead of the Hub"))
+    hub_revisions: dict[str, str] = Field(default_factory=dict, description=(
+        "a commit to read per dataset name, over the registry's revision"))
+    offline_fallback: bool = Field(default=False, description=(
+        "on a failed download, go on without that dataset (its task fails with the reason, the prepare gate table "
+        "lists it); off, the failure stops the run"))
 
 
 class TokenizerConfig(Strict):
@@ -74,6 +80,8 @@ class PreflightConfig(Strict):
 class ReportConfig(Strict):
     problems_per_skill: int = Field(default=50, ge=1, description=(
         "held-out test problems per skill that every stage's model answers in the forging report"))
+    hub_problems: int = Field(default=100, ge=1, description=(
+        "held-out problems per selected hub dataset with an eval split that every stage's model is scored on"))
 
 
 class GateConfig(Strict):

@@ -14,7 +14,7 @@ def prepare_gates(
     tokenizer: dict[str, Any],
     hub_selected: int,
     hub_downloaded: int,
-    offline_fallback: bool,
+    fell_back: dict[str, str],
     mode: str = "strict",
 ) -> GateReport:
     r = GateReport(phase="prepare", mode=mode)
@@ -28,8 +28,9 @@ def prepare_gates(
     r.add("tokenizer_compression", "characters per token on validation", tokenizer["chars_per_token"], ">=",
           MIN_CHARS_PER_TOKEN)
     if hub_selected:
-        # a download that fails raises before the gates (or, with the offline fallback, is left out on purpose), so
-        # the count equals the selection whenever it is measured: reported, not gated
-        r.fact("hub_datasets", "selected hub datasets downloaded" + (" (offline fallback)" if offline_fallback else ""),
-               hub_downloaded)
+        # a download that fails raises before the gates, unless data.offline_fallback lets the run go on without it:
+        # either way the count is decided before it is measured, so it is shown, not gated, with what was left out
+        left_out = "; ".join(f"{name}: {why[:200]}" for name, why in sorted(fell_back.items()))
+        r.fact("hub_datasets", f"selected hub datasets read, of {hub_selected}"
+               + (f" (offline fallback, went on without {left_out})" if fell_back else ""), hub_downloaded)
     return r

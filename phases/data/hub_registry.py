@@ -6,8 +6,19 @@ Ids are the current canonical ones. Where the dataset's original short id moved 
   gsm8k -> openai/gsm8k, mbpp -> google-research-datasets/mbpp, ai2_arc -> allenai/ai2_arc,
   hotpot_qa -> hotpotqa/hotpot_qa, drop -> ucinlp/drop, hellaswag -> Rowan/hellaswag,
   boolq -> google/boolq, wikitext -> Salesforce/wikitext, piqa -> ybisk/piqa (Parquet branch),
-  wics/strategy-qa (Parquet branch), openwebtext -> Skylion007/openwebtext (script only; optional).
+  wics/strategy-qa (Parquet branch), openwebtext -> Skylion007/openwebtext (Parquet at the pinned commit; optional).
 Each converter returns a row of the curriculum schema, or None to drop a row it cannot use.
+
+Where a dataset has a held-out split of its own with labels (``eval_split``), its rows are the evaluation set every
+stage's model is scored on in the forging report, with the ``scorer`` that fits the dataset:
+- "answer": the exact final answer after the prompt (GSM8K, SVAMP, ASDiv), read as the curriculum's problems are;
+- "choice": the log-likelihood of each choice's text after the question, highest wins (ARC, BoolQ, PIQA,
+  HellaSwag, StrategyQA), as lm-evaluation-harness scores multiple-choice tasks. Such a row's ``program`` holds
+  {"stem", "choices", "label"}; its training text lists the choices by letter and answers with the letter.
+Revisions are pinned commits: each one appears in public code as a Hugging Face cache snapshot path or a
+``revision=`` pin, with the Parquet files read here under it. StrategyQA alone reads its Parquet branch's head (no
+commit of it was found). Every download records the commit it read in its artifact's manifest, and
+``data.hub_revisions`` overrides one per run.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from phases.data.curriculum import FIELDS, normalize_answer
 
@@ -40,14 +51,26 @@ def _qa(question: str, answer: str, context: str = "", rationale: str = "", task
     return _row(task, f"{ctx}Question: {question.strip()}\nAnswer:", answer.strip(), rationale)
 
 
+def _scored(row: Row, question: str, choices: list[str], correct: int, context: str = "") -> Row:
+    """``row`` with what the log-likelihood scorer reads: the bare question (no choices listed) and the choices."""
+    ctx = f"{context.strip()}\n" if context else ""
+    row["program"] = json.dumps({"stem": f"{ctx}Question: {question.strip()}\nAnswer:",
+                                 "choices": [c.strip() for c in choices], "label": correct})
+    return row
+
+
 def _choices(question: str, options: list[str], correct: int, context: str = "") -> Row | None:
     if not 0 <= correct < len(options):
         return None
     letters = "ABCDEFGH"
     listed = "\n".join(f"{letters[i]}. {o.strip()}" for i, o in enumerate(options))
     row = _qa(f"{question.strip()}\n{listed}", letters[correct], context, task="multiple_choice")
-    row["program"] = json.dumps({"options": len(options)})
-    return row
+    return _scored(row, question, options, correct, context)
+
+
+def _yes_no(question: str, answer: bool, context: str = "", rationale: str = "") -> Row:
+    row = _qa(question, "yes" if answer else "no", context, rationale, task="yes_no")
+    return _scored(row, question, ["no", "yes"], int(bool(answer)), context)
 
 
 def _gsm8k(r: Row) -> Row | None:
@@ -93,8 +116,7 @@ def _drop(r: Row) -> Row | None:
 
 
 def _strategyqa(r: Row) -> Row | None:
-    facts = " ".join(r.get("facts") or [])
-    return _qa(r["question"], "yes" if r["answer"] else "no", rationale=facts, task="yes_no")
+    return _yes_no(r["question"], r["answer"], rationale=" ".join(r.get("facts") or []))
 
 
 def _piqa(r: Row) -> Row | None:
@@ -109,7 +131,7 @@ def _hellaswag(r: Row) -> Row | None:
 
 
 def _boolq(r: Row) -> Row | None:
-    return _qa(r["question"].rstrip("?") + "?", "yes" if r["answer"] else "no", context=r["passage"], task="yes_no")
+    return _yes_no(r["question"].rstrip("?") + "?", r["answer"], context=r["passage"])
 
 
 def _plain_text(r: Row) -> Row | None:
@@ -128,6 +150,8 @@ class HubDataset:
     stage: str
     convert: Callable[[Row], Row | None]
     revision: str | None = None
+    eval_split: str | None = None  # the dataset's own labelled held-out split, scored in the forging report
+    scorer: Literal["answer", "choice"] | None = None
     streaming: bool = False
     optional: bool = False
     note: str = ""
@@ -140,37 +164,52 @@ class HubDataset:
         return {f: out[f] for f in FIELDS}
 
 
+# Commits, one per repository (allenai/ai2_arc and Salesforce/wikitext serve two configs each)
+ARC, WIKITEXT = "210d026faf9955653af8916fad021475a3f00453", "b08601e04326c79dfdd32d625aee71d232d685c3"
+
 REGISTRY: dict[str, HubDataset] = {
     d.name: d
     for d in [
-        HubDataset("gsm8k", "openai/gsm8k", "main", "train", "reasoning", _gsm8k, note="original id 'gsm8k' moved"),
-        HubDataset("svamp", "ChilleD/SVAMP", None, "train", "reasoning", _svamp),
+        HubDataset("gsm8k", "openai/gsm8k", "main", "train", "reasoning", _gsm8k,
+                   revision="740312add88f781978c0658806c59bc2815b9866", eval_split="test", scorer="answer",
+                   note="original id 'gsm8k' moved"),
+        HubDataset("svamp", "ChilleD/SVAMP", None, "train", "reasoning", _svamp,
+                   revision="5e0bf1e5e7c0e9c4bc39180d224f41f3f801b7ef", eval_split="test", scorer="answer"),
         HubDataset("asdiv", "MU-NLPC/Calc-asdiv_a", "default", "test", "reasoning", _asdiv,
-                   note="only a test split exists"),
+                   revision="520a6910e097ee287ecd2bb9104f7f45805f9df9", scorer="answer",
+                   note="only a test split exists: its held-out rows are the 5% its ids hash to"),
         HubDataset("mbpp", "google-research-datasets/mbpp", "full", "train", "advanced", _mbpp,
-                   note="original id 'mbpp' moved"),
-        HubDataset("arc_easy", "allenai/ai2_arc", "ARC-Easy", "train", "foundation", _arc,
-                   note="original id 'ai2_arc' moved"),
-        HubDataset("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "train", "reasoning", _arc,
-                   note="original id 'ai2_arc' moved"),
+                   revision="4bb6404fdc6cacfda99d4ac4205087b89d32030c", note="original id 'mbpp' moved"),
+        HubDataset("arc_easy", "allenai/ai2_arc", "ARC-Easy", "train", "foundation", _arc, revision=ARC,
+                   eval_split="test", scorer="choice", note="original id 'ai2_arc' moved"),
+        HubDataset("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "train", "reasoning", _arc, revision=ARC,
+                   eval_split="test", scorer="choice", note="original id 'ai2_arc' moved"),
         HubDataset("hotpot_qa", "hotpotqa/hotpot_qa", "distractor", "train", "advanced", _hotpot,
-                   note="original id 'hotpot_qa' moved"),
-        HubDataset("drop", "ucinlp/drop", None, "train", "advanced", _drop, note="original id 'drop' moved"),
+                   revision="1908d6afbbead072334abe2965f91bd2709910ab", note="original id 'hotpot_qa' moved"),
+        HubDataset("drop", "ucinlp/drop", None, "train", "advanced", _drop,
+                   revision="95cda593fae71b60b5b19f82de3fcf3298c1239c", note="original id 'drop' moved"),
         HubDataset("strategy_qa", "wics/strategy-qa", "strategyQA", "test", "advanced", _strategyqa,
-                   revision="refs/convert/parquet", note="loading script; read from the Parquet branch"),
-        HubDataset("piqa", "ybisk/piqa", None, "train", "foundation", _piqa, revision="refs/convert/parquet",
-                   note="original id 'piqa' is a loading script; read from the Parquet branch"),
+                   revision="refs/convert/parquet", scorer="choice",
+                   note="loading script; read from the Parquet branch's head (no commit of it found to pin)"),
+        HubDataset("piqa", "ybisk/piqa", None, "train", "foundation", _piqa,
+                   revision="142c51238b3ca2bc61e9a075913871b8b600e8e1", eval_split="validation", scorer="choice",
+                   note="original id 'piqa' is a loading script; the revision is its Parquet branch's commit"),
         HubDataset("hellaswag", "Rowan/hellaswag", None, "train", "reasoning", _hellaswag,
+                   revision="218ec52e09a7e7462a5400043bb9a69a41d06b76", eval_split="validation", scorer="choice",
                    note="original id 'hellaswag' moved"),
-        HubDataset("boolq", "google/boolq", None, "train", "foundation", _boolq, note="original id 'boolq' moved"),
+        HubDataset("boolq", "google/boolq", None, "train", "foundation", _boolq,
+                   revision="35b264d03638db9f4ce671b711558bf7ff0f80d5", eval_split="validation", scorer="choice",
+                   note="original id 'boolq' moved; its test labels are hidden"),
         HubDataset("wikitext", "Salesforce/wikitext", "wikitext-103-raw-v1", "train", "foundation", _plain_text,
-                   note="original id 'wikitext' moved; a config is required"),
+                   revision=WIKITEXT, note="original id 'wikitext' moved; a config is required"),
         HubDataset("fineweb_edu", "HuggingFaceFW/fineweb-edu", "sample-10BT", "train", "foundation", _plain_text,
-                   streaming=True, note="tens of GB: streamed, first rows kept"),
+                   revision="87f09149ef4734204d70ed1d046ddc9ca3f2b8f9", streaming=True,
+                   note="tens of GB: streamed, first rows kept"),
         HubDataset("openwebtext", "Skylion007/openwebtext", None, "train", "foundation", _plain_text,
-                   streaming=True, optional=True, note="loading script on main: may not load with datasets >= 4"),
+                   revision="b4325f019c648b1641a1784748667e8b74e5e064", streaming=True, optional=True,
+                   note="Parquet at this revision; tens of GB: streamed, first rows kept"),
         HubDataset("wikitext2", "Salesforce/wikitext", "wikitext-2-raw-v1", "train", "foundation", _plain_text,
-                   note="small wikitext for quick runs"),
+                   revision=WIKITEXT, note="small wikitext for quick runs"),
     ]
 }
 
