@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.parameters import described
-from flows.phase_result import PhaseResult, verdict
+from flows.phase_result import PhaseResult, handed_on, verdict
 from flows.prepare import Prepared, prepare
 from phases.bitnet.gates import bitnet_gates
 from phases.bitnet.steps import FIGURE
@@ -43,7 +43,7 @@ def bitnet(config: PipelineConfig = PipelineConfig(), home: str | None = None, r
     model = model or latest_model(home)
     get_run_logger().info("quantizing %s", model)
     if prepared is None:
-        prepared = prepare(config, home, run_group)
+        prepared = handed_on(prepare(config, home, run_group))
 
     staged = quantize(config, model, prepared.curriculum, prepared.tokenizer, home)
     packed = finetune(config, staged, model, prepared.curriculum, home)

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,19 +109,57 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Prefect's task results (the small refs) live beside the artifacts unless told otherwise.
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(home) / "prefect-results"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines log a failed send
-    flow = _load_flow(args.flow)
+    with _task_runner(args.task_runner, args.address):
+        return _run_flow(args.flow, config, home)
+
+
+def _run_flow(name: str, config, home: str) -> int:
+    flow = _load_flow(name)  # after the task runner is chosen: the flows read it when they are defined
     start = time.perf_counter()
     try:
         result = flow(config=config, home=home)
     except _user_errors() as e:  # Prefect has logged the traceback; end on the one line that says what to do
-        print(f"\n{args.flow} failed after {time.perf_counter() - start:.1f} s: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"\n{name} failed after {time.perf_counter() - start:.1f} s: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(f"\n{args.flow} finished in {time.perf_counter() - start:.1f} s; artifacts under {home}")
+    print(f"\n{name} finished in {time.perf_counter() - start:.1f} s; artifacts under {home}")
     if hasattr(result, "model_dump_json"):
         print(result.model_dump_json(indent=2, exclude={"report_text"}))
     if getattr(result, "report_text", ""):  # what a user looks at first, so it comes last
         print("\n" + result.report_text)
     return 0
+
+
+@contextmanager
+def _task_runner(kind: str | None, address: str | None) -> Iterator[None]:
+    """--task-runner and --address into the environment the flows (and Ray's workers) read. Ray's workers report
+    their task runs to the Prefect API: where none is configured, a Prefect server runs for this command."""
+    from tasks import scaling
+
+    if address and kind != "ray":
+        raise UsageError("--address joins a Ray cluster: it goes with --task-runner ray")
+    if kind:
+        os.environ[scaling.RUNNER_ENV] = kind
+    if address:
+        os.environ[scaling.ADDRESS_ENV] = address
+    if kind != "ray" or os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=120)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()  # the run's last log lines reach the server before it stops
+        server.stop()
+        os.environ.pop("PREFECT_API_URL", None)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -260,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", help="JSON or YAML file with PipelineConfig sections")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.seed=3")
     run.add_argument("--home", help="artifact store root (default: $AGENT_FORGE_HOME or ./.agent-forge)")
+    run.add_argument("--task-runner", choices=["local", "ray"], help=(
+        "where fan-out tasks run: this process's thread pool (default) or Ray"))
+    run.add_argument("--address", help="with --task-runner ray: a running Ray cluster to join (default: start one here)")
     run.set_defaults(func=cmd_run)
 
     merge = sub.add_parser("merge", help="run a mergekit-style YAML (linear, slerp, task_arithmetic, ties, "

@@ -8,13 +8,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.parameters import described
-from flows.phase_result import PhaseResult, verdict
+from flows.phase_result import PhaseResult, handed_on, verdict
 from flows.prepare import Prepared, prepare
 from phases.cognate.gates import cognate_gates
 from phases.cognate.specialists import specialists
+from phases.common.resources import pick_device, usable_cpus
 from phases.config import PipelineConfig
 from storage import ArtifactRef
-from tasks import showcase
+from tasks import scaling, showcase
 from tasks.cognate import diagnose_model, evaluate_cognate, go_no_go_markdown, train_foundation, train_specialist
 from tasks.gates import close_phase
 from tasks.runtime import resolve_home, store
@@ -25,20 +26,21 @@ class Cognate(PhaseResult):
     models: dict[str, ArtifactRef]
 
 
-@flow(name="cognate", persist_result=True)
+@flow(name="cognate", persist_result=True, task_runner=scaling.task_runner())
 @described
 def cognate(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None,
             prepared: Prepared | None = None) -> Cognate:
     home = resolve_home(home)
     run_group = run_group or str(flow_run.id)
     if prepared is None:
-        prepared = prepare(config, home, run_group)
+        prepared = handed_on(prepare(config, home, run_group))
     batch_size = config.cognate.train.batch_size or prepared.strategy["batch_size"]
 
     hub = prepared.hub_datasets  # their training rows join each stage's mix (cognate.train.hub_share)
     base = train_foundation(config, prepared.curriculum, prepared.tokenizer, batch_size, home, hub)
-    futures = {s.name: train_specialist.submit(s.name, config, base, prepared.curriculum, batch_size, home, hub)
-               for s in specialists()}
+    with scaling.claim(pick_device(config.preflight.device), usable_cpus() / len(specialists())):
+        futures = {s.name: train_specialist.submit(s.name, config, base, prepared.curriculum, batch_size, home, hub)
+                   for s in specialists()}
     models = {name: f.result() for name, f in futures.items()}
     for label, ref in {"base": base, **models}.items():
         showcase.loss_curve(home, f"cognate-{label}-loss", ref, f"Cognate {label}")

@@ -10,14 +10,14 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from flows.parameters import described
-from flows.phase_result import PhaseResult, verdict
+from flows.phase_result import PhaseResult, handed_on, verdict
 from flows.prepare import Prepared, prepare
 from phases.config import PipelineConfig
 from phases.evomerge import steps
 from phases.evomerge.gates import evomerge_gates
 from storage import ArtifactError, ArtifactRef, ArtifactStore
-from tasks import showcase
-from tasks.evomerge import champion_recipe, evaluate_candidate, measure_inputs, store_champion
+from tasks import scaling, showcase
+from tasks.evomerge import champion_recipe, eval_device, evaluate_candidate, measure_inputs, store_champion
 from tasks.gates import close_phase
 from tasks.runtime import resolve_home, store, work_dir
 
@@ -48,7 +48,7 @@ def latest_cognate(st: ArtifactStore) -> tuple[dict[str, ArtifactRef], ArtifactR
     return {n: st.ref(ms[n]["id"]) for n in names[:3]}, st.ref(base_id)
 
 
-@flow(name="evomerge", persist_result=True)
+@flow(name="evomerge", persist_result=True, task_runner=scaling.task_runner())
 @described
 def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None,
              models: dict[str, ArtifactRef] | None = None, base: ArtifactRef | None = None,
@@ -57,7 +57,7 @@ def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None,
     run_group = run_group or str(flow_run.id)
     logger = get_run_logger()
     if prepared is None:
-        prepared = prepare(config, home, run_group)
+        prepared = handed_on(prepare(config, home, run_group))
     st = store(home)
     if models is None:
         models, found_base = latest_cognate(st)
@@ -80,8 +80,9 @@ def evomerge(config: PipelineConfig = PipelineConfig(), home: str | None = None,
 
         def evaluate(genomes):
             """Each generation's candidates as concurrent tasks, yielded as they complete."""
-            futures = {evaluate_candidate.submit(g.model_dump(mode="json", exclude={"origin"}), g.key()[:12], config,
-                                                 base, inputs, prepared.curriculum, home): g for g in genomes}
+            with scaling.claim(eval_device(config)):
+                futures = {evaluate_candidate.submit(g.model_dump(mode="json", exclude={"origin"}), g.key()[:12],
+                                                     config, base, inputs, prepared.curriculum, home): g for g in genomes}
             for fut in as_completed(list(futures)):
                 yield futures[fut], fut.result()
 

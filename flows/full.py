@@ -9,16 +9,19 @@ from typing import TypeVar
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 from flows.bitnet import BitNet, bitnet
 from flows.cognate import Cognate, cognate
 from flows.evomerge import EvoMerge, evomerge
 from flows.parameters import described
+from flows.phase_result import handed_on
 from flows.prepare import prepare
 from flows.quietstar import QuietStar, quietstar
 from phases.config import PipelineConfig
 from storage import ArtifactRef
+from tasks import scaling
 from tasks.preflight import preflight
 from tasks.report import forging_report
 from tasks.runtime import resolve_home
@@ -35,7 +38,7 @@ class Forged(BaseModel):
     report_text: str = ""  # ... and the whole report, gates and wall times included
 
 
-@flow(name="agent-forge", persist_result=True)
+@flow(name="agent-forge", persist_result=True, task_runner=scaling.task_runner())  # Ray starts once, here
 @described
 def full(config: PipelineConfig = PipelineConfig(), home: str | None = None) -> Forged:
     """The whole pipeline, every phase's gates, then the forging report."""
@@ -44,13 +47,13 @@ def full(config: PipelineConfig = PipelineConfig(), home: str | None = None) -> 
     # Checked here, in the top-level run, as well as in prepare: a Retry re-enters this body but takes a
     # finished prepare subflow as it was, and disk and memory must be checked again on every attempt.
     checked = preflight(config, home)
-    prepared = prepare(config, home, run_group, checked)
+    prepared = handed_on(prepare(config, home, run_group, checked))
     seconds: dict[str, float] = {}
 
     def timed(name: str, run: Callable[[], T]) -> T:
         start = time.perf_counter()
         try:
-            return run()
+            return handed_on(run())
         finally:
             seconds[name] = time.perf_counter() - start
 
@@ -65,6 +68,7 @@ def full(config: PipelineConfig = PipelineConfig(), home: str | None = None) -> 
               ("bitnet ternary", phase4.packed, True, False)]
     phases = [{"name": name, "passed": getattr(forged, name).gates_passed, "failed": getattr(forged, name).failed_gates,
                "seconds": took, "link": getattr(forged, name).run_url} for name, took in seconds.items()]  # phase order
-    forged.report, forged.report_text = forging_report(config, stages, prepared.curriculum, phases, run_group, home,
-                                                       prepared.hub_datasets)
+    # quoted: values read off the phases' results would be recorded as "flow_run" inputs (see handed_on)
+    forged.report, forged.report_text = forging_report(config, quote(stages), prepared.curriculum, quote(phases),
+                                                       run_group, home, prepared.hub_datasets)
     return forged

@@ -10,6 +10,7 @@ from flows.parameters import described
 from phases.config import PipelineConfig
 from phases.data.gates import prepare_gates
 from storage import ArtifactRef
+from tasks import scaling
 from tasks.data import build_curriculum, download_hub_dataset, train_tokenizer
 from tasks.gates import close_phase
 from tasks.preflight import preflight
@@ -23,7 +24,7 @@ class Prepared(BaseModel):
     strategy: dict
 
 
-@flow(name="prepare", persist_result=True)
+@flow(name="prepare", persist_result=True, task_runner=scaling.task_runner())
 @described
 def prepare(config: PipelineConfig = PipelineConfig(), home: str | None = None, run_group: str | None = None,
             checked: dict | None = None) -> Prepared:

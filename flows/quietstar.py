@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.parameters import described
-from flows.phase_result import PhaseResult, verdict
+from flows.phase_result import PhaseResult, handed_on, verdict
 from flows.prepare import Prepared, prepare
 from phases.config import PipelineConfig
 from phases.quietstar.gates import quietstar_gates
@@ -42,7 +42,7 @@ def quietstar(config: PipelineConfig = PipelineConfig(), home: str | None = None
     model = model or latest_model(home)
     get_run_logger().info("Quiet-STaR on %s", model)
     if prepared is None:
-        prepared = prepare(config, home, run_group)
+        prepared = handed_on(prepare(config, home, run_group))
 
     data = generate_reasoning_data(config, prepared.curriculum, home)
     baked = bake(config, model, data, prepared.curriculum, home)

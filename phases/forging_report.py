@@ -125,7 +125,8 @@ def markdown(rows: Sequence[dict[str, Any]], phases: Sequence[PhaseSummary]) -> 
         verdict = "not run" if p.passed is None else "PASS" if p.passed else "FAIL"
         wall = "" if p.seconds is None else f"{p.seconds:.0f} s"
         name = f"[{p.name}]({p.link})" if p.link else p.name
-        lines.append(f"| {name} | {verdict} | {', '.join(p.failed) or '-'} | {wall} |")
+        failing = ", ".join(p.failed[:3]) + (f" and {len(p.failed) - 3} more" if len(p.failed) > 3 else "")
+        lines.append(f"| {name} | {verdict} | {failing or '-'} | {wall} |")  # the whole list: the phase's gate table
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ inputs name what it was made from, so the packed model's lineage runs back to th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -94,6 +95,11 @@ def evaluate(config: PipelineConfig, model: ArtifactRef, staged: ArtifactRef, pa
     return create(home, recipe, "bitnet-evaluate", build)
 
 
+def _drop(value: float) -> str:
+    """A relative drop; none where the input answered nothing (a share of nothing is undefined)."""
+    return "drop n/a (the input answers none)" if math.isnan(value) else f"drop {value:.2%}"
+
+
 def summary_markdown(report: dict[str, Any]) -> str:
     c, s, a, m = report["compression"], report["speed"], report["accuracy"], report["memory"]
     lines = [
@@ -107,12 +113,12 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"| resident tensor bytes | {m['fp32_resident_bytes']:,} | {m['packed_resident_bytes']:,} | "
         f"{m['ratio']:.2f}x |",
         f"| task accuracy (n={a['examples']}) | {a['before']:.4f} | {a['packed']:.4f} | "
-        f"drop {a['task_accuracy_drop']:.2%} (paired McNemar p={a['mcnemar_p']:.3g}) |",
+        f"{_drop(a['task_accuracy_drop'])} (paired McNemar p={a['mcnemar_p']:.3g}) |",
         *[f"| {skill} (answered / asked) | {h}/{n} | {a['skills_packed'][skill][0]}/{n} | |"
           for skill, (h, n) in a["skills_before"].items()],
         f"| next-token accuracy | {report['before']['token_accuracy']:.4f} | "
         f"{report['packed']['token_accuracy']:.4f} | "
-        f"drop {a['token_accuracy_drop']:.2%} |",
+        f"{_drop(a['token_accuracy_drop'])} |",
         f"| perplexity | {report['before']['ppl']:.3f} | {report['packed']['ppl']:.3f} | |",
         "", f"Sparsity (zero ternary weights): {report['sparsity']['overall']:.2%} overall.", "",
         "| layer group | kept in FP16 | why |", "|---|---|---|",

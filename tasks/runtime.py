@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,7 +89,9 @@ def record_execution(home: str, task_name: str, artifact: Recipe | None = None) 
     journal is how a user (and the resume tests) can see what actually ran, and which artifact it built."""
     path = Path(home) / JOURNAL
     path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"task": task_name, "flow_run_id": str(flow_run.id), "at": time.time(), "pid": os.getpid()}
+    # host and pid: where it ran (another process, or another machine, under --task-runner ray)
+    entry = {"task": task_name, "flow_run_id": str(flow_run.id), "at": time.time(), "host": socket.gethostname(),
+             "pid": os.getpid()}
     if artifact is not None:
         entry["artifact"] = f"{artifact.kind}/{artifact.key}"
     line = json.dumps(entry)

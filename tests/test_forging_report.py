@@ -36,5 +36,7 @@ def test_the_markdown_gives_intervals_means_gates_and_wall_times(tmp_path):
     assert "| evomerge | FAIL | accuracy_gain | 60 s |" in lines and "| cognate | PASS | - | 251 s |" in lines
     linked = fr.markdown(rows, [fr.PhaseSummary("bitnet", False, ["speedup"], 70.0, "http://ui/flow-runs/flow-run/x")])
     assert "| [bitnet](http://ui/flow-runs/flow-run/x) | FAIL | speedup | 70 s |" in linked.splitlines()
+    many = fr.markdown(rows, [fr.PhaseSummary("cognate", False, ["a", "b", "c", "d", "e"], 1.0)])
+    assert "| cognate | FAIL | a, b, c and 2 more | 1 s |" in many.splitlines()  # the rest: the phase's own table
     stored = fr.markdown(rows, [])  # the store's table: no phase table, as no run's gates are in it
     assert "| phase | gates | failing | wall time |" not in stored and stored.rstrip().endswith("| 85.0% |")

@@ -37,6 +37,7 @@ CASES = {
     "nan timeout": (["--set", "quietstar.data.timeout_s=NaN"], "quietstar.data.timeout_s", 2),
     "--set without a value": (["--set", "data.seed"], "KEY=VALUE", 2),
     "home under a file": (["--home", "{dir}/a_file/home"], "not writable", 2),
+    "a Ray address without Ray": (["--address", "127.0.0.1:6379"], "goes with --task-runner ray", 2),
 }
 
 

@@ -1,5 +1,5 @@
 """A small model and data for the training-loop tests; run as a script it trains in its own process,
-for the kill-and-resume test: python train_worker.py WORKDIR STEPS SLEEP."""
+for the kill-and-resume tests: python train_worker.py WORKDIR STEPS SLEEP [RANKS] (RANKS > 1: data-parallel)."""
 
 import json
 import sys
@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 
 from phases.cognate import CognateConfig, CognateForCausalLM
 from phases.cognate.settings import CognateTraining
 from phases.cognate.trainer import train
+from phases.common.data_parallel import SINGLE, Rank, launch
 from phases.common.optim import MuonGrokfastConfig
 
 
@@ -30,9 +32,8 @@ def setup():
     return model, (lambda s: data[s % 28:s % 28 + 4]), data[:4]
 
 
-if __name__ == "__main__":
-    workdir, steps, sleep = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-    torch.set_num_threads(1)
+def run(rank: Rank, workdir: Path, steps: int, sleep: float) -> dict:
+    """One rank's training (the whole of it with ``SINGLE``); its record and the weights' sum."""
     model, batches, eval_rows = setup()
 
     def slow(step, loss):
@@ -40,5 +41,15 @@ if __name__ == "__main__":
         return loss
 
     result = train(model, batches, eval_rows, _settings(eval_every=2, niah_every=5), workdir, steps,
-                   loss_hook=slow)
-    print(json.dumps(result.as_dict() | {"weight_sum": float(sum(p.double().sum() for p in model.parameters()))}))
+                   loss_hook=slow, rank=rank)
+    if rank.leader:
+        save_model(model, str(workdir / "final.safetensors"))
+    return result.as_dict() | {"weight_sum": float(sum(p.double().sum() for p in model.parameters()))}
+
+
+if __name__ == "__main__":  # WORKDIR STEPS SLEEP [RANKS]
+    workdir, steps, sleep = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    ranks = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    torch.set_num_threads(1)
+    out = launch(run, ranks, workdir, steps, sleep) if ranks > 1 else run(SINGLE, workdir, steps, sleep)
+    print(json.dumps(out))

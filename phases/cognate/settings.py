@@ -26,6 +26,9 @@ class CognateTraining(Strict):
         "steps per later stage, per specialist, at the base's T_max: a specialist recursing less takes "
         "proportionally more (equal compute)"))
     batch_size: int | None = Field(default=None, ge=1, description="empty: the size-adaptive strategy's")
+    data_parallel: int = Field(default=1, ge=1, description=(
+        "processes the shared foundation trains across on this machine, each on its share of every batch (the "
+        "batch size must divide by it); 1: one process"))
     rotate_regimes: bool = Field(default=True, description="foundation batches rotate through the specialists' runtime "
                                  "settings, so no specialist starts in a regime the base never trained in")
     foundation_act_steps: int | None = Field(default=None, ge=1, description=(

@@ -24,6 +24,7 @@ from phases.cognate.settings import CognateDiagnostics, CognateSection
 from phases.cognate.specialists import Specialist, runtime_for, specialists, stage_steps_for
 from phases.cognate.trainer import TrainResult, heldout_stats, niah, train
 from phases.common.config import ModelShape
+from phases.common.data_parallel import SINGLE, Rank, launch
 from phases.common.hf_io import build, load_pretrained, save_pretrained
 from phases.common.measure import mcnemar_p, value_range
 from phases.common.resources import usable_cpus
@@ -61,7 +62,8 @@ def stage_rows(splits, split: str, stage: str | None, climb: bool = False) -> li
 def train_stage(model: CognateForCausalLM, splits, tokenizer, stage: str, sec: CognateSection, seq_len: int,
                 batch_size: int, seed: int, workdir: Path, steps: int, step_offset: int,
                 mix: dict[str, float] | None, on_progress: Progress | None, regimes=(), climb: bool = False,
-                schedule_span: tuple[int, int] | None = None, hub_rows: Sequence[dict] = ()) -> TrainResult:
+                schedule_span: tuple[int, int] | None = None, hub_rows: Sequence[dict] = (),
+                rank: Rank = SINGLE) -> TrainResult:
     examples = mixed_examples(stage_rows(splits, "train", stage, climb), mix, seed)
     examples = with_hub_share(examples, stage_rows({"train": hub_rows}, "train", stage, climb), sec.train.hub_share, seed)
     rows, labels = pack_whole(examples, tokenizer, seq_len)
@@ -72,7 +74,7 @@ def train_stage(model: CognateForCausalLM, splits, tokenizer, stage: str, sec: C
     eval_rows = (eval_ids[: sec.train.eval_rows], eval_labels[: sec.train.eval_rows])
     progress = (lambda rec: on_progress(rec | {"stage": stage})) if on_progress else None
     return train(model, Batches(rows, batch_size, seed, labels), eval_rows, sec.train, workdir, steps, step_offset,
-                 on_progress=progress, regimes=regimes, schedule_span=schedule_span)
+                 on_progress=progress, regimes=regimes, schedule_span=schedule_span, rank=rank)
 
 
 def _finish(model: CognateForCausalLM, tokenizer, results: dict[str, TrainResult], out: Path) -> dict[str, Any]:
@@ -98,7 +100,23 @@ def train_foundation(shape: ModelShape, sec: CognateSection, curriculum_dir: Pat
                      on_progress: Progress | None = None, hub_dirs: Sequence[Path] = ()) -> dict[str, Any]:
     """The shared base: a fresh model trained once on the foundation stage, at ``train.foundation_act_steps``
     recursion steps, with its batches rotating through the specialists' runtime settings where
-    ``train.rotate_regimes`` is on (each specialist then starts in a regime the base has trained in)."""
+    ``train.rotate_regimes`` is on (each specialist then starts in a regime the base has trained in). With
+    ``train.data_parallel`` N > 1, N processes train it, each on its share of every batch (its progress is
+    reported when it ends: the ranks are processes of their own)."""
+    n = sec.train.data_parallel
+    if n > 1:
+        if batch_size % n:
+            raise ValueError(f"cognate.train.data_parallel={n} does not divide the batch size {batch_size}")
+        return launch(_foundation, n, shape, sec, curriculum_dir, tokenizer_dir, batch_size, seed, workdir, out,
+                      None, list(hub_dirs), threads=max(1, usable_cpus() // n))
+    return _foundation(SINGLE, shape, sec, curriculum_dir, tokenizer_dir, batch_size, seed, workdir, out, on_progress,
+                       hub_dirs)
+
+
+def _foundation(rank: Rank, shape: ModelShape, sec: CognateSection, curriculum_dir: Path, tokenizer_dir: Path,
+                batch_size: int, seed: int, workdir: Path, out: Path, on_progress: Progress | None,
+                hub_dirs: Sequence[Path]) -> dict[str, Any]:
+    """One rank's foundation training (all of it, on one rank); rank 0 writes the model and returns its record."""
     splits, tokenizer, hub_rows = load_inputs(curriculum_dir, tokenizer_dir, hub_dirs)
     torch.manual_seed(seed)
     model = build(CognateForCausalLM, model_config(shape, sec, tokenizer))
@@ -108,9 +126,9 @@ def train_foundation(shape: ModelShape, sec: CognateSection, curriculum_dir: Pat
     model.set_runtime(act_max_steps=sec.train.foundation_act_steps or sec.act_max_steps)
     result = train_stage(model, splits, tokenizer, "foundation", sec, shape.seq_len, batch_size, seed,
                          workdir / "foundation", sec.train.foundation_steps, 0, None, on_progress, regimes,
-                         hub_rows=hub_rows)
+                         hub_rows=hub_rows, rank=rank)
     model.set_runtime(act_max_steps=sec.act_max_steps)  # the base keeps the shape's bound; specialists set their own
-    return _finish(model, tokenizer, {"foundation": result}, out)
+    return _finish(model, tokenizer, {"foundation": result}, out) if rank.leader else {}
 
 
 def train_specialist(spec: Specialist, base_dir: Path, sec: CognateSection, seq_len: int, curriculum_dir: Path,

@@ -12,6 +12,12 @@ a per-batch trigger would roll back healthy training. The fixed held-out batch m
 weights. Per-batch deltas stay in the telemetry for visibility.
 
 A run resumes from its latest checkpoint (model, optimizer, Grokfast EMA, clipper, detector, step).
+
+Data-parallel (``rank``, phases/common/data_parallel.py): each rank runs this same loop on its share of every
+global batch. Its language-model loss is weighted by its share of the batch's target tokens, so the averaged
+gradient is the single-process gradient of the whole batch; the figures the loop decides on (the loss, the gate
+mean) are reduced over the ranks, so every rank takes the same branch. Rank 0 writes the checkpoints; a rollback
+or a resume reads them on every rank.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from phases.cognate.memory import niah_probe
 from phases.cognate.modeling import CognateForCausalLM
 from phases.cognate.settings import CognateTraining
 from phases.common.checkpoints import CheckpointManager
+from phases.common.data_parallel import SINGLE, Rank
 from phases.common.measure import heldout_loss, heldout_means
 from phases.common.optim import MuonGrokfast, linear_decay
 from phases.common.resources import return_freed_memory
@@ -90,6 +97,7 @@ def train(
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     regimes: Sequence[dict[str, Any]] = (),
     schedule_span: tuple[int, int] | None = None,
+    rank: Rank = SINGLE,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` steps; resumable from ``workdir``. ``step_offset`` is the global
     step this stage starts at: the chunk-size schedule runs across stages.
@@ -102,7 +110,8 @@ def train(
     # (rows, labels): the held-out loss is on the tokens the training loss is on
     eval_ids, eval_labels = eval_rows if isinstance(eval_rows, tuple) else (eval_rows, None)
     ckpts = CheckpointManager(workdir / "checkpoints", settings.keep_last, settings.max_rollbacks)
-    telemetry = TelemetryWriter(workdir / "telemetry.jsonl")
+    # every rank writes the figures of its own shard; rank 0's file is the run's
+    telemetry = TelemetryWriter(workdir / ("telemetry.jsonl" if rank.leader else f"telemetry.rank{rank.rank}.jsonl"))
     opt = MuonGrokfast(model, settings.optim)
     clipper = ProactiveClipper(settings.chunk_start, c_min=settings.chunk_floor)
     if settings.activation_checkpointing:
@@ -130,9 +139,17 @@ def train(
 
     def save(step: int, loss: float) -> None:
         history["telemetry_lines"] = telemetry.lines
-        ckpts.save(step, model, opt.state_dict(), loss, extra={
-            "clipper": clipper.state_dict(), "detector": detector.state_dict(), "batch_ppl": batch_ppl.state_dict(),
-            "last": dict(last), "history": history})
+        if rank.leader:
+            ckpts.save(step, model, opt.state_dict(), loss, extra={
+                "clipper": clipper.state_dict(), "detector": detector.state_dict(), "batch_ppl": batch_ppl.state_dict(),
+                "last": dict(last), "history": history})
+        rank.barrier()  # a rollback on any rank may read it next
+
+    def roll_back(reason: str) -> int:
+        state = ckpts.rollback(model, reason) if rank.leader else None
+        rank.barrier()
+        # rank 0 removed every checkpoint newer than the target: the latest is where it went
+        return restore(state if rank.leader else ckpts.latest(model))
 
     own = {k: getattr(model.config, k) for r in regimes for k in r}
     first, last_step = schedule_span or (step_offset + 1, step_offset + steps)
@@ -141,6 +158,7 @@ def train(
     model.train()
     resumed_from = None
     latest = ckpts.latest(model)
+    rank.barrier()  # every rank has read the same checkpoints before rank 0 may write one
     if latest is not None:
         step = restore(latest)
         resumed_from = step - 1
@@ -169,6 +187,7 @@ def train(
             x, labels = batch
         else:
             x, labels = batch, batch if pad is None else batch.masked_fill(batch == pad, -100)
+        x, labels = rank.shard(x), rank.shard(labels)
         regime = step % len(regimes) if regimes else None
         if regime is not None:
             model.set_runtime(**regimes[regime])
@@ -177,23 +196,31 @@ def train(
             model.set_runtime(**own)
         pol_w = settings.polarization_weight * min(1.0, step / max(1, steps // 2))
         loss = out.loss + pol_w * out.polarization_loss
+        lm, gate_mean = out.lm_loss.item(), out.gate.mean().item()
+        if rank.size > 1:  # this shard's share of the batch's target tokens weighs its language-model loss
+            targets = float((labels[:, 1:] != -100).sum())
+            total = rank.sum([targets])[0]
+            loss = loss + (targets * rank.size / total - 1.0) * out.lm_loss
         if loss_hook is not None:
             loss = loss_hook(step, loss)
-        lm = out.lm_loss.item()
-        if not math.isfinite(loss.item()):
-            telemetry.write(step=step, global_step=g_step, lm_loss=loss.item(), is_spike=True,
+        loss_value = loss.item()
+        if rank.size > 1:
+            loss_sum, lm_sum, gate_sum = rank.sum([loss_value, lm * targets, gate_mean])
+            loss_value, lm, gate_mean = loss_sum / rank.size, lm_sum / total, gate_sum / rank.size
+        if not math.isfinite(loss_value):
+            telemetry.write(step=step, global_step=g_step, lm_loss=loss_value, is_spike=True,
                             event="non-finite loss", rollback_count=ckpts.rollback_count + 1)
-            step = restore(ckpts.rollback(model, f"non-finite loss {loss.item()} at step {step}"))
+            step = roll_back(f"non-finite loss {loss_value} at step {step}")
             opt.zero_grad()
             continue
         loss.backward()
+        rank.average_gradients(params)
         clip = clipper.clip(params, g_step)
         opt.step()
         opt.zero_grad()
         history["steps_run"] += 1
         lm_losses.append(lm)
 
-        gate_mean = out.gate.mean().item()
         last.update(gate_polarized=out.gate_polarized, ltm_usage=1.0 - gate_mean)
         collapsed = min(gate_mean, 1 - gate_mean) < settings.gate_collapse_limit
         collapse_run = collapse_run + 1 if collapsed else 0
@@ -224,7 +251,7 @@ def train(
             record.update(eval_loss=history["last_eval"], eval_ppl_delta=e_delta, is_spike=spike)
             if spike:
                 telemetry.write(**record, event="eval spike")
-                step = restore(ckpts.rollback(model, f"held-out PPL rose {e_delta:.1%} at step {step}"))
+                step = roll_back(f"held-out PPL rose {e_delta:.1%} at step {step}")
                 continue
         telemetry.write(**record)
         if checkpoint:  # after the step's line: the checkpoint counts the lines a resume keeps

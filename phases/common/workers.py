@@ -32,14 +32,14 @@ class WorkerDied(RuntimeError):
     """The worker process ended without a result (killed, out of memory, crashed in native code)."""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _worker_main(channel, fn: Callable[..., Any], args: tuple, kwargs: dict, threads: int, progress: bool) -> None:
-    _die_with_parent()
+    die_with_parent()
     torch.set_num_threads(threads)
     try:
         if progress:
