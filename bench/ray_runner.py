@@ -37,6 +37,7 @@ def run(flow: str, preset: str, home: Path, env: dict, *runner: str) -> float:
 
 
 def champion(home: Path) -> str:
+    """The champion's id: its recipe key (inputs, config, code). Byte equality across runners is tests/test_ray_runner.py's."""
     return next(p.name for p in (home / "artifacts" / "evomerge-champion").iterdir() if not p.name.startswith("."))
 
 
@@ -85,7 +86,7 @@ def main() -> None:
                       "ray_overhead_cognate": round(times["cognate_ray_s"] / times["cognate_local_s"], 3),
                       "ray_overhead_evomerge": round(times["evomerge_ray_s"] / times["evomerge_local_s"], 3),
                       "evomerge_speedup_2_vs_1_workers": round(times["evomerge_ray_1cpu_s"] / times["evomerge_ray_2cpu_s"], 3),
-                      "same_champion_everywhere": same}))
+                      "same_champion_id_everywhere": same}))
 
 
 if __name__ == "__main__":

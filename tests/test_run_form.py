@@ -27,7 +27,8 @@ def test_sections_are_titled_and_carry_no_preset_value():
 
 
 def test_a_section_with_one_field_changed_keeps_the_chosen_presets_other_values():
-    small = PipelineConfig.model_validate({"preset": "small", "model": {"seq_len": 256}})
+    # what the form posts, validated the way a flow run validates its parameters
+    small = full.validate_parameters({"config": {"preset": "small", "model": {"seq_len": 256}}})["config"]
     assert (small.model.n_layers, small.model.d_model, small.model.seq_len) == (8, 512, 256)
     partial = PipelineConfig.model_validate({"preset": "small", "cognate": {"train": {"optim": {"muon_lr": 0.01}}}})
     assert partial.cognate.train.optim.adam_lr == 1e-3 and partial.cognate.train.foundation_steps == 3000
