@@ -81,7 +81,7 @@ def measure(stages: Sequence[Stage], curriculum_dir: Path, seq_len: int, per_ski
     from phases.data.encoding import EvalSet
 
     rows = list(dataset_files.load_splits(curriculum_dir)["test"])
-    by_vocabulary: dict[str, EvalSet] = {}  # the stages share a few tokenizers: encode the problems once for each
+    by_vocabulary: dict[str, tuple[EvalSet, Any]] = {}  # the stages share a few tokenizers: load and encode once each
     hub_sets = [hub_scoring.HubEvalSet(h.name, h.scorer, list(dataset_files.load_splits(h.path)["test"])[:hub_problems])
                 for h in hub]
     out = []
@@ -89,8 +89,9 @@ def measure(stages: Sequence[Stage], curriculum_dir: Path, seq_len: int, per_ski
         # each model with its own tokenizer: Quiet-STaR's adds thought tokens, and the problems' ids must match
         vocabulary = (stage.path / "tokenizer.json").read_text()
         if vocabulary not in by_vocabulary:
-            by_vocabulary[vocabulary] = EvalSet.build(rows, bpe.load(stage.path), seq_len, 1, per_skill, "test")
-        problems, tokenizer, model = by_vocabulary[vocabulary], bpe.load(stage.path), _load(stage)
+            tokenizer = bpe.load(stage.path)
+            by_vocabulary[vocabulary] = EvalSet.build(rows, tokenizer, seq_len, 1, per_skill, "test"), tokenizer
+        (problems, tokenizer), model = by_vocabulary[vocabulary], _load(stage)
         hub_hits = {h.name: hub_scoring.hits(model, tokenizer, h, seq_len) for h in hub_sets}
         out.append({"stage": stage.name, "skills": problems.skill_hits(teacher_forced_hits(model, problems.problems)),
                     "hub": {name: [sum(h), len(h)] for name, h in hub_hits.items()}})

@@ -161,8 +161,7 @@ def test_registry_has_the_sixteen_planned_datasets():
 
 
 def test_every_registry_dataset_is_pinned_to_a_commit_but_the_one_branch_named():
-    unpinned = {d.name: d.revision for d in hub_registry.REGISTRY.values()
-                if not (d.revision and len(d.revision) == 40 and set(d.revision) <= set("0123456789abcdef"))}
+    unpinned = {d.name: d.revision for d in hub_registry.REGISTRY.values() if not hub_registry.is_commit(d.revision)}
     assert unpinned == {"strategy_qa": "refs/convert/parquet"}
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import datasets
 
-from phases.data.hub_registry import HubDataset
+from phases.data.hub_registry import HubDataset, is_commit
 
 Splits = dict[str, list[dict[str, Any]]]
 
@@ -53,7 +53,7 @@ def resolved_revision(ds: HubDataset, revision: str | None, mirror: str | None) 
     """The commit the rows came from: what a pinned revision names, or what the branch resolved to on the Hub."""
     if mirror:
         return f"mirror:{source_of(ds, mirror)}"
-    if revision and len(revision) == 40 and set(revision) <= set("0123456789abcdef"):
+    if is_commit(revision):
         return revision  # a commit already: nothing to resolve
     from huggingface_hub import HfApi
 

@@ -214,6 +214,11 @@ REGISTRY: dict[str, HubDataset] = {
 }
 
 
+def is_commit(revision: str | None) -> bool:
+    """A 40-hex commit id, not a branch or tag that moves."""
+    return bool(revision) and len(revision) == 40 and set(revision) <= set("0123456789abcdef")
+
+
 def lookup(name: str) -> HubDataset:
     try:
         return REGISTRY[name]
