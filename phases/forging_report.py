@@ -58,7 +58,7 @@ def _load(stage: Stage):
     else:
         from transformers import AutoModelForCausalLM
 
-        import phases.cognate  # noqa: F401  (registers the Auto classes)
+        import phases.cognate.modeling  # noqa: F401  (registers the Cognate Auto classes)
         import phases.quietstar.model  # noqa: F401
         from phases.common.hf_io import load_pretrained
 

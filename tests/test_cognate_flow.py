@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import phases.cognate  # noqa: F401
+import phases.cognate.modeling  # noqa: F401  (registers the Cognate Auto classes)
 from phases.cognate import steps
 from phases.cognate.data import pack_whole
 from phases.common import measure

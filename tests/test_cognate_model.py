@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-import phases.cognate  # noqa: F401  (registers the Auto classes)
+import phases.cognate.modeling  # noqa: F401  (registers the Cognate Auto classes)
 from phases.cognate import CognateConfig, CognateForCausalLM
 from phases.cognate.memory import MemoryState, NeuralMemory, niah_probe, qk_project
 

@@ -21,23 +21,18 @@ from tasks.runtime import read_journal
 REPO = Path(__file__).resolve().parents[1]
 
 # (flow, journal task to wait for, seconds after it starts). None: seconds after the process starts.
-# Each restart resumes, so a plan's later kills land further into the phase: in checkpointed training,
-# between a finished artifact and the next task, inside the EvoMerge search and the OpenRouter-free data
-# generation, while a model is being written.
+# Each restart resumes, so a plan's later kills land further into the phase. One kill per way a phase can be
+# cut short: at startup, in checkpointed training, inside worker processes, inside the EvoMerge search, while a
+# champion is being written, in the OpenRouter-free data generation, in REINFORCE and in QAT. (The other
+# resumes, baking's included, have unit tests of their own; each kill here costs a fresh process.)
 KILLS = [
     ("prepare", None, 2.0),
-    ("prepare", "build-curriculum", 0.0),
     ("cognate", "cognate-foundation", 0.3),
-    ("cognate", "cognate-specialist", 0.5),
     ("cognate", "cognate-specialist", 2.0),
-    ("cognate", "cognate-diagnose", 0.3),
-    ("evomerge", "evomerge-measure-inputs", 0.2),
     ("evomerge", "evomerge-fitness", 0.5),
     ("evomerge", "evomerge-champion", 0.0),
     ("quietstar", "quietstar-data", 0.1),
-    ("quietstar", "quietstar-bake", 0.5),
     ("quietstar", "quietstar-reinforce", 0.3),
-    ("bitnet", "bitnet-quantize", 0.3),
     ("bitnet", "bitnet-finetune", 0.2),
 ]
 
@@ -131,7 +126,7 @@ def test_killed_in_every_phase_and_resumed_phase_by_phase_stores_the_same_bytes(
     run._process("full")  # finishes BitNet, and adds the forging report
 
     phases = {k.split("/")[0] for k in run.kills}
-    assert len(run.kills) >= 12 and phases == {"prepare", "cognate", "evomerge", "quietstar", "bitnet"}, run.kills
+    assert len(run.kills) >= 7 and phases == {"prepare", "cognate", "evomerge", "quietstar", "bitnet"}, run.kills
     assert not run.rerun, f"finished work ran again: {run.rerun}"
     whole, killed = _contents(stack.home), _contents(run.home)
     assert [a for a in whole if a.startswith("forging-report")] and len(whole) == 17

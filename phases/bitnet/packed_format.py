@@ -39,7 +39,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-import phases.cognate  # noqa: F401  (registers Cognate with the Auto classes)
+import phases.cognate.modeling  # noqa: F401  (registers the Cognate Auto classes)
 import phases.quietstar.model  # noqa: F401  (and Quiet-STaR's Cognate, the pipeline's usual input)
 from phases.bitnet.bitlinear import BitLinear
 from phases.bitnet.convert import LM_HEAD_REASON, lm_heads, quantizable

@@ -1,13 +1,19 @@
-"""Phase 1, Cognate. Importing this package registers the model with the transformers Auto classes."""
+"""Phase 1, Cognate. ``CognateConfig`` and ``CognateForCausalLM`` are importable from here; importing either (or
+``phases.cognate.modeling``) registers the model with the transformers Auto classes.
 
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.utils import logging as hf_logging
+This package's __init__ stays light because PipelineConfig imports its settings: a configuration mistake is
+refused before torch or transformers load (a second instead of six)."""
 
-from phases.cognate.configuration import CognateConfig
-from phases.cognate.modeling import CognateForCausalLM
+from __future__ import annotations
 
-hf_logging.disable_progress_bar()  # per-shard bars flood task logs; tasks report their own progress
-AutoConfig.register("cognate", CognateConfig, exist_ok=True)
-AutoModelForCausalLM.register(CognateConfig, CognateForCausalLM, exist_ok=True)
+from typing import Any
 
 __all__ = ["CognateConfig", "CognateForCausalLM"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from phases.cognate import modeling
+
+        return getattr(modeling, name)
+    raise AttributeError(f"module 'phases.cognate' has no attribute {name!r}")

@@ -400,3 +400,16 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
             polarization_loss=out.polarization_loss, gate_polarized=out.gate_polarized,
             mem_write_fraction=(out.mem_writes / out.mem_chunks) if out.mem_chunks else None,
         )
+
+
+def _register() -> None:
+    """Let ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained`` read a Cognate directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard bars flood task logs; tasks report their own progress
+    AutoConfig.register("cognate", CognateConfig, exist_ok=True)
+    AutoModelForCausalLM.register(CognateConfig, CognateForCausalLM, exist_ok=True)
+
+
+_register()

@@ -8,8 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from phases.common.config import Strict
-from phases.common.optim import MuonGrokfastConfig
+from phases.common.config import MuonGrokfastConfig, Strict
 
 
 class CognateOptim(MuonGrokfastConfig):

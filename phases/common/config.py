@@ -94,3 +94,15 @@ class GateConfig(Strict):
         default_factory=dict, description=(
             "where set, lenient applies only to these phases, each with why its targets are out of reach (shown in "
             "its gate table's title); the others stay strict. Empty: lenient applies to every phase"))
+
+
+class MuonGrokfastConfig(Strict):
+    """The optimizer block every training step nests (``cognate.train.optim``, ``quietstar.bake.optim``, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    muon_lr: float = Field(default=0.02, gt=0, description="Muon, for hidden 2-D weight matrices")
+    adam_lr: float = Field(default=3e-4, gt=0, description="AdamW, for embeddings, head, norms, gains, biases")
+    weight_decay: float = Field(default=0.01, ge=0)
+    grokfast_alpha: float = Field(default=0.98, ge=0, lt=1, description="EMA decay of the gradient filter")
+    grokfast_lambda: float = Field(default=2.0, ge=0, description="amplification of the slow gradient")

@@ -7,22 +7,9 @@ the LM head, norms, gains or biases: those go to AdamW, as Muon's authors recomm
 from __future__ import annotations
 
 import torch
-from pydantic import ConfigDict, Field
 
-from phases.common.config import Strict
+from phases.common.config import MuonGrokfastConfig
 from phases.common.grokfast import GrokfastEMA
-
-
-class MuonGrokfastConfig(Strict):
-    """The optimizer block every training step nests (``cognate.train.optim``, ``quietstar.bake.optim``, ...)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    muon_lr: float = Field(default=0.02, gt=0, description="Muon, for hidden 2-D weight matrices")
-    adam_lr: float = Field(default=3e-4, gt=0, description="AdamW, for embeddings, head, norms, gains, biases")
-    weight_decay: float = Field(default=0.01, ge=0)
-    grokfast_alpha: float = Field(default=0.98, ge=0, lt=1, description="EMA decay of the gradient filter")
-    grokfast_lambda: float = Field(default=2.0, ge=0, description="amplification of the slow gradient")
 
 
 def is_muon_param(name: str, p: torch.nn.Parameter) -> bool:

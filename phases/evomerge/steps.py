@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import phases.cognate  # noqa: F401  (registers the Cognate Auto classes)
+import phases.cognate.modeling  # noqa: F401  (registers the Cognate Auto classes)
 from phases.common.hf_io import _LOCK
 from phases.data import dataset_files
 from phases.data import tokenizer as bpe

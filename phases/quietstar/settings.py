@@ -12,8 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from phases.common.config import Strict
-from phases.common.optim import MuonGrokfastConfig
+from phases.common.config import MuonGrokfastConfig, Strict
 from phases.quietstar.tokens import STRATEGIES
 
 # data generation: five frontier models on OpenRouter (the planned count) and [prompt, completion] US$ per
