@@ -32,13 +32,13 @@ def test_two_ranks_train_the_foundation_as_one_process_does_on_the_same_global_b
     bpe.save(bpe.train_bpe([r["text"] for r in splits["train"]], vocab_size=400), tmp_path / "tokenizer")
     config = PipelineConfig.from_preset("tiny", model={"n_layers": 1, "d_model": 32, "n_heads": 2, "seq_len": 64},
                                         cognate={"train": {"foundation_steps": 6, "eval_every": 3, "eval_rows": 2}})
-    runs = {}
+    runs, progress = {}, {1: [], 2: []}
     for ranks in (1, 2):
         sec = config.cognate.model_copy(deep=True)
         sec.train.data_parallel = ranks
         out = tmp_path / f"ranks-{ranks}"
         runs[ranks] = steps.train_foundation(config.model, sec, tmp_path / "curriculum", tmp_path / "tokenizer", 4, 0,
-                                             out / "work", out / "model")
+                                             out / "work", out / "model", on_progress=progress[ranks].append)
     one, two = _losses(tmp_path / "ranks-1" / "work"), _losses(tmp_path / "ranks-2" / "work")
     assert len(one) == len(two) == 6
     # the prompts' tokens carry no loss, so the halves hold different numbers of targets: each rank's loss is
@@ -47,6 +47,9 @@ def test_two_ranks_train_the_foundation_as_one_process_does_on_the_same_global_b
     eval_one = runs[1]["stages"]["foundation"]["eval_loss"]
     assert runs[2]["stages"]["foundation"]["eval_loss"] == pytest.approx(eval_one, rel=TOLERANCE)
     assert (tmp_path / "ranks-2" / "work" / "foundation" / "telemetry.rank1.jsonl").exists()  # rank 1 trained too
+    # rank 0 speaks for the ranks: its progress reaches this process once per step, as one process's does
+    assert [(r["step"], r["total_steps"], r["stage"]) for r in progress[2]] == [(s, 6, "foundation") for s in range(1, 7)]
+    assert [r["lm_loss"] for r in progress[2]] == pytest.approx([r["lm_loss"] for r in progress[1]], rel=TOLERANCE)
 
     with pytest.raises(ValueError, match="data_parallel=3 does not divide the batch size 4"):
         sec.train.data_parallel = 3

@@ -32,7 +32,7 @@ def setup():
     return model, (lambda s: data[s % 28:s % 28 + 4]), data[:4]
 
 
-def run(rank: Rank, workdir: Path, steps: int, sleep: float) -> dict:
+def run(rank: Rank, workdir: Path, steps: int, sleep: float, on_progress=None) -> dict:
     """One rank's training (the whole of it with ``SINGLE``); its record and the weights' sum."""
     model, batches, eval_rows = setup()
 
@@ -41,7 +41,7 @@ def run(rank: Rank, workdir: Path, steps: int, sleep: float) -> dict:
         return loss
 
     result = train(model, batches, eval_rows, _settings(eval_every=2, niah_every=5), workdir, steps,
-                   loss_hook=slow, rank=rank)
+                   loss_hook=slow, rank=rank, on_progress=on_progress)
     if rank.leader:
         save_model(model, str(workdir / "final.safetensors"))
     return result.as_dict() | {"weight_sum": float(sum(p.double().sum() for p in model.parameters()))}

@@ -101,21 +101,21 @@ def train_foundation(shape: ModelShape, sec: CognateSection, curriculum_dir: Pat
     """The shared base: a fresh model trained once on the foundation stage, at ``train.foundation_act_steps``
     recursion steps, with its batches rotating through the specialists' runtime settings where
     ``train.rotate_regimes`` is on (each specialist then starts in a regime the base has trained in). With
-    ``train.data_parallel`` N > 1, N processes train it, each on its share of every batch (its progress is
-    reported when it ends: the ranks are processes of their own)."""
+    ``train.data_parallel`` N > 1, N processes train it, each on its share of every batch; rank 0 reports the
+    progress."""
     n = sec.train.data_parallel
     if n > 1:
         if batch_size % n:
             raise ValueError(f"cognate.train.data_parallel={n} does not divide the batch size {batch_size}")
         return launch(_foundation, n, shape, sec, curriculum_dir, tokenizer_dir, batch_size, seed, workdir, out,
-                      None, list(hub_dirs), threads=max(1, usable_cpus() // n))
-    return _foundation(SINGLE, shape, sec, curriculum_dir, tokenizer_dir, batch_size, seed, workdir, out, on_progress,
-                       hub_dirs)
+                      list(hub_dirs), threads=max(1, usable_cpus() // n), on_progress=on_progress)
+    return _foundation(SINGLE, shape, sec, curriculum_dir, tokenizer_dir, batch_size, seed, workdir, out, hub_dirs,
+                       on_progress=on_progress)
 
 
 def _foundation(rank: Rank, shape: ModelShape, sec: CognateSection, curriculum_dir: Path, tokenizer_dir: Path,
-                batch_size: int, seed: int, workdir: Path, out: Path, on_progress: Progress | None,
-                hub_dirs: Sequence[Path]) -> dict[str, Any]:
+                batch_size: int, seed: int, workdir: Path, out: Path, hub_dirs: Sequence[Path],
+                on_progress: Progress | None = None) -> dict[str, Any]:
     """One rank's foundation training (all of it, on one rank); rank 0 writes the model and returns its record."""
     splits, tokenizer, hub_rows = load_inputs(curriculum_dir, tokenizer_dir, hub_dirs)
     torch.manual_seed(seed)

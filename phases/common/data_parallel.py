@@ -1,8 +1,9 @@
-"""Data-parallel training on one machine: N processes in one ``torch.distributed`` group (gloo on CPU, NCCL where
-every rank has a GPU), each on its share of every global batch, gradients averaged by an all-reduce before the
+"""Data-parallel training on one machine: N processes in one ``torch.distributed`` gloo group, each on its share
+of every global batch, gradients averaged by an all-reduce before the
 optimizer steps. Every rank steps the same optimizer on the same averaged gradients from the same weights, so
 the weights stay identical on every rank without being broadcast; rank 0 alone writes (checkpoints, telemetry,
-the finished model), and every rank reads what it wrote (a resume, a rollback).
+the finished model, its progress), and every rank reads what it wrote (a resume, a rollback). The group is gloo
+on CPU; ranks on GPUs would want NCCL, which is not wired here.
 
 Why not ``DistributedDataParallel``: it buckets and overlaps the all-reduce with backward, which pays off for
 large models on fast links; here the gain is the batch split, and an explicit all-reduce after backward keeps the
@@ -72,14 +73,15 @@ SINGLE = Rank()  # one process, no group
 
 
 def _rank_main(index: int, size: int, init_file: str, threads: int, result: str,
-               fn: Callable[..., dict[str, Any]], args: tuple) -> None:
+               fn: Callable[..., dict[str, Any]], args: tuple, progress: Any) -> None:
     from phases.common.workers import die_with_parent
 
     die_with_parent()  # a killed launcher takes its ranks with it: no orphan writes into a work directory
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=index, world_size=size)
     try:
-        out = fn(Rank(index, size), *args)
+        # rank 0 speaks for the group: every rank steps in lockstep, so its records are the run's
+        out = fn(Rank(index, size), *args, on_progress=progress.put if progress is not None and index == 0 else None)
         if index == 0:
             Path(result).write_text(json.dumps(out))
         dist.barrier()
@@ -87,10 +89,22 @@ def _rank_main(index: int, size: int, init_file: str, threads: int, result: str,
         dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., dict[str, Any]], size: int, *args: Any, threads: int = 1) -> dict[str, Any]:
-    """``fn(rank, *args)`` in ``size`` spawned processes joined in one gloo group; rank 0's result (JSON-able).
-    A rank that fails fails the launch, with its traceback."""
+def _drain(queue: Any, on_progress: Callable[[dict[str, Any]], None] | None) -> None:
+    while queue is not None and not queue.empty():
+        on_progress(queue.get())
+
+
+def launch(fn: Callable[..., dict[str, Any]], size: int, *args: Any, threads: int = 1,
+           on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """``fn(rank, *args, on_progress=...)`` in ``size`` spawned processes joined in one gloo group; rank 0's result
+    (JSON-able). Rank 0's progress records reach ``on_progress`` here, in this process, as the ranks train. A rank
+    that fails fails the launch, with its traceback."""
+    queue = mp.get_context("spawn").SimpleQueue() if on_progress is not None else None
     with tempfile.TemporaryDirectory(prefix="agent-forge-dp-") as tmp:
         result = os.path.join(tmp, "result.json")
-        mp.spawn(_rank_main, args=(size, os.path.join(tmp, "rendezvous"), threads, result, fn, args), nprocs=size)
+        ranks = mp.spawn(_rank_main, args=(size, os.path.join(tmp, "rendezvous"), threads, result, fn, args, queue),
+                         nprocs=size, join=False)
+        while not ranks.join(timeout=0.5):
+            _drain(queue, on_progress)
+        _drain(queue, on_progress)
         return json.loads(Path(result).read_text())
