@@ -124,11 +124,12 @@ class Stack:
     def deployment(self, name: str = "agent-forge/full") -> dict:
         return self.get(f"/deployments/name/{name}")
 
-    def run_deployment(self, **params) -> str:
-        """A run of agent-forge/full as the UI's run form submits it: the form's parameters, posted to the
-        deployment's create_flow_run (the server checks them against the form's schema)."""
+    def run_deployment(self, job_variables: dict | None = None, **params) -> str:
+        """A run of agent-forge/full as the UI's run form submits it: the form's parameters (and job variables,
+        the form's other tab), posted to the deployment's create_flow_run (the server checks them against the
+        form's schema)."""
         run = self.post(f"/deployments/{self.deployment()['id']}/create_flow_run",
-                        {"parameters": {"config": MICRO, **params}})
+                        {"parameters": {"config": MICRO, **params}, "job_variables": job_variables or {}})
         return run["id"]
 
     def run_deployment_cli(self) -> str:

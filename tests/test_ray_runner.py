@@ -1,6 +1,7 @@
-"""Fan-out on Ray: a real local Ray cluster (`ray start --head`), joined by `agent-forge run FLOW --task-runner ray
---address ADDR`. The Cognate specialists and EvoMerge's fitness evaluations run in Ray's worker processes, one of
-them is SIGKILLed mid-training, and the store ends with the bytes the unbroken local deployment stored."""
+"""Fan-out on Ray: a real local Ray cluster (`ray start --head`), joined by `agent-forge run cognate --task-runner
+ray --address ADDR`, then by the `agent-forge/full` deployment told to use it through its job variables, as the
+README says. The Cognate specialists and EvoMerge's fitness evaluations run in Ray's worker processes, one of them
+is SIGKILLed mid-training, and the store ends with the bytes the unbroken local deployment stored."""
 
 import json
 import os
@@ -67,18 +68,26 @@ def test_specialists_and_fitness_run_in_ray_workers_survive_a_killed_one_and_sto
            "PREFECT_API_URL": stack.api, "WANDB_MODE": "disabled"}
 
     cli, killed = _run("cognate", config, home, env, ray_cluster, kill="cognate-specialist:memory")
-    evomerge_cli, _ = _run("evomerge", config, home, env, ray_cluster)
+    seen = len(read_journal(str(home)))
+    # the rest of the pipeline as a deployment run whose job variables put it on the cluster (Cognate comes back
+    # cached); its tasks that do not fan out run in the flow run's own process
+    run_id = stack.run_deployment(home=str(home), job_variables={"env": {
+        "AGENT_FORGE_TASK_RUNNER": "ray", "AGENT_FORGE_RAY_ADDRESS": ray_cluster}})
+    done = stack.wait(run_id)
+    assert done["state"]["type"] == "COMPLETED", stack.log("worker")
 
     journal = read_journal(str(home))
+    flow_process = {e["pid"] for e in journal[seen:] if e["task"] in ("preflight", "evomerge-measure-inputs")}
     fanned = [e for e in journal if e["task"].startswith(("cognate-specialist:", "evomerge-fitness:"))]
-    assert {e["host"] for e in journal} == {socket.gethostname()}
-    assert fanned and not {e["pid"] for e in fanned} & {cli, evomerge_cli}  # in Ray's workers, not the flows'
+    assert {e["host"] for e in journal} == {socket.gethostname()} and len(flow_process) == 1
+    assert fanned and not {e["pid"] for e in fanned} & ({cli} | flow_process)  # in Ray's workers, not the flows'
     memory = [e["pid"] for e in journal if e["task"] == "cognate-specialist:memory"]
     assert len(memory) == 2 and memory[0] == killed[0] != memory[1]  # Ray ran the killed task again elsewhere
     assert sum(e["task"].startswith("evomerge-fitness:") for e in journal) >= 8
+    # no model trained twice (the evaluation, which stores nothing, is Prefect's to cache, per result storage)
+    assert not [e for e in journal[seen:] if e["task"].startswith(("cognate-foundation", "cognate-specialist"))]
 
-    # determinism across runners, through a worker's death: the unbroken local deployment's bytes
+    # determinism across runners, through a worker's death: the unbroken local deployment's bytes, every artifact
     local, on_ray = _contents(stack.home), _contents(home)
-    assert on_ray and set(on_ray) <= set(local), sorted(set(on_ray) - set(local))
-    assert {k.split("/")[0] for k in on_ray} >= {"cognate-model", "cognate-diagnosis", "evomerge-champion"}
+    assert sorted(on_ray) == sorted(local)
     assert {k: local[k] for k in on_ray} == on_ray
