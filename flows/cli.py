@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -121,6 +122,16 @@ def _run_flow(name: str, config, home: str) -> int:
     except _user_errors() as e:  # Prefect has logged the traceback; end on the one line that says what to do
         print(f"\n{name} failed after {time.perf_counter() - start:.1f} s: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        from phases.common.resources import free_disk
+
+        print(f"\n{name} failed after {time.perf_counter() - start:.1f} s: the disk holding {home} is full "
+              f"({free_disk(Path(home)) / 2**20:.1f} MB free): {type(e).__name__}: {' '.join(str(e).split())}. Free "
+              "space there or set AGENT_FORGE_HOME to a larger disk, then run the same command again: the artifacts "
+              "finished before it are kept, and the training picks up from its last checkpoint", file=sys.stderr)
+        return 1
     print(f"\n{name} finished in {time.perf_counter() - start:.1f} s; artifacts under {home}")
     if hasattr(result, "model_dump_json"):
         print(result.model_dump_json(indent=2, exclude={"report_text"}))
@@ -160,6 +171,18 @@ def _task_runner(kind: str | None, address: str | None) -> Iterator[None]:
         APILogHandler().flush()  # the run's last log lines reach the server before it stops
         server.stop()
         os.environ.pop("PREFECT_API_URL", None)
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """Whether ``e`` or an exception it came from is a full disk (ENOSPC), as OSError or as a library's message
+    (safetensors reports "No space left on device (os error 28)" in an error of its own)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -73,7 +73,10 @@ def test_impossible_disk_requirement_fails_with_advice(tmp_path):
         resources.check(cfg, tmp_path, res)
     msg = str(e.value)
     assert f"disk at {tmp_path}: need" in msg and "free" in msg
-    assert "AGENT_FORGE_HOME" in msg and "--preset tiny" in msg
+    assert "AGENT_FORGE_HOME" in msg and "--preset tiny" not in msg  # tiny is the smallest already
+    small = PipelineConfig.from_preset("small", preflight={"disk_headroom_gb": 10_000_000})
+    with pytest.raises(resources.PreflightError, match=r"--preset tiny"):
+        resources.check(small, tmp_path, res)
 
 
 def test_impossible_memory_requirement_fails_with_advice(tmp_path):

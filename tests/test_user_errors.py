@@ -87,3 +87,63 @@ def test_merge_on_a_truncated_safetensors_is_one_line(tmp_path):
     lines = [x for x in out.stderr.splitlines() if x.strip()]
     assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_full_disk_is_recognised_under_the_errors_that_carry_it():
+    import errno
+
+    from flows.cli import _disk_full
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    try:
+        raise RuntimeError("saving the checkpoint failed") from full
+    except RuntimeError as e:
+        wrapped = e
+    assert _disk_full(full) and _disk_full(wrapped)
+    # safetensors reports it in an error of its own (the run below meets the real one)
+    assert _disk_full(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not _disk_full(PermissionError(errno.EACCES, "Permission denied")) and not _disk_full(ValueError("nan"))
+
+
+def test_a_disk_that_fills_mid_run_ends_on_one_line_and_keeps_what_was_finished(tmp_path):
+    """A real full disk: the run's home on an 8 MB tmpfs (in a mount namespace of its own), which a second file fills
+    once the foundation starts training, past the preflight check that passed."""
+    from prefect_stack import MICRO
+
+    config, mnt, keep = tmp_path / "micro.json", tmp_path / "mnt", tmp_path / "kept"
+    config.write_text(yaml.safe_dump(MICRO))
+    mnt.mkdir()
+    script = f"""
+mount -t tmpfs -o size=24m tmpfs {mnt} || exit 77
+fallocate -l 16M {mnt}/fill
+AGENT_FORGE_HOME={mnt}/home PREFECT_HOME={tmp_path} WANDB_MODE=disabled {sys.executable} -m flows.cli run cognate \\
+    --config {config} --set preflight.disk_headroom_gb=0 > {tmp_path}/out.txt 2> {tmp_path}/err.txt &
+run=$!
+until grep -qs cognate-foundation {mnt}/home/executions.jsonl || ! kill -0 $run 2>/dev/null; do sleep 0.05; done
+fallocate -l $(( $(df -k --output=avail {mnt} | tail -1) - 4 ))K {mnt}/fill2
+wait $run
+echo $? > {tmp_path}/rc
+cp -r {mnt}/home {keep}
+"""
+    try:
+        out = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], cwd=REPO, timeout=300,
+                             capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) here to mount a small disk")
+    if out.returncode == 77 or "unshare:" in out.stderr:
+        pytest.skip(f"this machine lets no test mount a small disk: {out.stderr.strip()[-300:]}")
+    assert out.returncode == 0, out.stderr
+    err = (tmp_path / "err.txt").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "1", err[-3000:]
+    [last] = [x for x in err.splitlines() if "cognate failed after" in x]  # the run's last word, one line
+    assert "cognate failed after" in last and f"the disk holding {mnt}/home is full" in last, last
+    assert "No space left on device" in last and "AGENT_FORGE_HOME" in last
+    # what was finished before the disk filled is whole, and no half-written artifact is left behind
+    from storage import ArtifactStore
+
+    store = ArtifactStore(keep)
+    kinds = sorted(m["kind"] for m in store.list())
+    assert kinds[:2] == ["curriculum", "tokenizer"], kinds
+    for m in store.list():
+        store.verify(m["id"])
+    assert not list((keep / "tmp").iterdir())

@@ -135,16 +135,17 @@ def check(config: PipelineConfig, home: Path, res: Resources) -> Needs:
     if needs.disk_bytes > res.free_disk_bytes:
         problems.append(
             f"disk at {home}: need {_fmt(needs.disk_bytes)}, free {_fmt(res.free_disk_bytes)}. "
-            "Free space there, set AGENT_FORGE_HOME to a larger disk, lower preflight.disk_headroom_gb, "
-            "or use a smaller preset (--preset tiny)"
+            "Free space there, set AGENT_FORGE_HOME to a larger disk"
+            + (", or lower preflight.disk_headroom_gb" if config.preset == "tiny"
+               else ", lower preflight.disk_headroom_gb, or use a smaller preset (--preset tiny)")
         )
     usable = res.free_memory_bytes * (1 - config.preflight.memory_headroom)
     if needs.memory_bytes > usable:
         problems.append(
             f"{res.memory_kind} on {res.device}: training needs {_fmt(needs.memory_bytes)} at batch size "
             f"{needs.batch_size}, usable {_fmt(usable)} of {_fmt(res.free_memory_bytes)} free. "
-            "Use a smaller preset (--preset tiny), a shorter model.seq_len or fewer model.n_layers, "
-            "or free memory held by other processes"
+            + ("Use " if config.preset == "tiny" else "Use a smaller preset (--preset tiny), ")
+            + "a shorter model.seq_len or fewer model.n_layers, or free memory held by other processes"
         )
     if problems:
         raise PreflightError("preflight failed before any heavy work: " + " | ".join(problems))
