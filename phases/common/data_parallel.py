@@ -1,9 +1,8 @@
 """Data-parallel training on one machine: N processes in one ``torch.distributed`` gloo group, each on its share
-of every global batch, gradients averaged by an all-reduce before the
-optimizer steps. Every rank steps the same optimizer on the same averaged gradients from the same weights, so
-the weights stay identical on every rank without being broadcast; rank 0 alone writes (checkpoints, telemetry,
-the finished model, its progress), and every rank reads what it wrote (a resume, a rollback). The group is gloo
-on CPU; ranks on GPUs would want NCCL, which is not wired here.
+of every global batch, gradients averaged by an all-reduce before the optimizer steps. Every rank steps the same
+optimizer on the same averaged gradients from the same weights, so the weights stay identical on every rank
+without being broadcast; rank 0 alone writes (checkpoints, telemetry, the finished model) and reports progress,
+and every rank reads what it wrote (a resume, a rollback). Ranks on GPUs would want NCCL, which is not wired here.
 
 Why not ``DistributedDataParallel``: it buckets and overlaps the all-reduce with backward, which pays off for
 large models on fast links; here the gain is the batch split, and an explicit all-reduce after backward keeps the
