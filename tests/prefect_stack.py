@@ -81,15 +81,22 @@ class Stack:
         assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
         return out.stdout + out.stderr
 
-    def post(self, path: str, body: dict) -> list | dict:
-        r = httpx.post(f"{self.api}{path}", json=body, timeout=30)
+    def _request(self, method: str, path: str, body: dict | None = None) -> list | dict:
+        # The server answers 503 for errors a client may retry (a SQLite write lock held by the worker's runs),
+        # and Prefect's own client retries them: so does this one
+        for attempt in range(6):
+            r = httpx.request(method, f"{self.api}{path}", json=body, timeout=30)
+            if r.status_code != 503:
+                break
+            time.sleep(0.5 * 2**attempt)
         r.raise_for_status()
         return r.json()
 
+    def post(self, path: str, body: dict) -> list | dict:
+        return self._request("POST", path, body)
+
     def get(self, path: str) -> dict:
-        r = httpx.get(f"{self.api}{path}", timeout=30)
-        r.raise_for_status()
-        return r.json()
+        return self._request("GET", path)
 
     def start(self) -> None:
         server_env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}
@@ -124,11 +131,11 @@ class Stack:
     def deployment(self, name: str = "agent-forge/full") -> dict:
         return self.get(f"/deployments/name/{name}")
 
-    def run_deployment(self, job_variables: dict | None = None, **params) -> str:
-        """A run of agent-forge/full as the UI's run form submits it: the form's parameters (and job variables,
-        the form's other tab), posted to the deployment's create_flow_run (the server checks them against the
-        form's schema)."""
-        run = self.post(f"/deployments/{self.deployment()['id']}/create_flow_run",
+    def run_deployment(self, name: str = "agent-forge/full", job_variables: dict | None = None, **params) -> str:
+        """A run of a deployment (agent-forge/full unless named) as the UI's run form submits it: the form's
+        parameters (and job variables, the form's other tab), posted to the deployment's create_flow_run (the
+        server checks them against the form's schema)."""
+        run = self.post(f"/deployments/{self.deployment(name)['id']}/create_flow_run",
                         {"parameters": {"config": MICRO, **params}, "job_variables": job_variables or {}})
         return run["id"]
 
