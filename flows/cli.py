@@ -126,9 +126,10 @@ def _run_flow(name: str, config, home: str) -> int:
         if not _disk_full(e):
             raise
         from phases.common.resources import free_disk
+        from phases.common.sizing import MB
 
         print(f"\n{name} failed after {time.perf_counter() - start:.1f} s: the disk holding {home} is full "
-              f"({free_disk(Path(home)) / 2**20:.1f} MB free): {type(e).__name__}: {' '.join(str(e).split())}. Free "
+              f"({free_disk(Path(home)) / MB:.1f} MB free): {type(e).__name__}: {' '.join(str(e).split())}. Free "
               "space there or set AGENT_FORGE_HOME to a larger disk, then run the same command again: the artifacts "
               "finished before it are kept, and the training picks up from its last checkpoint", file=sys.stderr)
         return 1

@@ -110,7 +110,7 @@ def test_a_disk_that_fills_mid_run_ends_on_one_line_and_keeps_what_was_finished(
     once the foundation starts training, past the preflight check that passed."""
     from prefect_stack import MICRO
 
-    config, mnt, keep = tmp_path / "micro.json", tmp_path / "mnt", tmp_path / "kept"
+    config, mnt, keep = tmp_path / "micro.yaml", tmp_path / "mnt", tmp_path / "kept"
     config.write_text(yaml.safe_dump(MICRO))
     mnt.mkdir()
     script = f"""
