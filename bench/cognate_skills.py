@@ -108,7 +108,7 @@ def main() -> None:
         # under the base's own runtime settings and under the specialist's
         base_model = load_pretrained(CognateForCausalLM, tmp / "base").eval()
         regime_loss = {}
-        for spec in specialists():
+        for spec in specialists(sec):
             held = [r for r in splits["validation"] if r["stage"] == "reasoning" and spec.mix.get(r["task"], 0) > 0]
             ids, labels = pack_whole(held, bpe.load(tmp / "base"), shape.seq_len)
             rows, labels = ids[:32], labels[:32]
@@ -119,7 +119,7 @@ def main() -> None:
             base_model.set_runtime(**saved)
         print("base held-out loss on each specialist's data, by runtime", regime_loss, flush=True)
         dirs, shock = {}, {}
-        for spec in specialists():
+        for spec in specialists(sec):
             t0 = time.perf_counter()
             m = steps.train_specialist(spec, tmp / "base", sec, shape.seq_len, tmp / "cur", batch, config.seed,
                                        tmp / f"w-{spec.name}", tmp / spec.name)

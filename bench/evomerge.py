@@ -485,7 +485,7 @@ def bench_generation(cfg, workdir: Path) -> dict:
     weights = strategy_for(model_size(model), cfg.model).fitness_weights
     dirs = []
     hf_io.save_pretrained(model, workdir / "gen_base")
-    for i, spec in enumerate(specialists()):
+    for i, spec in enumerate(specialists(cfg.cognate)):
         m = hf_io.build(CognateForCausalLM, ccfg)
         m.load_state_dict(branch(base, 300 + i), strict=False)
         m.set_runtime(**runtime_for(spec, cfg.cognate.act_max_steps))
@@ -506,7 +506,8 @@ def bench_generation(cfg, workdir: Path) -> dict:
     print(f"\n[3] one generation at {cfg.preset}: d={cfg.model.d_model}, {cfg.model.n_layers} layers, "
           f"{cfg.model.n_heads} heads, vocab {len(tok)}, seq {cfg.model.seq_len}; eval_rows {sec.eval_rows}, "
           f"accuracy_problems {len(data.problems)}, probe_rows {sec.probe_rows}; specialists' T_max "
-          f"{[runtime_for(s, cfg.cognate.act_max_steps)['act_max_steps'] for s in specialists()]}, runtime donor {donor}")
+          f"{[runtime_for(s, cfg.cognate.act_max_steps)['act_max_steps'] for s in specialists(cfg.cognate)]}, "
+          f"runtime donor {donor}")
     print(f"  setup (curriculum, BPE, 4 models saved) {setup_s:.1f} s; inputs measured once (the fitness reference) "
           f"{inputs_s:.2f} s")
     print(f"  {'candidate':<34}{'layers':>7}{'merge':>10}{'build':>10}{'eval':>10}{'fitness':>9}  speed/mem")

@@ -90,7 +90,7 @@ def train_foundation(config: PipelineConfig, curriculum: ArtifactRef, tokenizer:
 @task(name="cognate-specialist", cache_policy=recipe_cache(specialist_recipe), persist_result=True)
 def train_specialist(name: str, config: PipelineConfig, base: ArtifactRef, curriculum: ArtifactRef, batch_size: int,
                      home: str, hub: Sequence[ArtifactRef] = ()) -> ArtifactRef:
-    spec = {s.name: s for s in specialists()}[name]
+    spec = {s.name: s for s in specialists(config.cognate)}[name]
     st = store(home)
     recipe = specialist_recipe(name, config, base, curriculum, batch_size, hub)
     # the flow trains every specialist side by side: each in its own process, with its share of the cores

@@ -64,6 +64,9 @@ def test_gate_table_and_progress_reach_the_prefect_ui(flow_run):
     ids = {r["gate"] for r in rows}
     assert {"no_nan", "gate_polarization", "diversity_predictions", "resolution_cv", "accuracy_over_majority"} <= ids
     assert not ids & {"niah", "ppl_delta_visible", "rollbacks", "diversity_halting"}  # reported as facts
+    # resolution is judged on each model's own skills, with the every-skill figures printed beside it
+    resolution = next(r for r in rows if r["gate"] == "resolution_cv")
+    assert "the skills it trains (on every skill's: " in resolution["criterion"] and "memory " in resolution["criterion"]
     assert all(r["measured"] != "not measured" for r in rows)
     facts = _artifacts(["cognate-facts"])
     fact_rows = facts[-1].data if isinstance(facts[-1].data, list) else json.loads(facts[-1].data)
@@ -136,6 +139,16 @@ def test_specialists_get_compute_in_proportion_to_their_factor_not_equal_steps()
     assert max(cost.values()) / min(cost.values()) < 1.1, cost
     assert stage_steps_for(specialists()[1], 3, 80) == 240  # memory recurses once: three steps for one
     assert stage_steps_for(specialists()[2], 3, 80) == 360  # speed too, on 1.5 times the compute
+    # a section sets a specialist's recursion bound and compute share outright (tiny's reasoning specialist)
+    from phases.config import PipelineConfig
+
+    sec = PipelineConfig.from_preset("tiny", cognate={"specialist_act_steps": {"reasoning": 2},
+                                                      "train": {"compute_shares": {"reasoning": 2.0}}}).cognate
+    reasoning = specialists(sec)[0]
+    assert runtime_for(reasoning, 3)["act_max_steps"] == 2 and stage_steps_for(reasoning, 3, 80) == 240
+    assert [runtime_for(s, 3)["act_max_steps"] for s in specialists(sec)[1:]] == [1, 1]
+    with pytest.raises(ValueError, match="specialist_act_steps"):
+        PipelineConfig.from_preset("tiny", cognate={"specialist_act_steps": {"thinker": 2}})
 
 
 def test_set_gates_mode_strict_stops_the_flow_at_its_failing_gate_naming_it(cognate_micro):

@@ -28,7 +28,7 @@ def _evaluation(arith: dict[str, int], recall: dict[str, int], ablated_recall: i
 
 def _training(names) -> dict:
     return {n: {"non_finite_tensors": 0, "telemetry": {"non_finite_steps": 0, "steps_with_ppl_delta": 1, "steps_logged": 1},
-                "stages": {"s": {"rollbacks": 0, "gate_polarized": 0.5}}} for n in names}
+                "stages": {"s": {"rollbacks": 0, "gate_polarized": 0.5, "final_step": 10}}} for n in names}
 
 
 def _gates(ev) -> dict:
@@ -54,6 +54,20 @@ def test_each_skill_gate_fails_on_its_failing_case(case, arith, recall, ablated,
     g = _gates(_evaluation(arith, recall, ablated))
     assert {k for k in ("arithmetic", "recall_beyond_window", "memory_used", "specialists_differ")
             if not g[k].passed} == failing, case
+
+
+def test_gate_polarization_is_read_where_each_model_ends_training():
+    ev = _evaluation({"speed": 190, "memory": 20}, {"speed": 10, "memory": 150}, ablated_recall=8)
+    tr = _training(ev["models"])
+    # a first stage whose gates had not parted yet does not count against the model it became ...
+    tr["memory"]["stages"] = {"reasoning": {"rollbacks": 0, "gate_polarized": 0.05, "final_step": 10},
+                              "advanced": {"rollbacks": 0, "gate_polarized": 0.4, "final_step": 20}}
+    gate = {g.id: g for g in cognate_gates(ev, tr, CognateSection(), "strict").gates}["gate_polarization"]
+    assert gate.passed and gate.measured == pytest.approx(0.4)
+    # ... and a last stage that lost its polarization fails, however polarized it was before
+    tr["memory"]["stages"]["reasoning"]["gate_polarized"], tr["memory"]["stages"]["advanced"]["gate_polarized"] = 0.4, 0.05
+    gate = {g.id: g for g in cognate_gates(ev, tr, CognateSection(), "strict").gates}["gate_polarization"]
+    assert not gate.passed and gate.measured == pytest.approx(0.05)
 
 
 def test_a_large_drop_on_few_problems_is_not_significant_and_fails():

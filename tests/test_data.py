@@ -72,13 +72,24 @@ def test_recall_codes_lie_beyond_the_attention_window(splits, tmp_path):
     assert not curriculum.verify({**r, "prompt": near, "text": f"{near} {r['answer']}"})
 
 
-def test_word_problems_carry_their_rationale_before_the_answer(splits):
-    wp = next(r for r in splits["train"] if r["task"] == "word_problem")
+def test_word_problems_work_each_step_in_columns_and_every_step_is_checked(splits):
+    wp = next(r for r in splits["train"] if r["task"] == "word_problem" and r["stage"] == "advanced")
     assert wp["text"] == f"{wp['prompt']} {wp['rationale']} {curriculum.ANSWER_MARK} {wp['answer']}"
-    first_step_result = wp["rationale"].split(" = ")[1].split(".")[0].split(";")[0]
+    assert curriculum.verify(wp)
+    # the arithmetic skill's own working, one step per sentence of the story, the longer operand first
+    assert curriculum.worked_step(7, 58, "+") == ("58+7=8+7+0=5c1,5+0+1=6c0", 65)
+    assert curriculum.story_steps_add_up("2*4=8. 32+8=2+8+0=0c1,3+0+1=4c0. 40-2=0-2-0=8c1,4-0-1=3c0.", "38")
+    # a wrong column, a wrong product, a step that does not start from the count before it: wrong labels
+    assert not curriculum.story_steps_add_up("2*4=8. 32+8=2+8+0=0c1,3+0+0=3c0. 30-2=0-2-0=8c1,3-0-1=2c0.", "28")
+    assert not curriculum.story_steps_add_up("2*4=9. 32+9=2+9+0=1c1,3+0+1=4c0.", "41")
+    assert not curriculum.story_steps_add_up("32+8=2+8+0=0c1,3+0+1=4c0. 50-2=0-2-0=8c1,5-0-1=4c0.", "48")
+    step = wp["rationale"].split(". ")[-1]
+    slipped = wp["rationale"].replace(step, step.replace("c0", "c1", 1) if "c0" in step else step.replace("c1", "c0", 1))
+    assert not curriculum.verify({**wp, "rationale": slipped,
+                                  "text": f"{wp['prompt']} {slipped} {curriculum.ANSWER_MARK} {wp['answer']}"})
+    # the checker reads the answer after the working, not a column's digit
     assert curriculum.check_answer(wp, f" {wp['rationale']} {curriculum.ANSWER_MARK} {wp['answer']}")
-    if first_step_result != wp["answer"]:  # a rationale's numbers are not read as the answer
-        assert not curriculum.check_answer(wp, f" {wp['rationale']}")
+    assert not curriculum.check_answer(wp, f" {wp['rationale']}")
 
 
 def test_word_problems_grow_harder_by_stage(splits):

@@ -57,9 +57,10 @@ def test_gate_table_holds_measured_values(evo_run):
     metrics = ArtifactStore(home).manifest(result.champion)["metrics"]
     final, run = metrics["final"], metrics["run"]
     assert set(final["inputs"]) == {"reasoning", "memory", "speed"}
-    # the test-split reference is the inputs' mean, so their fitness averages to ~1 but is not all 1
+    # the test-split reference is the inputs' mean, so their fitness averages to ~1 but is not all 1 (two micro
+    # inputs that answer alike and share a structure score alike)
     fits = [m["fitness"] for m in final["inputs"].values()]
-    assert len({round(f, 9) for f in fits}) == 3
+    assert len({round(f, 9) for f in fits}) >= 2 and abs(sum(fits) / len(fits) - 1) < 0.05
     assert run["combos_evaluated"] == 8 and 0 <= run["min_diversity"] <= 1
     from phases.evomerge.gates import evomerge_gates
 

@@ -56,7 +56,8 @@ def _cognate_inputs():
                                 "prediction_disagreement": {"pairs": {"memory/speed": 0.6}, "mean": 0.6}}}
     training = {n: {"non_finite_tensors": 0, "telemetry": {"non_finite_steps": 0, "steps_with_ppl_delta": 1,
                                                            "steps_logged": 1},
-                    "stages": {"advanced": {"rollbacks": 0, "gate_polarized": 0.4}}} for n in evaluation["models"]}
+                    "stages": {"advanced": {"rollbacks": 0, "gate_polarized": 0.4, "final_step": 10}}}
+                for n in evaluation["models"]}
     d4 = {"beyond_accuracy": 1.0, "beyond_ablated": 0.0, "beyond_n": 144, "difference": 1.0, "interval": (0.96, 1.0),
           "mcnemar_p": 1e-40}
     diagnoses = {n: {"health": 0.85, "d4": d4} for n in evaluation["models"]}

@@ -22,6 +22,7 @@ from phases.quietstar.tokens import format_completion
 
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
 _INVERSE = {"+": "-", "-": "+", "*": "/"}
+_SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
 
 
 def _expr_steps(expr: str) -> list[str]:
@@ -44,11 +45,19 @@ def _expr_steps(expr: str) -> list[str]:
     return steps
 
 
-def _checked(step: str) -> str:
-    lhs, rhs = step.rsplit(" = ", 1)
-    if safe_eval(lhs) != int(rhs):
-        raise ValueError(f"curriculum rationale step {step!r} is false")
-    return step
+def _story_steps(program: list) -> list[str]:
+    """``count op value = new count`` for each step of a story's verified program (the curriculum's text works
+    each one out column by column; a thought states it whole)."""
+    steps, count = [], None
+    for op, value in program:
+        if op == "start":
+            count = value
+            continue
+        lhs = f"{count} {_SYMBOL[op]} {value}"
+        count = safe_eval(lhs)
+        steps.append(f"{lhs} = {count}")
+    return steps
+    return steps
 
 
 def facts(problem: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +68,7 @@ def facts(problem: dict[str, Any]) -> dict[str, Any]:
         steps = _expr_steps(prog["expr"])
         asked = f"the value of {prog['expr']}"
     elif problem["task"] == "word_problem":
-        steps = [_checked(s.strip().rstrip(".")) for s in re.split(r"\.\s+|;\s*", problem["rationale"]) if s.strip()]
+        steps = _story_steps(prog["steps"])
         asked = question.rsplit(".", 1)[-1].strip().rstrip("?").lower() if "." in question else question
     elif problem["task"] == "kv_recall":
         key = prog["key"]
