@@ -126,7 +126,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                          "and after 300 baking steps, 70% of them replaying that working, 8 of 12 held-out completions "
                          "open no thought (2 are well-formed); thoughts that state each step whole cost it accuracy",
             "bitnet": "at d=192 packed ternary decode is slower than FP32 (per-token overhead outweighs the small "
-                      "matmuls); bench/bitnet.py measures the small shape",
+                      "matmuls; bench/bitnet.py measures the small shape), and the ternary model keeps the champion's "
+                      "arithmetic but not its word problems (30% of the test to 10%, thoughts off)",
         }},
         "cognate": cognate_settings.TINY,
         "evomerge": evomerge_settings.TINY, "quietstar": {}, "bitnet": {},

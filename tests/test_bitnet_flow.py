@@ -85,7 +85,7 @@ def test_gate_table_and_report_reach_the_prefect_ui(flow_run):
     rows = tables[-1].data if isinstance(tables[-1].data, list) else json.loads(tables[-1].data)
     ids = {r["gate"] for r in rows}
     # tiny's sparsity target (25%) is below what absmean ternarization gives the input for free: reported, not gated
-    assert ids == {"compression", "accuracy_drop", "token_accuracy_drop", "speedup", "no_nan"}
+    assert ids == {"compression", "accuracy_drop", "skill_drop", "token_accuracy_drop", "speedup", "no_nan"}
     measured = {r["gate"]: r["measured"] for r in rows}
     assert all(measured[g] != "not measured" for g in ("compression", "speedup", "token_accuracy_drop"))
     facts = _artifacts(["bitnet-facts"])

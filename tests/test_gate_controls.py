@@ -162,13 +162,18 @@ def test_quietstar_gate_fails_alone(gate, broken):
 # ----------------------------------------------------------------------------- bitnet
 def _bitnet_report():
     return {"targets": {"category": "tiny", "compression": 6.0, "sparsity": 0.25},
-            "compression": {"ratio_vs_fp32": 7.1}, "accuracy": {"task_accuracy_drop": 0.05, "token_accuracy_drop": 0.03},
+            "compression": {"ratio_vs_fp32": 7.1},
+            "accuracy": {"task_accuracy_drop": 0.05, "token_accuracy_drop": 0.03,
+                         "skills_before": {"arithmetic": [40, 50], "kv_recall": [45, 50], "word_problem": [0, 50]},
+                         "skills_packed": {"arithmetic": [39, 50], "kv_recall": [44, 50], "word_problem": [0, 50]}},
             "sparsity": {"overall": 0.35, "input_free": 0.2}, "speed": {"speedup": 2.5}, "packed": {"loss": 1.2}}
 
 
 @pytest.mark.parametrize("gate, broken", [
     ("compression", lambda r: r["compression"].update(ratio_vs_fp32=3.12)),  # a layer kept in FP16 (a tiny run's)
     ("accuracy_drop", lambda r: r["accuracy"].update(task_accuracy_drop=0.4)),  # quantization without QAT
+    # one skill lost while the pooled figure holds (tiny: word problems 10/50 -> 6/50, the pooled drop -4%)
+    ("skill_drop", lambda r: r["accuracy"]["skills_packed"].update(kv_recall=[20, 50])),
     ("token_accuracy_drop", lambda r: r["accuracy"].update(token_accuracy_drop=0.3)),
     ("speedup", lambda r: r["speed"].update(speedup=0.29)),  # unpacking on every call (the tiny run's)
     ("no_nan", lambda r: r["packed"].update(loss=math.nan)),
