@@ -17,7 +17,7 @@ def _evaluation(arith: dict[str, int], recall: dict[str, int], ablated_recall: i
     models = {}
     for name in arith:
         models[name] = {
-            "heldout_loss": 1.0, "niah": 0.9, "resolution": {"cv": 0.01}, "accuracy": 0.5,
+            "heldout_loss": 1.0, "niah": 0.9, "resolution": {"cv": 0.01}, "accuracy": 0.5, "n": 2 * n,
             "per_skill": {"arithmetic": _row(arith[name], n), "kv_recall": _row(recall[name], n)},
             "kv_recall_memory_ablated": _row(ablated_recall, n),
         }
@@ -68,6 +68,20 @@ def test_gate_polarization_is_read_where_each_model_ends_training():
     tr["memory"]["stages"]["reasoning"]["gate_polarized"], tr["memory"]["stages"]["advanced"]["gate_polarized"] = 0.4, 0.05
     gate = {g.id: g for g in cognate_gates(ev, tr, CognateSection(), "strict").gates}["gate_polarization"]
     assert not gate.passed and gate.measured == pytest.approx(0.05)
+
+
+def test_accuracy_over_majority_needs_a_significant_margin():
+    ev = _evaluation({"speed": 190, "memory": 20}, {"speed": 10, "memory": 150}, ablated_recall=8)
+    tr = _training(ev["models"])
+
+    def gate():
+        return {g.id: g for g in cognate_gates(ev, tr, CognateSection(), "strict").gates}["accuracy_over_majority"]
+
+    assert gate().passed and gate().interval[0] > 0
+    # 3 of 400 problems above a baseline of 1 of 400: ahead by half a point, but not significantly
+    ev["models"]["memory"]["accuracy"], ev["majority_baseline"] = 3 / 400, 1 / 400
+    assert gate().measured == pytest.approx(0.005) and not gate().passed and gate().interval[0] < 0
+    assert "(memory)" in gate().criterion
 
 
 def test_a_large_drop_on_few_problems_is_not_significant_and_fails():

@@ -47,7 +47,7 @@ def test_prepare_gate_fails_alone(gate, broken):
 def _cognate_inputs():
     def model(arith: int, recall: int, cv: float = 0.02) -> dict:
         row = lambda h: {"accuracy": h / 200, "hits": h, "n": 200}  # noqa: E731
-        return {"heldout_loss": 1.0, "niah": 0.9, "resolution": {"cv": cv}, "accuracy": (arith + recall) / 400,
+        return {"heldout_loss": 1.0, "niah": 0.9, "resolution": {"cv": cv}, "accuracy": (arith + recall) / 400, "n": 400,
                 "per_skill": {"arithmetic": row(arith), "kv_recall": row(recall)},
                 "kv_recall_memory_ablated": {**row(0), "mcnemar_p": 1e-30}}
 

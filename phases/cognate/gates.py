@@ -92,8 +92,12 @@ def cognate_gates(evaluation: dict[str, Any], training: dict[str, dict[str, Any]
           f"({named})",
           len({v["model"] for v in leaders.values()}), ">=", 2)
     add_diagnosis_gates(r, diagnoses or {}, sec)
-    r.add("accuracy_over_majority", "lowest held-out accuracy minus the majority-answer baseline",
-          min(m["accuracy"] for m in models.values()) - evaluation["majority_baseline"], ">", 0.0)
+    lowest = min(models, key=lambda n: models[n]["accuracy"])
+    low, n = models[lowest]["accuracy"], models[lowest]["n"]
+    majority = evaluation["majority_baseline"]  # on the same problems: always the commonest training answer
+    r.add("accuracy_over_majority", f"lowest held-out accuracy ({lowest}) minus the majority-answer baseline, on the "
+          f"same {n} problems (significant: the interval excludes 0)", low - majority, ">", 0.0,
+          interval=difference_interval(round(low * n), n, round(majority * n), n))
     return r
 
 
