@@ -2,7 +2,9 @@
 
 - reasoning accuracy: the curriculum's test problems (never trained on: reasoning data and RL rows come
   from the training split); greedy generation after the prompt, up to EOS, ``max_new_tokens``, or
-  ``answer_tokens`` tokens written outside a thinking block (the answer check reads one line); the
+  ``answer_tokens`` tokens written outside a thinking block (by default the longest reference continuation
+  plus two: a worked skill writes its columns before "So the answer is N", which a fixed 12 cut off; the answer
+  check reads one line); the
   visible answer is the text after the last ``[/endthinking]`` (a baked model writes its thinking out;
   a Quiet-STaR model's internal thoughts never reach the text), first line, checked by
   ``curriculum.check_answer``.
@@ -28,8 +30,11 @@ from phases.quietstar.tokens import final_answer
 
 
 def reasoning_accuracy(model: CognateForCausalLM, tokenizer: PreTrainedTokenizerBase, problems: Sequence[dict],
-                       max_new_tokens: int, answer_tokens: int = 12, **generate_kwargs) -> dict[str, Any]:
+                       max_new_tokens: int, answer_tokens: int | None = None, **generate_kwargs) -> dict[str, Any]:
     prompts = [tokenizer.encode(p["prompt"], add_special_tokens=False) for p in problems]
+    if answer_tokens is None:
+        answer_tokens = 2 + max(len(tokenizer.encode(p["text"], add_special_tokens=False)) - len(ids)
+                                for p, ids in zip(problems, prompts))
     texts = [tokenizer.decode(r, skip_special_tokens=False) for r in generate_batched(
         model, tokenizer, prompts, max_new_tokens, answer_tokens=answer_tokens, **generate_kwargs)]
     hits = [check_answer(p, final_answer(text).split("\n")[0]) for p, text in zip(problems, texts)]
