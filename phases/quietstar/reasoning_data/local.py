@@ -57,7 +57,6 @@ def _story_steps(program: list) -> list[str]:
         count = safe_eval(lhs)
         steps.append(f"{lhs} = {count}")
     return steps
-    return steps
 
 
 def facts(problem: dict[str, Any]) -> dict[str, Any]:
