@@ -47,16 +47,11 @@ def _expr_steps(expr: str) -> list[str]:
 
 def _story_steps(program: list) -> list[str]:
     """``count op value = new count`` for each step of a story's verified program (the curriculum's text works
-    each one out column by column; a thought states it whole)."""
-    steps, count = [], None
+    each one out column by column; a thought states it whole): the program as one expression, applied in order."""
+    expr = ""
     for op, value in program:
-        if op == "start":
-            count = value
-            continue
-        lhs = f"{count} {_SYMBOL[op]} {value}"
-        count = safe_eval(lhs)
-        steps.append(f"{lhs} = {count}")
-    return steps
+        expr = str(value) if op == "start" else f"({expr}) {_SYMBOL[op]} {value}"
+    return _expr_steps(expr)
 
 
 def facts(problem: dict[str, Any]) -> dict[str, Any]:
