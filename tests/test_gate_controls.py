@@ -159,6 +159,19 @@ def test_quietstar_gate_fails_alone(gate, broken):
     assert _failing(quietstar_gates(b, r, e, sec, "strict")) == {gate}
 
 
+def test_a_stopped_reinforcement_ships_its_last_passing_weights_and_fails_on_them():
+    """Out of retries, the kept model is the start (thoughts weighted 0): the gates read that model, which thoughts
+    do not change, and the figures of the check that stopped training stay in the table as a fact."""
+    b, r, e = _quietstar_inputs()
+    r["reinforce"]["final_check"] = {"divergence": 0.0, "ablation": 0.0, "correlation": 0.0, "kept_step": 0}
+    r["reinforce"]["stopped"] = {"at_step": 6, "kept_step": 0,
+                                 "failed": {"divergence": 0.065, "ablation": -0.167, "correlation": 0.07}}
+    report = quietstar_gates(b, r, e, QuietStarSection(), "strict")
+    assert _failing(report) == {"theater_divergence", "theater_ablation"}
+    fact = {f.id: f for f in report.facts}["reinforcement_stopped"]
+    assert fact.value == 0 and "step 6" in fact.description and "-0.167" in fact.description
+
+
 # ----------------------------------------------------------------------------- bitnet
 def _bitnet_report():
     return {"targets": {"category": "tiny", "compression": 6.0, "sparsity": 0.25},
@@ -183,3 +196,24 @@ def test_bitnet_gate_fails_alone(gate, broken):
     assert not _failing(bitnet_gates(report, BitNetGates(), "strict"))
     broken(report)
     assert _failing(bitnet_gates(report, BitNetGates(), "strict")) == {gate}
+
+
+def test_skill_drop_holds_the_skills_the_input_answers_above_chance():
+    """Recall at 3/50 where the commonest answer scores 0/50 is within noise of chance: losing 2 of those 3 is
+    not a skill lost, and the criterion says why. A drop of 16/50 to 11/50 on a skill answered significantly
+    above chance fails."""
+    report = _bitnet_report()
+    acc = report["accuracy"]
+    acc["skills_before"].update(kv_recall=[3, 50], word_problem=[16, 50])
+    acc["skills_packed"].update(kv_recall=[1, 50], word_problem=[16, 50])
+    acc["skills_majority"] = {"arithmetic": [1, 50], "kv_recall": [0, 50], "word_problem": [0, 50]}
+    gate = {g.id: g for g in bitnet_gates(report, BitNetGates(), "strict").gates}["skill_drop"]
+    assert gate.passed and gate.measured == pytest.approx(1 - 39 / 40)
+    assert "not above its baseline: kv_recall 3/50, baseline 0/50" in gate.criterion
+    acc["skills_packed"].update(word_problem=[11, 50])  # 16 -> 11: 31% of a real skill
+    gate = {g.id: g for g in bitnet_gates(report, BitNetGates(), "strict").gates}["skill_drop"]
+    assert not gate.passed and gate.measured == pytest.approx(5 / 16)
+    # a skill the commonest answer already scores as well as the input is not held either
+    acc["skills_majority"]["word_problem"] = [14, 50]
+    gate = {g.id: g for g in bitnet_gates(report, BitNetGates(), "strict").gates}["skill_drop"]
+    assert gate.passed and "word_problem 16/50, baseline 14/50" in gate.criterion

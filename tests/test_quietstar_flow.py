@@ -102,10 +102,13 @@ def test_flow_stores_baked_and_reinforced_models_with_lineage(flow_run):
     # the micro run fails its anti-theater check: one rollback with KL doubled, then the gate fails
     rl = model["metrics"]["reinforce"]
     assert len(rl["rollbacks"]) == 1 and rl["kl_weight_final"] == pytest.approx(2 * config.quietstar.rl.kl_weight)
+    # out of retries, it ships the start: thoughts weighted 0 everywhere, so they ship switched off
+    assert rl["stopped"]["kept_step"] == 0 and model["metrics"]["thoughts_enabled"] is False
 
     path = st.load(result.model)
     loaded = AutoModelForCausalLM.from_pretrained(path).eval()
-    assert isinstance(loaded, QuietStarForCausalLM)
+    assert isinstance(loaded, QuietStarForCausalLM) and loaded.config.thoughts_enabled is False
+    loaded.config.thoughts_enabled = True  # forced on, as the forging report's "+ thoughts" row scores it
     tok = bpe.load(path)
     ids = torch.tensor([tok.encode("Question: What is 2 + 3?\nAnswer:")])
     out = loaded.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id,
@@ -123,7 +126,7 @@ def test_gate_table_has_real_figures(flow_run):
                           "latency_with_thoughts", "no_nan"}
     facts = _artifacts(["quietstar-facts"])
     assert [r["fact"] for r in (facts[-1].data if isinstance(facts[-1].data, list) else json.loads(facts[-1].data))] == [
-        "theater_correlation"]
+        "theater_correlation", "reinforcement_stopped"]
     assert all(r["measured"] != "not measured" for r in rows)
     assert by_id["no_nan"]["passed"] == "PASS"
     assert float(by_id["latency_with_thoughts"]["measured"]) > 0

@@ -332,10 +332,15 @@ def test_failed_anti_theater_rolls_back_doubles_kl_then_stops(tiny_lm, tmp_path)
     assert [r["new_kl_weight"] for r in result["rollbacks"]] == pytest.approx([0.2, 0.4])
     assert all(r["to_step"] == 0 and r["at_step"] == 1 for r in result["rollbacks"])
     assert result["retries"] == 2 and result["kl_weight_final"] == pytest.approx(0.4)
-    assert not result["final_check"]["passed"] and "divergence" in result["final_check"]
-    assert len(result["checks"]) == 3 and result["steps_run"] == 3
-    changed = any(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
-    assert changed  # the last attempt's weights are kept for the report, not the rolled-back ones
+    assert len(result["checks"]) == 4 and result["steps_run"] == 3
+    assert not any(c["passed"] for c in result["checks"])
+    # out of retries, the model that ships is the last that passed: here the start, thoughts weighted 0, bit for bit
+    assert all(torch.equal(initial[k], v) for k, v in model.state_dict().items())
+    assert result["stopped"]["at_step"] == 1 and result["stopped"]["kept_step"] == 0
+    assert set(result["stopped"]["failed"]) == {"divergence", "ablation", "correlation"}
+    # and the final check, which the gates read, measures that model: thoughts change nothing
+    final = result["final_check"]
+    assert final["kept_step"] == 0 and final["divergence"] == 0 and final["ablation"] == 0 and not final["passed"]
     spec = thought_spec(settings, model, 2)
     assert spec.count == 2 and spec.length == 2 and spec.banned == (model.config.thought_start_id, model.config.thought_end_id,
                                                tok.eos_token_id)

@@ -7,7 +7,7 @@ from typing import Any
 
 from phases.bitnet.settings import BitNetGates
 from phases.common.gates import GateReport
-from phases.common.measure import relative_drop
+from phases.common.measure import difference_interval, relative_drop
 
 
 def bitnet_gates(report: dict[str, Any], sec: BitNetGates, mode: str) -> GateReport:
@@ -19,13 +19,27 @@ def bitnet_gates(report: dict[str, Any], sec: BitNetGates, mode: str) -> GateRep
     r.add("accuracy_drop", "relative drop in held-out task accuracy, FP32 input -> packed model (undefined, so "
           "failed, when the input answers none)",
           acc["task_accuracy_drop"], "<", sec.max_accuracy_drop)
-    # the pooled figure can hide a skill lost behind another gained: each skill the input answers is held to it too
+    # the pooled figure can hide a skill lost behind another gained: each skill the input answers is held to it too.
+    # "Answers": significantly above the skill's majority-answer baseline on the same problems (the interval of the
+    # difference excludes 0), as Cognate's accuracy_over_majority reads it; a skill at chance has nothing to lose
+    # (tiny: recall 3/50 in the input, against 0/50 for the commonest answer, is within noise of it: -0.02 to 0.14)
     before, after = acc.get("skills_before", {}), acc.get("skills_packed", {})
-    drops = {k: relative_drop(h / n, after[k][0] / after[k][1]) for k, (h, n) in before.items() if h > 0 and k in after}
-    shown = ", ".join(f"{k} {before[k][0]}/{before[k][1]} -> {after[k][0]}/{after[k][1]}" for k in drops)
+    chance = acc.get("skills_majority", {})
+    held, at_chance = {}, []
+    for k, (h, n) in before.items():
+        if k not in after or h == 0:
+            continue
+        base = chance.get(k, [0, n])
+        if difference_interval(h, n, base[0], base[1])[0] > 0:
+            held[k] = relative_drop(h / n, after[k][0] / after[k][1])
+        else:
+            at_chance.append(f"{k} {h}/{n}, baseline {base[0]}/{base[1]}")
+    shown = ", ".join(f"{k} {before[k][0]}/{before[k][1]} -> {after[k][0]}/{after[k][1]}" for k in held)
+    if at_chance:
+        shown += ("; " if shown else "") + "not above its baseline: " + ", ".join(at_chance)
     r.add("skill_drop", "largest relative drop of one skill's held-out accuracy, FP32 input -> packed model, over the "
-          f"skills the input answers ({shown or 'none answered: failed'})",
-          max(drops.values()) if drops else None, "<", sec.max_accuracy_drop)
+          "skills the input answers significantly above their majority-answer baseline "
+          f"({shown or 'none answered: failed'})", max(held.values()) if held else None, "<", sec.max_accuracy_drop)
     r.add("token_accuracy_drop", "relative drop in held-out next-token accuracy, FP32 input -> packed model",
           acc["token_accuracy_drop"], "<", sec.max_accuracy_drop)
     sparsity, free = report["sparsity"]["overall"], report["sparsity"].get("input_free")

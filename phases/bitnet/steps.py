@@ -44,6 +44,7 @@ from phases.bitnet.plots import bitnet_report_png
 from phases.bitnet.quantizer import ternarize
 from phases.bitnet.settings import BitNetEvaluate, BitNetFinetune, BitNetHeldout, BitNetQuantize
 from phases.cognate.data import Batches, mixed_texts
+from phases.cognate.evaluate import majority_hits
 from phases.common.config import ModelShape
 from phases.common.hf_io import load_pretrained, save_pretrained
 from phases.common.measure import decode_rates, mcnemar_p, relative_drop
@@ -71,6 +72,12 @@ class Data:
         # the same problems, per skill, and the same teacher-forced exact answer as the forging report reads
         self.select_problems = EvalSet.build(list(splits["validation"]), tokenizer, seq_len, 0, n, "validation")
         self.problems = EvalSet.build(list(splits["test"]), tokenizer, seq_len, 0, n, "test")
+
+    def majority_skills(self) -> dict[str, list[int]]:
+        """Per skill of the test problems, [hits, n] of always answering the skill's commonest training answer."""
+        test = [{"task": k, "answer": a} for k, a in zip(self.problems.skills, self.problems.answers)]
+        hits = majority_hits(list(self.splits["train"]), test)
+        return {k: [sum(v), len(v)] for k, v in sorted(hits.items())}
 
     def calibration_rows(self, n: int) -> torch.Tensor:
         """The far end of the validation rows: it overlaps the check rows least."""
@@ -317,6 +324,9 @@ def evaluate(input_dir: Path, staged_metrics: dict[str, Any], packed_dir: Path, 
             "token_accuracy_drop": relative_drop(before["token_accuracy"], after["token_accuracy"]),
             "examples": after["accuracy_n"],
             "skills_before": before["skills"], "skills_packed": after["skills"],
+            # what always giving a skill's commonest training answer scores on the same problems: a skill the input
+            # does not answer above it has nothing to keep
+            "skills_majority": data.majority_skills(),
             # paired: the same problems, input vs packed; small p means the packed model answers differently
             "mcnemar_p": mcnemar_p(before["hits"], after["hits"]),
         },

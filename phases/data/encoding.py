@@ -5,7 +5,7 @@ checks and the forging report all score, with the same exact-answer read, measur
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -30,6 +30,7 @@ class EvalSet:
     problems: list[tuple[list[int], list[int]]]  # (prompt ids, answer ids + EOS)
     split: str
     skills: list[str]  # each problem's skill (its curriculum task)
+    answers: list[str] = field(default_factory=list)  # each problem's answer string, for chance baselines
 
     @classmethod
     def build(cls, split_rows: Sequence[dict], tokenizer, seq_len: int, n_rows: int, n_problems: int,
@@ -42,7 +43,7 @@ class EvalSet:
         for r in split_rows:
             if r["answer"]:
                 by_skill.setdefault(r["task"], []).append(r)
-        problems, skills = [], []
+        problems, skills, answers = [], [], []
         for skill in sorted(by_skill):
             answerable = by_skill[skill]
             for r in answerable[:: max(1, len(answerable) // n_problems)][:n_problems]:
@@ -52,9 +53,10 @@ class EvalSet:
                     full = prompt + tokenizer.encode(" " + r["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
                 problems.append((prompt, full[len(prompt):]))
                 skills.append(skill)
+                answers.append(r["answer"])
         if not problems:
             raise ValueError(f"the {split} split has no problems with an answer to score accuracy on")
-        return cls(rows=rows, problems=problems, split=split, skills=skills)
+        return cls(rows=rows, problems=problems, split=split, skills=skills, answers=answers)
 
     def skill_hits(self, hits: Sequence[bool]) -> dict[str, list[int]]:
         """Per skill, [problems answered, problems]."""

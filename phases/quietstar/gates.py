@@ -30,6 +30,12 @@ def quietstar_gates(baking: dict[str, Any], reinforcement: dict[str, Any], evalu
     # weight above 0. Reported until a thought-quality signal independent of the answer replaces it.
     r.fact("theater_correlation", "within-problem correlation of thought reward and answer correctness (held-out; "
            "circular: the reward is the answer's own likelihood)", theater["correlation"])
+    stopped = reinforcement["reinforce"].get("stopped")
+    if stopped:
+        f = stopped["failed"]
+        r.fact("reinforcement_stopped", f"anti-theater failed at step {stopped['at_step']} with its retries used up "
+               f"(divergence {f['divergence']:.3g}, ablation {f['ablation']:.3g}, correlation {f['correlation']:.3g}); "
+               "the weights of the step kept, measured above, ship", stopped["kept_step"])
     r.add("latency_with_thoughts", "ms per generated token with a thought before each (batch 1, decode cache)",
           evaluation["latency_ms_per_token"]["with_thoughts"], "<", sec.gates.max_latency_ms_per_token)
     r.add("no_nan", "non-finite tensors in the baked and reinforced models",

@@ -116,6 +116,11 @@ def reinforce_model(baked_dir: Path, curriculum_dir: Path, settings: Reinforceme
     rows = answer_windows(train, tokenizer, settings.seq_len)
     checks = theater_problems(evenly_spaced(answerable(splits["validation"]), settings.theater.problems), tokenizer)
     result = reinforce(model, baked, rows, checks, settings, budget["count"], seed, workdir, on_progress)
+    # A mixing head whose output layer is all zeros weights every thought 0: thoughts cannot change an output, and
+    # running them costs L + 2 decoder passes a token. The model ships with them off (the forging report and the
+    # gates still measure it with them forced on, which gives the same figures).
+    thought_blind = not any(bool(p.any()) for p in model.mixing.net[-1].parameters())
+    model.config.thoughts_enabled = not thought_blind
     save_pretrained(model, out)
     tokenizer.save_pretrained(str(out))
     shutil.copy(result.pop("telemetry"), out / "telemetry-reinforce.jsonl")
@@ -123,7 +128,8 @@ def reinforce_model(baked_dir: Path, curriculum_dir: Path, settings: Reinforceme
                title="Quiet-STaR reinforcement")
     return {"reinforce": result, "thought_budget": budget,
             "settings": settings.model_dump(mode="json") | {"seed": seed}, "rows": len(rows),
-            "theater_problems": len(checks), "non_finite_tensors": _non_finite(model)}
+            "theater_problems": len(checks), "non_finite_tensors": _non_finite(model),
+            "thoughts_enabled": model.config.thoughts_enabled}
 
 
 def evaluate(baked_dir: Path, model_dir: Path, curriculum_dir: Path, settings: QuietStarEvaluation,
@@ -135,6 +141,8 @@ def evaluate(baked_dir: Path, model_dir: Path, curriculum_dir: Path, settings: Q
     baked = load_pretrained(CognateForCausalLM, baked_dir).eval()
     model = load_pretrained(QuietStarForCausalLM, model_dir).eval()
     acc_baked = reasoning_accuracy(baked, tokenizer, problems, settings.max_new_tokens)
+    shipped = model.config.thoughts_enabled  # off when its mixing weight is 0 everywhere: the figures are the same
+    model.config.thoughts_enabled = True
     acc_rl = reasoning_accuracy(model, tokenizer, problems, settings.max_new_tokens)
     model.config.thoughts_enabled = False
     acc_rl_plain = reasoning_accuracy(model, tokenizer, problems, settings.max_new_tokens)
@@ -150,4 +158,4 @@ def evaluate(baked_dir: Path, model_dir: Path, curriculum_dir: Path, settings: Q
             "accuracy_delta_interval": difference_interval(sum(acc_rl["hits"]), acc_rl["n"], sum(acc_baked["hits"]),
                                                            acc_baked["n"]),
             "accuracy_delta_mcnemar_p": mcnemar_p(acc_rl["hits"], acc_baked["hits"]), "latency_ms_per_token": latency,
-            "thought_length": model.config.thought_length, "problems": len(problems)}
+            "thought_length": model.config.thought_length, "problems": len(problems), "thoughts_shipped": shipped}
