@@ -484,3 +484,47 @@ def test_a_quietstar_model_packs_with_its_mixing_head_ternary_and_keeps_thinking
     ids = torch.tensor([bpe.load(root / "tok").encode("Question: What is 2 + 3?\nAnswer:")])
     out = packed.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape[1] == ids.shape[1] + 3
+
+
+def test_ternary_weights_without_qat_break_a_skill_and_skill_drop_fails_on_it(tmp_path):
+    """The control on real models: a micro Cognate that answers 8 arithmetic problems exactly (it learnt them; its
+    validation and test splits are those 8), quantized without fine-tuning, answers none: `skill_drop` and
+    `accuracy_drop` FAIL. 60 steps of QAT on the same problems bring answers back."""
+    from learnt import learn
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = PipelineConfig.from_preset("tiny", model=MICRO_SHAPE, cognate=MICRO_COGNATE)
+        splits = curriculum.generate(300, 16, 11)
+        learnt = [r for r in splits["train"] if r["task"] == "arithmetic"][:8]
+        dataset_files.save_splits({k: learnt for k in ("train", "validation", "test")}, tmp_path / "cur")
+        bpe.save(bpe.train_bpe([r["text"] for r in splits["train"]], 360), tmp_path / "tok")
+        tokenizer = bpe.load(tmp_path / "tok")
+        torch.manual_seed(0)
+        model = CognateForCausalLM(cognate_steps.model_config(config.model, config.cognate, tokenizer))
+        learn(model, learnt, tokenizer, config.model.seq_len, steps=250)
+        model.save_pretrained(tmp_path / "model")
+        tokenizer.save_pretrained(str(tmp_path / "model"))
+
+        def packed(qat_steps: int):
+            sec = with_(SEC, heldout={"eval_rows": 6, "problems_per_skill": 8},
+                        finetune={"threshold": 0.0, "steps": qat_steps, "eval_every": 20, "batch_size": 8})
+            d = tmp_path / f"qat-{qat_steps}"
+            for s in ("staged", "packed", "report"):
+                (d / s).mkdir(parents=True)
+            staged = quantize(tmp_path / "model", tmp_path / "cur", tmp_path / "tok", sec, config, d / "staged")
+            finetune(d / "staged", tmp_path / "cur", sec, config, d / "packed")
+            report = bp.evaluate(tmp_path / "model", staged, d / "packed", tmp_path / "cur", sec.heldout, sec.evaluate,
+                                 config.model, d / "report")
+            return report["accuracy"], {g.id: g for g in bitnet_gates(report, sec.gates, "strict").gates}
+
+        acc, gates = packed(0)
+        assert acc["skills_before"] == {"arithmetic": [8, 8]} and acc["skills_majority"]["arithmetic"][0] <= 1
+        assert acc["skills_packed"]["arithmetic"][0] <= 1
+        assert not gates["skill_drop"].passed and gates["skill_drop"].measured >= 0.85
+        assert not gates["accuracy_drop"].passed
+        tuned, _ = packed(60)
+        assert tuned["skills_packed"]["arithmetic"][0] >= 6  # what fine-tuning is for
+    finally:
+        torch.set_num_threads(threads)

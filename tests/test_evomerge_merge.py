@@ -210,3 +210,45 @@ def test_generation_zero_holds_each_input_bit_for_bit(models):
         own = Checkpoint(inputs[i])
         assert all(torch.equal(state[k], own.get(k)) for k in own.keys()), i
         assert config["act_max_steps"] == own.config["act_max_steps"]  # and its own runtime settings
+
+
+def test_a_merge_that_drops_the_inputs_skills_fails_the_accuracy_gates(tmp_path):
+    """The control on real models: two Cognates from one start, each answering its own 8 arithmetic problems
+    exactly, and their plain average, which answers none. Measured as the phase measures a champion on test
+    (`final_evaluation`), the average fails `accuracy_kept`, `accuracy_gain` and `fitness_gain`."""
+    from learnt import learn, micro_cognate
+
+    from phases.data import curriculum
+    from phases.data import tokenizer as bpe
+    from phases.data.encoding import EvalSet
+    from phases.evomerge.gates import evomerge_gates
+    from phases.evomerge.settings import EvoMergeGates
+    from phases.evomerge.steps import final_evaluation
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        splits = curriculum.generate(60, 10, seed=3)
+        tok = bpe.train_bpe([r["text"] for r in splits["train"]], vocab_size=300)
+        problems = [r for r in splits["train"] if r["task"] == "arithmetic" and r["answer"]][:16]
+        torch.manual_seed(0)
+        start = micro_cognate(tok).state_dict()
+        dirs = {}
+        for name, own in (("A", problems[:8]), ("B", problems[8:])):
+            model = micro_cognate(tok)
+            model.load_state_dict(start)
+            dirs[name] = tmp_path / name
+            learn(model, own, tok).save_pretrained(dirs[name])
+        both = [Checkpoint(dirs["A"]), Checkpoint(dirs["B"])]
+        average = {k: tq.linear([c.get(k) for c in both], [1.0, 1.0]) for k in both[0].keys()}
+        save_merged(average, dict(both[0].config), tmp_path / "average")
+        data = EvalSet.build(problems, tok, 48, 4, 16, "test")
+        final = final_evaluation({**dirs, "champion": tmp_path / "average"}, data,
+                                 {"accuracy": 0.7, "speed": 0.15, "memory": 0.15}, 0.05)
+    finally:
+        torch.set_num_threads(threads)
+    assert [final["inputs"][n]["skill_hits"]["arithmetic"] for n in ("A", "B")] == [[8, 16], [8, 16]]
+    assert final["champion"]["skill_hits"]["arithmetic"][0] <= 2
+    gates = {g.id: g for g in evomerge_gates(final, {"min_diversity": 0.5, "combos_evaluated": 8}, EvoMergeGates(),
+                                             "strict").gates}
+    assert {i for i, g in gates.items() if not g.passed} == {"accuracy_kept", "accuracy_gain", "fitness_gain"}

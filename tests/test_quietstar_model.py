@@ -318,6 +318,34 @@ def test_anti_theater_fails_a_model_whose_thoughts_are_ignored(tiny_lm):
     assert seeing["divergence"] > 0.05  # the same measurement sees thoughts that do change predictions
 
 
+def test_anti_theater_fails_noise_thoughts_mixed_into_a_model_that_answers(tiny_lm):
+    """The control on a real model that has a skill: a Cognate that answers 8 arithmetic problems exactly, wrapped
+    with thoughts it was never taught to write (to it, noise) mixed in at full weight. The thoughts move its
+    predictions (divergence passes) and cost the answers: the ablation check fails, and so does the gate."""
+    from learnt import learn, micro_cognate
+
+    from phases.quietstar.gates import quietstar_gates
+    from phases.quietstar.settings import QuietStarSection
+
+    _, tok, splits, _ = tiny_lm
+    learnt = [r for r in answerable(splits["train"]) if r["task"] == "arithmetic"][:8]
+    torch.manual_seed(0)
+    model = learn(micro_cognate(tok), learnt, tok)
+    qs = quietstar_from_baked(model, tok, thought_length=2).eval()
+    problems = theater_problems(learnt, tok)
+    settings = Reinforcement(n_true=2, theater={"eval_thoughts": 2})
+    blind = anti_theater(qs, problems, settings, forced_w=0.0)
+    assert blind["accuracy_without_thoughts"] == 1.0  # it has the skill
+    noise = anti_theater(qs, problems, settings, forced_w=1.0)
+    assert noise["divergence"] > 0.3 and noise["ablation"] <= -0.5 and not noise["passed"]
+    report = quietstar_gates({"baking": {"final": {"convergence": 0.9}}, "non_finite_tensors": 0},
+                             {"reinforce": {"final_check": noise}, "non_finite_tensors": 0},
+                             {"accuracy_delta": 0.0, "problems": 8, "latency_ms_per_token": {"with_thoughts": 1.0}},
+                             QuietStarSection(), "strict")
+    gates = {g.id: g for g in report.gates}
+    assert gates["theater_divergence"].passed and not gates["theater_ablation"].passed
+
+
 def test_failed_anti_theater_rolls_back_doubles_kl_then_stops(tiny_lm, tmp_path):
     base, tok, splits, _ = tiny_lm
     model = quietstar_from_baked(base, tok, thought_length=2)
