@@ -31,7 +31,7 @@ A thought-blind model (w ≡ 0) scores 0 on all three.
 
 On a failed check: roll back to the last checkpoint that passed (or the start), double β, retry with
 fresh batches; after ``theater.max_retries`` the run stops on the last weights that passed (the baked model
-with w = 0 when none did: tiny, seed 0, the weights the failed check measured took the champion's arithmetic
+with w = 0 when none did: tiny, seed 0, the weights the failed check measured took the baked model's arithmetic
 test from 52% to 22% with thoughts on), and the gates measure that model; the figures of the check that
 stopped it are kept in ``stopped``.
 """
