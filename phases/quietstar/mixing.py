@@ -32,6 +32,10 @@ class MixingHead(nn.Module):
         self.net[-1].weight.zero_()
         self.net[-1].bias.zero_()
 
+    def weights_nothing(self) -> bool:
+        """True while the last layer is all zeros (as ``reset_output`` leaves it): w = 0 for every input."""
+        return not any(bool(p.any()) for p in self.net[-1].parameters())
+
     def forward(self, base_hidden: torch.Tensor, thought_hidden: torch.Tensor) -> torch.Tensor:
         """(…, d), (…, d) -> w (…,) in [0, 1]."""
         base_hidden = base_hidden.expand_as(thought_hidden)

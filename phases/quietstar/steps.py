@@ -119,8 +119,7 @@ def reinforce_model(baked_dir: Path, curriculum_dir: Path, settings: Reinforceme
     # A mixing head whose output layer is all zeros weights every thought 0: thoughts cannot change an output, and
     # running them costs L + 2 decoder passes a token. The model ships with them off (the forging report and the
     # gates still measure it with them forced on, which gives the same figures).
-    thought_blind = not any(bool(p.any()) for p in model.mixing.net[-1].parameters())
-    model.config.thoughts_enabled = not thought_blind
+    model.config.thoughts_enabled = not model.mixing.weights_nothing()
     save_pretrained(model, out)
     tokenizer.save_pretrained(str(out))
     shutil.copy(result.pop("telemetry"), out / "telemetry-reinforce.jsonl")
@@ -141,8 +140,7 @@ def evaluate(baked_dir: Path, model_dir: Path, curriculum_dir: Path, settings: Q
     baked = load_pretrained(CognateForCausalLM, baked_dir).eval()
     model = load_pretrained(QuietStarForCausalLM, model_dir).eval()
     acc_baked = reasoning_accuracy(baked, tokenizer, problems, settings.max_new_tokens)
-    shipped = model.config.thoughts_enabled  # off when its mixing weight is 0 everywhere: the figures are the same
-    model.config.thoughts_enabled = True
+    model.config.thoughts_enabled = True  # shipped off when its mixing weight is 0 everywhere: the same figures
     acc_rl = reasoning_accuracy(model, tokenizer, problems, settings.max_new_tokens)
     model.config.thoughts_enabled = False
     acc_rl_plain = reasoning_accuracy(model, tokenizer, problems, settings.max_new_tokens)
@@ -158,4 +156,4 @@ def evaluate(baked_dir: Path, model_dir: Path, curriculum_dir: Path, settings: Q
             "accuracy_delta_interval": difference_interval(sum(acc_rl["hits"]), acc_rl["n"], sum(acc_baked["hits"]),
                                                            acc_baked["n"]),
             "accuracy_delta_mcnemar_p": mcnemar_p(acc_rl["hits"], acc_baked["hits"]), "latency_ms_per_token": latency,
-            "thought_length": model.config.thought_length, "problems": len(problems), "thoughts_shipped": shipped}
+            "thought_length": model.config.thought_length, "problems": len(problems)}
